@@ -1,0 +1,68 @@
+"""Bad input, the report's exports, and the CLI."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vmonarch_opt
+from vmonarch_opt import models
+from vmonarch_opt.cli import main
+from vmonarch_opt.errors import CalibrationBatchError
+
+
+def test_non_module_is_a_type_error():
+    with pytest.raises(TypeError, match="nn.Module"):
+        vmonarch_opt.optimize(lambda x: x, torch.randn(2))
+
+
+def test_wrong_batch_names_the_signature():
+    model, batch = models.wan()
+    bad = dict(batch)
+    bad.pop("encoder_hidden_states")
+    with pytest.raises(CalibrationBatchError) as e:
+        vmonarch_opt.optimize(model, bad)
+    msg = str(e.value)
+    assert "WanTransformer3DModel.forward(" in msg and "encoder_hidden_states" in msg
+    assert "hidden_states=Tensor(1, 4, 3, 8, 10)" in msg
+
+
+def test_wrong_batch_type():
+    model, _ = models.wan()
+    with pytest.raises(CalibrationBatchError, match="dict"):
+        vmonarch_opt.optimize(model, 3)
+
+
+def test_bad_options():
+    model, batch = models.wan()
+    with pytest.raises(ValueError, match="methods"):
+        vmonarch_opt.optimize(model, batch, methods=("flash",))
+    with pytest.raises(ValueError, match="grid"):
+        vmonarch_opt.optimize(model, batch, grid=(3, 4))
+
+
+def test_report_exports_and_cli(tmp_path, capsys):
+    model, batch = models.wan()
+    opt = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0)
+    text = str(opt.report)
+    assert "blocks.0.attn1" in text and "monarch" in text and "cross-attention" in text
+    assert "attention sites" in text.splitlines()[-1]
+    md = opt.report.to_markdown()
+    assert md.count("|") > 20
+    path = tmp_path / "r.json"
+    opt.report.to_json(path)
+    data = json.loads(path.read_text())
+    assert data["totals"]["sites"] == 4 and data["totals"]["by_method"] == {"monarch": 2, "original": 2}
+    assert data["totals"]["flops_after"] < data["totals"]["flops_before"]
+    assert vmonarch_opt.Report.load(path).totals == opt.report.totals
+    assert main(["report", str(path)]) == 0
+    assert "blocks.1.attn1" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not valid JSON"):
+        (tmp_path / "bad.json").write_text("{")
+        main(["report", str(tmp_path / "bad.json")])
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "vmonarch_opt.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "report" in out.stdout

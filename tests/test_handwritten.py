@@ -1,0 +1,94 @@
+"""Hand-written attention in every form, SDPA call forms, an image ViT, and sites left dense."""
+import pytest
+import torch
+
+import vmonarch_opt
+from vmonarch_opt import MonarchConfig
+from conftest import rel_err
+from handwritten_models import (HANDWRITTEN, AdditiveMask, Causal, ReturnsProbs, SdpaForms, Stack,
+                                TinyViT)
+
+X = torch.randn(2, 24, 32)
+
+
+@pytest.mark.parametrize("cls", HANDWRITTEN, ids=lambda c: c.__name__)
+def test_handwritten_forms_are_detected_and_rewritten(cls):
+    model = Stack(cls).eval()
+    with torch.no_grad():
+        ref = model(X)
+    opt = vmonarch_opt.optimize(model, (X,), methods=("dense",), min_seq_len=0)
+    rows = opt.report.rows
+    assert [r["site"]["site_id"] for r in rows] == ["blocks.0.attn", "blocks.1.attn"]
+    for r in rows:
+        assert r["site"]["form"] == "handwritten"
+        assert r["site"]["scale"] == pytest.approx(16 ** -0.5)
+        assert r["site"]["head_dim"] == 16 and r["site"]["seq_q"] == 24
+        assert r["plan"]["method"] == "dense", r["plan"]["reason"]
+    with torch.no_grad():
+        assert rel_err(opt(X), ref) < 1e-5
+    # one Monarch block over the whole sequence is dense softmax attention
+    opt1 = vmonarch_opt.optimize(model, (X,), overrides={"*": MonarchConfig(block=(1, 1, 24))}, min_seq_len=0)
+    assert all(r["plan"]["method"] == "monarch" for r in opt1.report.rows)
+    with torch.no_grad():
+        assert rel_err(opt1(X), ref) < 1e-4
+    # real Monarch blocks (1D, no grid) change the output but keep it finite
+    opt2 = vmonarch_opt.optimize(model, (X,), methods=("monarch",), min_seq_len=0)
+    with torch.no_grad():
+        out = opt2(X)
+    assert torch.isfinite(out).all() and rel_err(out, ref) > 0
+
+
+def test_sdpa_call_forms_get_one_site_each():
+    model = Stack(SdpaForms).eval()
+    opt = vmonarch_opt.optimize(model, (X,), methods=("dense",), min_seq_len=0)
+    ids = [r["site"]["site_id"] for r in opt.report.rows]
+    assert ids == ["blocks.0.attn#0", "blocks.0.attn#1", "blocks.1.attn#0", "blocks.1.attn#1"]
+    assert opt.report.site("blocks.0.attn#1")["site"]["scale"] == 0.3
+    with torch.no_grad():
+        assert rel_err(opt(X), model(X)) < 1e-6
+
+
+@pytest.mark.parametrize("cls,args,reason", [
+    (AdditiveMask, (X, torch.randn(24, 24)), "attention mask"),
+    (Causal, (X,), "causal"),
+    (ReturnsProbs, (X,), "probabilities"),
+], ids=["mask", "causal", "probs"])
+def test_unsupported_sites_stay_dense_with_reason(cls, args, reason):
+    model = Stack(cls).eval()
+    with torch.no_grad():
+        ref = model(*args)
+    opt = vmonarch_opt.optimize(model, args, methods=("monarch",), min_seq_len=0)
+    assert len(opt.report.rows) == 2
+    for r in opt.report.rows:
+        assert r["plan"]["method"] == "original"
+        assert reason in r["plan"]["reason"]
+    assert reason in str(opt.report)
+    with torch.no_grad():
+        assert torch.equal(opt(*args), ref)
+
+
+def test_vit_grid_and_class_token():
+    model = TinyViT().eval()
+    img = torch.randn(2, 3, 32, 32)
+    opt = vmonarch_opt.optimize(model, img, methods=("monarch",), min_seq_len=0)
+    for r in opt.report.rows:
+        s = r["site"]
+        assert tuple(s["grid"]) == (1, 8, 8) and s["text_before"] == 1 and s["kind"] == "joint"
+        assert r["plan"]["method"] == "monarch"
+    with torch.no_grad():
+        out = opt(img)
+    assert torch.isfinite(out).all()
+
+
+def test_dropout_in_training_mode_is_left_dense():
+    class Drop(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = SdpaForms()
+
+        def forward(self, x):
+            q, k, v = self.inner.split(x)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+
+    opt = vmonarch_opt.optimize(Drop().train(), (X,), min_seq_len=0)
+    assert "dropout" in opt.report.rows[0]["plan"]["reason"]

@@ -1,0 +1,124 @@
+"""optimize() on diffusers video transformers with small random configs (no downloads)."""
+import copy
+
+import pytest
+import torch
+
+import vmonarch_opt
+from vmonarch_opt import MonarchConfig, models
+from conftest import rel_err
+
+pytest.importorskip("diffusers")
+
+# (factory, expected self-attention sites, expected kind of those sites, text before, text after)
+CASES = {
+    "wan": (models.wan, 2, "self", 0, 0),
+    "cogvideox": (models.cogvideox, 2, "joint", 7, 0),
+    "hunyuan": (models.hunyuan, 2, "joint", 0, 7),
+    "ltx": (models.ltx, 2, "self", 0, 0),
+}
+
+
+def _out(model, batch):
+    with torch.no_grad():
+        return model(**batch)[0]
+
+
+def _video_self_sites(report):
+    return [r for r in report.rows if r["site"]["kind"] in ("self", "joint") and r["site"]["grid"]]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_detects_every_block_self_attention(name):
+    factory, n_self, kind, tb, ta = CASES[name]
+    model, batch = factory()
+    opt = vmonarch_opt.optimize(model, batch, methods=("dense",), min_seq_len=0)
+    video = _video_self_sites(opt.report)
+    assert len(video) == n_self
+    for r in video:
+        s = r["site"]
+        assert s["kind"] == kind
+        assert tuple(s["grid"]) == (3, 4, 5)
+        assert (s["text_before"], s["text_after"]) == (tb, ta)
+        assert s["seq_q"] == 60 + tb + ta
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_dense_method_reproduces_model_and_leaves_original_alone(name):
+    factory = CASES[name][0]
+    model, batch = factory()
+    state = copy.deepcopy(model.state_dict())
+    forward_before = model.forward
+    ref = _out(model, batch)
+    opt = vmonarch_opt.optimize(model, batch, methods=("dense",), min_seq_len=0)
+    assert type(opt) is type(model) and opt is not model
+    assert rel_err(_out(opt, batch), ref) < 1e-5
+    # the original model: same parameters, same forward, same output
+    assert model.forward == forward_before and "forward" not in model.__dict__
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert torch.equal(_out(model, batch), ref)
+    assert list(opt.state_dict()) == list(state)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_monarch_with_one_block_is_exact(name):
+    factory = CASES[name][0]
+    model, batch = factory()
+    ref = _out(model, batch)
+    one_block = MonarchConfig(block=(3, 4, 5))  # the whole grid is a single block: dense softmax
+    opt = vmonarch_opt.optimize(model, batch, overrides={"*": one_block}, min_seq_len=0)
+    rewritten = [r for r in opt.report.rows if r["plan"]["method"] == "monarch"]
+    eligible = [r for r in _video_self_sites(opt.report) if not r["site"]["has_mask"]]
+    assert len(rewritten) == len(eligible)
+    assert rel_err(_out(opt, batch), ref) < 1e-4
+
+
+def test_monarch_frame_blocks_change_output_but_stay_close():
+    model, batch = models.wan(frames=4, height=4, width=4, layers=2)
+    ref = _out(model, batch)
+    opt = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0)
+    rows = [r for r in opt.report.rows if r["plan"]["method"] == "monarch"]
+    assert len(rows) == 2
+    assert all(r["plan"]["args"]["block"] == [1, 4, 4] for r in rows)
+    assert all(r["plan"]["flops_after"] < r["plan"]["flops_before"] for r in rows)
+    out = _out(opt, batch)
+    assert torch.isfinite(out).all()
+    assert 0 < rel_err(out, ref) < 1.0
+
+
+def test_inplace_modifies_and_restore_undoes():
+    model, batch = models.wan()
+    ref = _out(model, batch)
+    same = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0, inplace=True)
+    assert same is model and hasattr(model, "report")
+    assert not torch.equal(_out(model, batch), ref)
+    vmonarch_opt.restore(model)
+    assert torch.equal(_out(model, batch), ref)
+    assert not hasattr(model, "report")
+
+
+def test_short_sequences_stay_dense_by_default():
+    model, batch = models.wan()
+    opt = vmonarch_opt.optimize(model, batch)
+    for r in opt.report.rows:
+        assert r["plan"]["method"] == "original"
+        assert r["plan"]["reason"].startswith(("sequence too short", "cross-attention"))
+
+
+def test_grid_override_and_batch_of_two():
+    model, batch = models.wan(batch=2)
+    opt = vmonarch_opt.optimize(model, batch, grid=(3, 4, 5), methods=("monarch",), min_seq_len=0)
+    r = opt.report.site("blocks.0.attn1")
+    assert r["site"]["grid_source"] == "grid= given by the user"
+    assert r["site"]["batch"] == 2
+    assert torch.isfinite(_out(opt, batch)).all()
+
+
+def test_other_shape_at_run_time_falls_back_to_dense():
+    model, batch = models.wan()
+    opt = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0)
+    _, other = models.wan(frames=2)
+    with pytest.warns(RuntimeWarning, match="differs from the calibrated"):
+        out = _out(opt, other)
+    assert rel_err(out, _out(model, other)) < 1e-5

@@ -1,0 +1,16 @@
+"""vmonarch_opt: sub-quadratic attention for video diffusion transformers, without retraining.
+
+    import vmonarch_opt
+    optimized = vmonarch_opt.optimize(model, calib_batch)
+    print(optimized.report)
+"""
+from . import ops  # noqa: F401  registers torch.ops.vmonarch.*
+from .config import DenseConfig, MonarchConfig, VMoBAConfig
+from .errors import CalibrationBatchError, CaptureError, ProfileError, VMonarchError
+from .optimize import optimize, restore
+from .report import Report
+
+__version__ = "0.1.0"
+
+__all__ = ["optimize", "restore", "Report", "MonarchConfig", "VMoBAConfig", "DenseConfig",
+           "CalibrationBatchError", "CaptureError", "ProfileError", "VMonarchError"]

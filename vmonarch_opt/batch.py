@@ -1,0 +1,81 @@
+"""How a calibration batch is fed to a model: dict -> model(**b), tuple/list -> model(*b), tensor -> model(b)."""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Iterator
+
+import torch
+
+from .errors import CalibrationBatchError
+
+
+def call_model(model, batch: Any):
+    """Call ``model`` with ``batch`` using the convention of its type."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    raise CalibrationBatchError(
+        f"calib_batch must be a dict (called as model(**batch)), a tuple/list (model(*batch)) or a "
+        f"tensor (model(batch)); got {type(batch).__name__}. Pass what you pass to model(...)."
+    )
+
+
+def describe_batch(batch: Any) -> str:
+    """A one-line description of a batch: keys, shapes and dtypes."""
+
+    def one(x):
+        if isinstance(x, torch.Tensor):
+            return f"Tensor{tuple(x.shape)}:{str(x.dtype).replace('torch.', '')}@{x.device.type}"
+        if isinstance(x, (int, float, bool, str)) or x is None:
+            return repr(x)
+        return type(x).__name__
+
+    if isinstance(batch, dict):
+        return "{" + ", ".join(f"{k}={one(v)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, (tuple, list)):
+        return "(" + ", ".join(one(v) for v in batch) + ")"
+    return one(batch)
+
+
+def forward_signature(model) -> str:
+    """The model's forward signature, for error messages."""
+    try:
+        return f"{type(model).__name__}.forward{inspect.signature(model.forward)}"
+    except (TypeError, ValueError):
+        return f"{type(model).__name__}.forward(...)"
+
+
+def run_calibration_call(model, batch: Any):
+    """Call the model, turning a failure into an error that names the model's signature."""
+    try:
+        return call_model(model, batch)
+    except CalibrationBatchError:
+        raise
+    except (TypeError, RuntimeError, ValueError, IndexError, KeyError, AttributeError) as e:
+        raise CalibrationBatchError(
+            f"the model could not be called with the calibration batch: {type(e).__name__}: {e}\n"
+            f"  model expects: {forward_signature(model)}\n"
+            f"  batch given:   {describe_batch(batch)}\n"
+            f"Pass a calib_batch that the model accepts as-is (a dict for model(**batch), a tuple for "
+            f"model(*batch), or a tensor), with the shapes you will run at."
+        ) from e
+
+
+def as_batches(calib: Any) -> list:
+    """Several batches may be given as a list of dicts (e.g. several diffusion timesteps)."""
+    if isinstance(calib, list) and calib and all(isinstance(b, dict) for b in calib):
+        return list(calib)
+    return [calib]
+
+
+def iter_tensors(obj: Any) -> Iterator[tuple[str, Any]]:
+    """Yield (name, value) for the top-level entries of a batch."""
+    if isinstance(obj, dict):
+        yield from obj.items()
+    elif isinstance(obj, (tuple, list)):
+        yield from ((f"arg{i}", v) for i, v in enumerate(obj))
+    else:
+        yield "arg0", obj

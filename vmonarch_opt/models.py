@@ -1,0 +1,116 @@
+"""Small, randomly initialised video transformers from diffusers (no downloads), with batches.
+
+Used by the tests, the examples and the CLI (``vmonarch_opt.models:wan``). Each factory returns
+``(model, batch)`` where ``model(**batch)`` runs. Sizes are in latent tokens after patching.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _need_diffusers():
+    try:
+        import diffusers  # noqa: F401
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("these model factories need diffusers: pip install diffusers") from e
+
+
+def wan(frames: int = 3, height: int = 4, width: int = 5, layers: int = 2, heads: int = 2, head_dim: int = 16,
+        text: int = 7, batch: int = 1, seed: int = 0, dtype=torch.float32, device="cpu"):
+    """WanTransformer3DModel; latent grid frames×height×width tokens (patch 1×2×2)."""
+    _need_diffusers()
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
+                              in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64,
+                              num_layers=layers, rope_max_seq_len=64).to(device, dtype).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    b = dict(hidden_states=torch.randn(batch, 4, frames, 2 * height, 2 * width, generator=g),
+             timestep=torch.tensor([500] * batch), encoder_hidden_states=torch.randn(batch, text, 32, generator=g),
+             return_dict=False)
+    return m, _to(b, device, dtype)
+
+
+def cogvideox(frames: int = 3, height: int = 4, width: int = 5, layers: int = 2, heads: int = 2,
+              head_dim: int = 16, text: int = 7, batch: int = 1, seed: int = 0, dtype=torch.float32, device="cpu"):
+    """CogVideoXTransformer3DModel (text tokens before video tokens in joint attention)."""
+    _need_diffusers()
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = CogVideoXTransformer3DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
+                                    out_channels=4, time_embed_dim=32, text_embed_dim=32, num_layers=layers,
+                                    sample_width=2 * width, sample_height=2 * height, sample_frames=4 * frames - 3,
+                                    patch_size=2, max_text_seq_length=text, temporal_compression_ratio=4,
+                                    use_rotary_positional_embeddings=True).to(device, dtype).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    b = dict(hidden_states=torch.randn(batch, frames, 4, 2 * height, 2 * width, generator=g),
+             encoder_hidden_states=torch.randn(batch, text, 32, generator=g), timestep=torch.tensor([500] * batch),
+             return_dict=False)
+    return m, _to(b, device, dtype)
+
+
+def hunyuan(frames: int = 3, height: int = 4, width: int = 5, layers: int = 1, single_layers: int = 1,
+            heads: int = 2, head_dim: int = 16, text: int = 7, batch: int = 1, seed: int = 0,
+            dtype=torch.float32, device="cpu"):
+    """HunyuanVideoTransformer3DModel (double- and single-stream blocks; text after video)."""
+    _need_diffusers()
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=heads,
+                                       attention_head_dim=head_dim, num_layers=layers,
+                                       num_single_layers=single_layers, num_refiner_layers=1, patch_size=2,
+                                       patch_size_t=1, text_embed_dim=32, pooled_projection_dim=16,
+                                       rope_axes_dim=(4, 6, 6)).to(device, dtype).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    b = dict(hidden_states=torch.randn(batch, 4, frames, 2 * height, 2 * width, generator=g),
+             timestep=torch.tensor([500] * batch), encoder_hidden_states=torch.randn(batch, text, 32, generator=g),
+             encoder_attention_mask=torch.ones(batch, text), pooled_projections=torch.randn(batch, 16, generator=g),
+             guidance=torch.tensor([3000.0] * batch), return_dict=False)
+    return m, _to(b, device, dtype)
+
+
+def ltx(frames: int = 3, height: int = 4, width: int = 5, layers: int = 2, heads: int = 2, head_dim: int = 16,
+        text: int = 7, batch: int = 1, seed: int = 0, dtype=torch.float32, device="cpu"):
+    """LTXVideoTransformer3DModel (pre-patchified tokens; grid from num_frames/height/width)."""
+    _need_diffusers()
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=heads,
+                                   attention_head_dim=head_dim, cross_attention_dim=32, num_layers=layers,
+                                   caption_channels=32).to(device, dtype).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    b = dict(hidden_states=torch.randn(batch, frames * height * width, 8, generator=g),
+             encoder_hidden_states=torch.randn(batch, text, 32, generator=g), timestep=torch.tensor([500] * batch),
+             encoder_attention_mask=torch.ones(batch, text), num_frames=frames, height=height, width=width,
+             return_dict=False)
+    return m, _to(b, device, dtype)
+
+
+def wan_1_3b(frames: int = 21, height: int = 30, width: int = 52, dtype=torch.bfloat16, device="cuda", seed: int = 0):
+    """Wan2.1-T2V-1.3B architecture at full size with random weights; 480p/81f = 21×30×52 tokens."""
+    _need_diffusers()
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                              out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+                              cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
+    m = m.to(device=device, dtype=dtype).eval()
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    b = dict(hidden_states=torch.randn(1, 16, frames, 2 * height, 2 * width, generator=g),
+             timestep=torch.tensor([500]), encoder_hidden_states=torch.randn(1, 512, 4096, generator=g),
+             return_dict=False)
+    return m, _to(b, device, dtype)
+
+
+def _to(batch: dict, device, dtype) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+        out[k] = v
+    return out

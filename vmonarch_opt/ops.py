@@ -1,0 +1,99 @@
+"""The ``vmonarch::*`` custom operators that rewritten attention sites call.
+
+Every op takes q, k, v in the SDPA layout ``[batch, heads, seq, head_dim]`` (k/v already expanded
+to q's head count for GQA) plus its per-site config as plain arguments, so a rewritten model
+stays traceable by ``torch.compile``, ``torch.export`` and CUDA-graph capture.
+
+Dispatch: CUDA tensors run the Triton kernels; every other device (and CUDA when
+``VMONARCH_FORCE_REFERENCE=1``) runs the pure-PyTorch reference next to the kernel.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["monarch_attention", "vmoba_attention", "dense_attention", "use_triton"]
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when ``t`` should run through our Triton kernels rather than the reference."""
+    if os.environ.get("VMONARCH_FORCE_REFERENCE", "0") == "1":
+        return False
+    return t.is_cuda
+
+
+@torch.library.custom_op("vmonarch::monarch_attention", mutates_args=())
+def monarch_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: list[int],
+    block: list[int],
+    text_before: int,
+    text_after: int,
+    steps: int,
+    scale: float,
+    recompute: bool,
+) -> torch.Tensor:
+    kw = dict(grid=tuple(grid), block=tuple(block), text_before=text_before,
+              text_after=text_after, steps=steps, scale=scale, recompute=recompute)
+    if use_triton(q):
+        from .kernels.monarch import monarch_attention_triton
+        return monarch_attention_triton(q, k, v, **kw)
+    from .kernels.monarch_reference import monarch_attention_reference
+    return monarch_attention_reference(q, k, v, **kw)
+
+
+@monarch_attention.register_fake
+def _(q, k, v, grid, block, text_before, text_after, steps, scale, recompute):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("vmonarch::vmoba_attention", mutates_args=())
+def vmoba_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: list[int],
+    chunk: list[int],
+    text_before: int,
+    text_after: int,
+    partition: str,
+    threshold: float,
+    topk: int,
+    scale: float,
+) -> torch.Tensor:
+    kw = dict(grid=tuple(grid), chunk=tuple(chunk), text_before=text_before,
+              text_after=text_after, partition=partition, threshold=threshold,
+              topk=topk, scale=scale)
+    if use_triton(q):
+        from .kernels.vmoba import vmoba_attention_triton
+        return vmoba_attention_triton(q, k, v, **kw)
+    from .kernels.vmoba_reference import vmoba_attention_reference
+    return vmoba_attention_reference(q, k, v, **kw)
+
+
+@vmoba_attention.register_fake
+def _(q, k, v, grid, chunk, text_before, text_after, partition, threshold, topk, scale):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("vmonarch::dense_attention", mutates_args=())
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    if use_triton(q):
+        from .kernels.flash import flash_attention_triton
+        return flash_attention_triton(q, k, v, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+@dense_attention.register_fake
+def _(q, k, v, scale):
+    return torch.empty_like(q)

@@ -1,0 +1,221 @@
+"""``optimize(model, calib_batch)``: capture → detect → plan → rewrite → report."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from .batch import as_batches, run_calibration_call
+from .config import METHODS, SitePlan
+from .errors import VMonarchError
+from .passes.capture import capture as capture_graphs
+from .passes.detect import DetectedSite, detect
+from .passes.grid import assign_grids
+from .passes.normalize import NormalizeError, normalize_module
+from .passes.rewrite import install, plan_handler, run_site, uninstall
+from .planner import plan_sites
+from .report import Report
+from .site import AttentionSite
+
+
+@dataclass
+class OptimizationState:
+    """Attached to the optimized model as ``model.vmonarch``."""
+
+    sites: list[AttentionSite]
+    plans: dict[str, SitePlan]
+    report: Report
+    modules: list[str] = field(default_factory=list)
+    profile: Any = None
+    normalized: dict = field(default_factory=dict)  # module path -> fx.GraphModule
+
+
+def _owning_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    return model.get_submodule(path) if path else model
+
+
+def _record_inputs(model, paths: set[str], batch) -> dict:
+    """Run the batch once, remembering the (args, kwargs) each module in ``paths`` was called with."""
+    seen: dict = {}
+    hooks = []
+    for p in paths:
+        mod = _owning_module(model, p)
+
+        def pre(m, args, kwargs, p=p):
+            seen.setdefault(p, (args, kwargs))
+
+        hooks.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            run_calibration_call(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _normalize_handwritten(model, detected: list[DetectedSite], plans: dict, batch) -> dict:
+    """Turn rewritable hand-written sites into SDPA calls; mark the others as left dense."""
+    by_module: dict[str, list[DetectedSite]] = {}
+    for ds in detected:
+        if ds.site.form == "handwritten":
+            by_module.setdefault(ds.site.module_path, []).append(ds)
+    wanted = {p for p, lst in by_module.items() if any(plans[d.site.site_id].method != "original" for d in lst)}
+    if not wanted:
+        return {}
+    inputs = _record_inputs(model, wanted, batch)
+    forwards = {}
+    for path in wanted:
+        lst = by_module[path]
+        rewrite = [plans[d.site.site_id].method != "original" for d in lst]
+        mod = _owning_module(model, path)
+        try:
+            if path not in inputs:
+                raise NormalizeError("the module was not called by the calibration batch in eager mode")
+            args, kwargs = inputs[path]
+            fwd, gm, skipped = normalize_module(mod, args, kwargs, expected=len(lst), rewrite=rewrite)
+            forwards[path] = (fwd, gm)
+            for i, why in skipped.items():
+                p = plans[lst[i].site.site_id]
+                p.method, p.args, p.flops_after, p.reason = "original", {}, p.flops_before, why
+        except NormalizeError as e:
+            for d in lst:
+                p = plans[d.site.site_id]
+                if p.method != "original":
+                    p.method, p.args, p.flops_after = "original", {}, p.flops_before
+                    p.reason = f"hand-written attention could not be rewritten: {e}"
+    return forwards
+
+
+def _runtime_index(detected: list[DetectedSite], plans: dict, forwards: dict) -> dict[str, list]:
+    """Per owning module, the plan of its k-th SDPA call at run time."""
+    out: dict[str, list] = {}
+    for ds in detected:
+        s = ds.site
+        if s.form == "handwritten" and (s.module_path not in forwards or plans[s.site_id].method == "original"):
+            continue  # stays a hand-written attention: never reaches the SDPA interceptor
+        out.setdefault(s.module_path, []).append(plans[s.site_id])
+    return out
+
+
+def _rel_error(a, b) -> Optional[float]:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and a and b:
+        return _rel_error(a[0], b[0])
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in a:
+            if k in b:
+                return _rel_error(a[k], b[k])
+    if hasattr(a, "sample") and hasattr(b, "sample"):
+        return _rel_error(a.sample, b.sample)
+    return None
+
+
+def _validate(model, runtime: dict, batch, reference) -> tuple[dict, Optional[float]]:
+    """Run the optimized model once, measuring each site's error vs dense and the output error."""
+    errors: dict[str, float] = {}
+
+    def measuring(plan):
+        def handler(a, original):
+            out = run_site(plan, a, original)
+            if plan.method != "original":
+                ref = original()
+                errors[plan.site_id] = max(errors.get(plan.site_id, 0.0), _rel_error(out, ref) or 0.0)
+            return out
+        return handler
+
+    for path, plans in runtime.items():
+        install(_owning_module(model, path), [measuring(p) for p in plans],
+                forward=getattr(model, "_vmonarch_pending_forwards", {}).get(path))
+    with torch.no_grad():
+        out = run_calibration_call(model, batch)
+    return errors, _rel_error(out, reference)
+
+
+def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=METHODS,
+             budget=None, grid=None, inplace: bool = False, overrides: Optional[dict] = None,
+             min_seq_len: int = 1024, capture: str = "auto", validate: bool = True) -> torch.nn.Module:
+    """Rewrite every attention site of ``model`` to a structured kernel and report what was done.
+
+    Returns the optimized model — a copy of ``model`` unless ``inplace=True`` — with the same
+    class, call signature and ``state_dict``; ``optimized.report`` says what was rewritten and why,
+    ``optimized.vmonarch`` holds the sites and plans.
+
+    Args:
+        calib_batch: what the model is called with: a dict (``model(**b)``), a tuple/list
+            (``model(*b)``) or a tensor; a list of dicts for several batches (timesteps).
+        profile: a calibration profile (``load_profile(path)``) whose per-site choices are reused.
+        methods: allowed methods, a subset of ``("monarch", "vmoba", "dense")``.
+        budget: quality budget for calibration (``Budget``); None uses the default policy.
+        grid: ``(T, H, W)`` latent token grid, or ``{site_glob: (T, H, W)}``, overriding inference.
+        overrides: ``{site_glob: "dense" | "monarch" | "vmoba" | "original" | Config}`` pins.
+        min_seq_len: sites with fewer tokens stay dense (unless pinned by ``overrides``).
+        capture: "auto" (torch.compile, then torch.fx), "dynamo" or "fx".
+        validate: run the batch once more to measure per-site and output error.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}; "
+                        f"wrap your function in an nn.Module")
+    t0 = time.perf_counter()
+    batches = as_batches(calib_batch)
+    target = model if inplace else copy.deepcopy(model)
+    if getattr(target, "vmonarch", None) is not None:
+        raise VMonarchError("this model is already optimized; call optimize() on the original model")
+    with torch.no_grad():
+        reference = run_calibration_call(target, batches[0])
+    graphs = capture_graphs(target, batches[0], capture)
+    detected = detect(graphs, target)
+    assign_grids(detected, graphs, target, batches[0], grid)
+    sites = [d.site for d in detected]
+
+    chosen = None
+    if profile is not None:
+        from .profiles.profile import apply_profile
+        chosen = apply_profile(profile, sites)
+    elif budget is not None:
+        from .profiles.calibrate import calibrate_sites
+        profile = calibrate_sites(target, batches, detected, methods=methods, budget=budget,
+                                  overrides=overrides, min_seq_len=min_seq_len)
+        chosen = profile.choices()
+
+    plans = plan_sites(sites, methods=methods, overrides=overrides, min_seq_len=min_seq_len, chosen=chosen)
+    forwards = _normalize_handwritten(target, detected, plans, batches[0])
+    runtime = _runtime_index(detected, plans, forwards)
+    fwd_by_path = {p: f for p, (f, _) in forwards.items()}
+
+    site_errors, out_error = {}, None
+    if validate:
+        target.__dict__["_vmonarch_pending_forwards"] = fwd_by_path
+        try:
+            site_errors, out_error = _validate(target, runtime, batches[0], reference)
+        finally:
+            target.__dict__.pop("_vmonarch_pending_forwards", None)
+    for path, plist in runtime.items():
+        install(_owning_module(target, path), [plan_handler(p) for p in plist], forward=fwd_by_path.get(path))
+
+    meta = {"capture": graphs[0].source if graphs else "none", "graphs": len(graphs),
+            "methods": list(methods), "min_seq_len": min_seq_len,
+            "optimize_seconds": round(time.perf_counter() - t0, 3),
+            "torch": torch.__version__}
+    report = Report.build(type(model).__name__, sites, plans, meta=meta, site_errors=site_errors,
+                          output_error=out_error)
+    state = OptimizationState(sites=sites, plans=plans, report=report, modules=sorted(runtime),
+                              profile=profile, normalized={p: g for p, (_, g) in forwards.items()})
+    target.__dict__["vmonarch"] = state
+    target.__dict__["report"] = report
+    return target
+
+
+def restore(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo ``optimize(..., inplace=True)``: the model's own attention everywhere again."""
+    state = model.__dict__.pop("vmonarch", None)
+    model.__dict__.pop("report", None)
+    if state is None:
+        return model
+    for path in state.modules:
+        uninstall(_owning_module(model, path))
+    return model

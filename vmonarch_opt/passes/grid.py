@@ -1,0 +1,178 @@
+"""Infer, per attention site, how its token sequence maps to the latent video grid.
+
+A site's sequence is ``text_before + T·H·W + text_after`` tokens, video tokens in (t, h, w)
+row-major order. Candidate grids come from (in order of trust):
+
+1. ``grid=`` given by the user;
+2. Conv3d patch-embedding outputs ``[B, C, T, H, W]`` in the captured graph;
+3. Conv2d patch embeddings applied per frame (output ``[B·T, C, H, W]``; an image ViT is T=1);
+4. integer ``num_frames/height/width`` arguments of the batch divided by the config's patch sizes;
+5. 5-D video tensors of the batch divided by the config's patch sizes.
+
+Text tokens (joint attention) are located by finding the ``cat`` that builds the sequence in the
+graph; if the grid is known but the text position is not, the site gets no grid (1D blocks) and
+the report says so. Nothing is guessed silently: every site records where its grid came from.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+import torch.fx
+
+from ..batch import iter_tensors
+from .capture import CapturedGraph, node_module_path
+from .detect import DetectedSite, _shape
+
+GridSpec = Union[tuple, dict, None]
+_CONV3D = {torch.conv3d, torch.nn.functional.conv3d}
+_CONV2D = {torch.conv2d, torch.nn.functional.conv2d}
+_CAT = {torch.cat, torch.concat, torch.concatenate}
+
+
+@dataclass(frozen=True)
+class GridCandidate:
+    grid: tuple
+    source: str
+
+
+def _conv_candidates(graphs: list[CapturedGraph], batch_size: Optional[int]) -> list[GridCandidate]:
+    out = []
+    for g in graphs:
+        mods = dict(g.gm.named_modules())
+        for n in g.gm.graph.nodes:
+            is3 = (n.op == "call_function" and n.target in _CONV3D) or (
+                n.op == "call_module" and isinstance(mods.get(n.target), torch.nn.Conv3d))
+            is2 = (n.op == "call_function" and n.target in _CONV2D) or (
+                n.op == "call_module" and isinstance(mods.get(n.target), torch.nn.Conv2d))
+            shp = _shape(n)
+            where = node_module_path(n) or n.name
+            if is3 and shp and len(shp) == 5:
+                out.append(GridCandidate(tuple(shp[2:]), f"Conv3d patch embedding '{where}'"))
+            elif is2 and shp and len(shp) == 4 and batch_size:
+                if shp[0] % batch_size == 0:
+                    t = shp[0] // batch_size
+                    what = "Conv2d patch embedding per frame" if t > 1 else "Conv2d patch embedding"
+                    out.append(GridCandidate((t, shp[2], shp[3]), f"{what} '{where}'"))
+    return out
+
+
+def _patch_sizes(model) -> Optional[tuple]:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+    p = get("patch_size", None)
+    if p is None:
+        return None
+    if isinstance(p, (tuple, list)):
+        return tuple(int(x) for x in p) if len(p) == 3 else (1, int(p[-2]), int(p[-1]))
+    pt = get("patch_size_t", None) or 1
+    return (int(pt), int(p), int(p))
+
+
+def _batch_candidates(model, batch) -> list[GridCandidate]:
+    out = []
+    ps = _patch_sizes(model)
+    items = dict(iter_tensors(batch))
+    ints = {k: v for k, v in items.items() if isinstance(v, int) and not isinstance(v, bool)}
+    keys = {"num_frames": None, "height": None, "width": None}
+    for k in keys:
+        keys[k] = ints.get(k)
+    if all(v is not None for v in keys.values()):
+        pt, ph, pw = ps or (1, 1, 1)
+        g = (keys["num_frames"] // pt, keys["height"] // ph, keys["width"] // pw)
+        out.append(GridCandidate(g, f"batch num_frames/height/width ÷ patch {pt}×{ph}×{pw}"))
+    if ps:
+        pt, ph, pw = ps
+        for name, v in items.items():
+            if isinstance(v, torch.Tensor) and v.dim() == 5:
+                b, a1, a2, h, w = v.shape
+                # [B, C, T, H, W] (Wan, Hunyuan) and [B, T, C, H, W] (CogVideoX)
+                out.append(GridCandidate((-(-a2 // pt), h // ph, w // pw), f"batch '{name}' [B,C,T,H,W] ÷ patch {pt}×{ph}×{pw}"))
+                out.append(GridCandidate((-(-a1 // pt), h // ph, w // pw), f"batch '{name}' [B,T,C,H,W] ÷ patch {pt}×{ph}×{pw}"))
+    return out
+
+
+def _batch_size(batch) -> Optional[int]:
+    for _, v in iter_tensors(batch):
+        if isinstance(v, torch.Tensor) and v.dim() >= 3:
+            return int(v.shape[0])
+    return None
+
+
+def _find_text_split(ds: DetectedSite, n_video: int, max_nodes: int = 400) -> Optional[tuple]:
+    """Search q's ancestry for the cat that joins video and text tokens; (before, after) or None."""
+    n_total = ds.site.seq_q
+    start = ds.q
+    if not isinstance(start, torch.fx.Node):
+        return None
+    seen, todo = set(), deque([start])
+    while todo and len(seen) < max_nodes:
+        n = todo.popleft()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and n.target in _CAT:
+            parts = n.args[0] if n.args else n.kwargs.get("tensors")
+            dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+            shapes = [_shape(p) for p in parts] if isinstance(parts, (list, tuple)) else []
+            if shapes and all(shapes):
+                sizes = [s[dim] for s in shapes]
+                if sum(sizes) == n_total and n_video in sizes:
+                    i = sizes.index(n_video)
+                    return sum(sizes[:i]), sum(sizes[i + 1:])
+        todo.extend(n.all_input_nodes)
+    return None
+
+
+def _lookup_user(grid: GridSpec, site_id: str) -> Optional[tuple]:
+    if grid is None:
+        return None
+    if isinstance(grid, dict):
+        for pat, g in grid.items():
+            if fnmatch.fnmatchcase(site_id, pat):
+                return tuple(g)
+        return None
+    return tuple(grid)
+
+
+def assign_grids(sites: list[DetectedSite], graphs: list[CapturedGraph], model, batch,
+                 user_grid: GridSpec = None) -> None:
+    """Fill ``grid``, ``text_before``, ``text_after``, ``grid_source`` and ``kind`` of each site."""
+    if user_grid is not None and not isinstance(user_grid, dict):
+        g = tuple(user_grid)
+        if len(g) != 3 or not all(isinstance(x, int) and x > 0 for x in g):
+            raise ValueError(f"grid={user_grid!r}: give (frames, height, width) in latent tokens, e.g. grid=(21, 30, 52)")
+    cands = _conv_candidates(graphs, _batch_size(batch)) + _batch_candidates(model, batch)
+    for ds in sites:
+        s = ds.site
+        n = s.seq_q
+        user = _lookup_user(user_grid, s.site_id)
+        options = ([GridCandidate(user, "grid= given by the user")] if user else []) + cands
+        chosen, why_not = None, ""
+        for c in options:
+            nv = math.prod(c.grid)
+            if nv == n:
+                chosen = (c, 0, 0)
+                break
+            if 0 < nv < n:
+                split = _find_text_split(ds, nv)
+                if split is not None:
+                    chosen = (c, *split)
+                    break
+                why_not = (f"grid {c.grid} from {c.source} covers {nv} of {n} tokens but the text "
+                           f"tokens' position could not be found")
+        if chosen is None:
+            s.grid = None
+            s.grid_source = why_not or ("no video grid found for this sequence length: 1D blocks"
+                                        if options else "no video grid found (pass grid=(T, H, W)): 1D blocks")
+        else:
+            c, tb, ta = chosen
+            s.grid, s.text_before, s.text_after, s.grid_source = c.grid, tb, ta, c.source
+        if s.seq_q == s.seq_k and (s.text_before or s.text_after):
+            s.kind = "joint"

@@ -1,0 +1,177 @@
+"""Normalise hand-written attention to ``F.scaled_dot_product_attention`` calls.
+
+The owning module is traced on its calibration inputs — with ``torch.fx`` (non-tensor arguments
+become constants) or, when fx cannot trace it, with Dynamo's ``export`` — every
+``softmax(q·kᵀ·s) @ v`` it computes is replaced by one SDPA node with the same q, k, v and scale,
+and the result is checked against the module's own output on those inputs. The rewrite pass then
+intercepts the SDPA call like any other.
+
+At run time the traced graph is used only for calls like the traced one (same non-tensor
+arguments, tensor dtypes, devices and ranks); any other call runs the module's original code, so
+the model never computes something it did not mean.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .detect import _is_softmax, _match_handwritten
+
+
+class NormalizeError(Exception):
+    pass
+
+
+def _same(a, b) -> bool:
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:
+        return False
+
+
+def _signature_of(values: dict) -> dict:
+    """What a call must match to reuse the traced graph."""
+    sig = {}
+    for k, v in values.items():
+        if isinstance(v, torch.Tensor):
+            sig[k] = ("tensor", v.dtype, v.device.type, v.dim())
+        else:
+            sig[k] = ("value", v)
+    return sig
+
+
+def _matches(sig: dict, values: dict) -> bool:
+    if set(values) != set(sig):
+        return False
+    for k, want in sig.items():
+        v = values[k]
+        if want[0] == "tensor":
+            if not isinstance(v, torch.Tensor) or (v.dtype, v.device.type, v.dim()) != want[1:]:
+                return False
+        elif isinstance(v, torch.Tensor) or not _same(v, want[1]):
+            return False
+    return True
+
+
+def _trace_fx(module, values: dict):
+    concrete = {k: v for k, v in values.items() if not isinstance(v, torch.Tensor)}
+    if any(not isinstance(v, (type(None), bool, int, float, str)) for v in concrete.values()):
+        raise NormalizeError("forward takes non-tensor arguments that torch.fx cannot specialise")
+    graph = torch.fx.Tracer().trace(module, concrete_args=concrete)
+    gm = torch.fx.GraphModule(module, graph)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    run_args = [values.get(n.target.lstrip("*")) for n in placeholders]
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*run_args)
+    for n in gm.graph.nodes:
+        tm = n.meta.get("tensor_meta")
+        if tm is not None and hasattr(tm, "shape"):
+            n.meta["example_value"] = torch.empty(tm.shape, dtype=tm.dtype, device="meta")
+    names = list(values)
+    return gm, (lambda vals: gm(*[vals[n] for n in names]))
+
+
+def _trace_dynamo(module, args, kwargs):
+    gm, _guards = torch._dynamo.export(module)(*args, **kwargs)
+    return gm, None
+
+
+def normalize_module(module: torch.nn.Module, args: tuple, kwargs: dict, expected: int,
+                     rewrite: list[bool]) -> tuple[Callable, Any, dict]:
+    """Trace ``module``; replace its hand-written attentions ``i`` with ``rewrite[i]`` by SDPA.
+
+    ``expected`` is how many hand-written attentions Dynamo saw in this module. Returns the new
+    forward, the graph module, and ``{index: reason}`` for attentions that were not rewritten.
+    Raises ``NormalizeError`` with the reason when the module cannot be traced at all.
+    """
+    sig = inspect.signature(module.forward)
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
+        raise NormalizeError(f"{type(module).__name__}.forward takes *args/**kwargs")
+    bound = sig.bind(*args, **kwargs)
+    bound.apply_defaults()
+    values = dict(bound.arguments)
+    errors = []
+    gm = call = None
+    try:
+        gm, call = _trace_fx(module, values)
+    except Exception as e:
+        errors.append(f"torch.fx: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        try:
+            gm, call = _trace_dynamo(module, args, kwargs)
+        except Exception as e2:
+            errors.append(f"dynamo export: {type(e2).__name__}: {str(e2).splitlines()[0] if str(e2) else ''}")
+            raise NormalizeError(f"{type(module).__name__}.forward cannot be traced ({'; '.join(errors)})") from e2
+    mods = dict(gm.named_modules())
+    matches = []
+    for n in list(gm.graph.nodes):
+        if _is_softmax(n, mods):
+            m = _match_handwritten(n, mods, module.training)
+            if m is not None:
+                matches.append(m)
+    if len(matches) != expected:
+        raise NormalizeError(f"the traced module has {len(matches)} hand-written attentions where torch.compile saw {expected}")
+    skipped = {}
+    for i, (m, do) in enumerate(zip(matches, rewrite)):
+        if not do:
+            continue
+        if m.get("probs_escape"):
+            skipped[i] = "attention probabilities are used beyond the product with V"
+            continue
+        pv = m["pv"]
+        with gm.graph.inserting_before(pv):
+            k = m["k"]
+            if k is None:
+                k = gm.graph.call_method("transpose", (m["k_t"], -2, -1))
+            sdpa = gm.graph.call_function(F.scaled_dot_product_attention, (m["q"], k, m["v"]),
+                                          {"scale": float(m["factor"])})
+        pv.replace_all_uses_with(sdpa)
+        gm.graph.erase_node(pv)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+
+    run = call if call is not None else (lambda vals: gm(*args_from(vals)))
+    names = list(values)
+
+    def args_from(vals):
+        return [vals[n] for n in names]
+
+    with torch.no_grad():
+        ref = module(*args, **kwargs)
+        out = run(values)
+    _check_close(ref, out)
+    traced = _signature_of(values)
+    defaults = {n: p.default for n, p in sig.parameters.items()}
+    original = module.__class__.forward
+
+    def forward(*a, **kw):
+        vals = dict(zip(names, a))
+        vals.update(kw)
+        for n in names:
+            if n not in vals:
+                vals[n] = defaults[n]
+        if not _matches(traced, vals):
+            return original(module, *a, **kw)  # not the traced kind of call: the module's own code
+        return run(vals)
+
+    return forward, gm, skipped
+
+
+def _check_close(ref, out) -> None:
+    if isinstance(ref, torch.Tensor):
+        if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
+            raise NormalizeError("the traced module returns a different structure")
+        err = ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+        tol = 1e-4 if ref.dtype == torch.float32 else 2e-2
+        if not err <= tol:
+            raise NormalizeError(f"the normalised module differs from the original (rel. error {err:.2e})")
+    elif isinstance(ref, (tuple, list)):
+        if not isinstance(out, (tuple, list)) or len(out) != len(ref):
+            raise NormalizeError("the traced module returns a different structure")
+        for r, o in zip(ref, out):
+            _check_close(r, o)

@@ -1,0 +1,135 @@
+"""The optimization report: one row per attention site, totals at the bottom."""
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from tabulate import tabulate
+
+from .io import atomic_write_text
+
+REPORT_FORMAT = "vmonarch_opt.report/1"
+
+_HEADERS = ["site", "kind", "B×H×N×D", "grid (T×H×W +text)", "method", "params",
+            "GFLOP dense→ours", "cut", "error", "why"]
+
+
+def _gflop(x: Optional[int]) -> str:
+    return "?" if x is None else f"{x / 1e9:.3g}"
+
+
+def _params(p: dict) -> str:
+    m, a = p["method"], p.get("args") or {}
+    if m == "monarch":
+        s = f"block={'×'.join(map(str, a['block']))} steps={a['steps']}"
+        return s + (" recompute" if a.get("recompute") else "")
+    if m == "vmoba":
+        s = f"{a['partition']} chunk={'×'.join(map(str, a['chunk']))} thr={a['threshold']:g}"
+        return s + (f" top{a['topk']}" if a.get("topk") else "")
+    return ""
+
+
+def _grid(s: dict) -> str:
+    if not s.get("grid"):
+        return "—"
+    g = "×".join(map(str, s["grid"]))
+    t = []
+    if s.get("text_before"):
+        t.append(f"{s['text_before']} text before")
+    if s.get("text_after"):
+        t.append(f"{s['text_after']} text after")
+    return g + (" +" + ", ".join(t) if t else "")
+
+
+class Report:
+    """What ``optimize`` did. ``str(report)`` is a table; ``to_json``/``to_markdown`` export it."""
+
+    def __init__(self, data: dict):
+        self.data = data
+
+    @classmethod
+    def build(cls, model_name: str, sites: list, plans: dict, *, meta: Optional[dict] = None,
+              site_errors: Optional[dict] = None, output_error: Optional[float] = None) -> "Report":
+        rows = []
+        for s in sites:
+            p = plans[s.site_id].to_dict()
+            err = (site_errors or {}).get(s.site_id, p.get("calibrated_error"))
+            rows.append({"site": s.to_dict(), "plan": p, "error": err})
+        before = sum(r["plan"]["flops_before"] for r in rows)
+        after = sum(r["plan"]["flops_after"] or r["plan"]["flops_before"] for r in rows)
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r["plan"]["method"]] = counts.get(r["plan"]["method"], 0) + 1
+        totals = {"sites": len(rows), "by_method": counts, "flops_before": before, "flops_after": after,
+                  "flop_cut": (before / after) if after else None, "output_error": output_error}
+        data = {"format": REPORT_FORMAT, "model": model_name,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "meta": meta or {}, "rows": rows, "totals": totals}
+        return cls(data)
+
+    # -- access ---------------------------------------------------------------------------------
+    @property
+    def rows(self) -> list[dict]:
+        return self.data["rows"]
+
+    @property
+    def totals(self) -> dict:
+        return self.data["totals"]
+
+    def site(self, site_id: str) -> dict:
+        for r in self.rows:
+            if r["site"]["site_id"] == site_id:
+                return r
+        raise KeyError(f"no site {site_id!r} in the report; sites: {[r['site']['site_id'] for r in self.rows]}")
+
+    def table_rows(self) -> list[list[Any]]:
+        out = []
+        for r in self.rows:
+            s, p = r["site"], r["plan"]
+            b, a = p["flops_before"], p["flops_after"] or p["flops_before"]
+            cut = f"{b / a:.1f}×" if a else "?"
+            err = "" if r["error"] is None else f"{r['error']:.2e}"
+            method = "dense (model's own)" if p["method"] == "original" else p["method"]
+            why = p["reason"]
+            if s.get("grid_source") and p["method"] != "original":
+                why += f"; grid from {s['grid_source']}" if s.get("grid") else ""
+            out.append([s["site_id"], s["kind"], "×".join(map(str, (s["batch"], s["heads"], s["seq_q"], s["head_dim"]))),
+                        _grid(s), method, _params(p), f"{_gflop(b)}→{_gflop(a)}", cut, err, why])
+        return out
+
+    def _totals_line(self) -> str:
+        t = self.totals
+        by = ", ".join(f"{k}: {v}" for k, v in sorted(t["by_method"].items()))
+        cut = f"{t['flop_cut']:.2f}×" if t["flop_cut"] else "?"
+        line = (f"{t['sites']} attention sites ({by}); attention GFLOP {_gflop(t['flops_before'])} → "
+                f"{_gflop(t['flops_after'])} ({cut} fewer)")
+        if t.get("output_error") is not None:
+            line += f"; model output rel. error on the calibration batch {t['output_error']:.2e}"
+        return line
+
+    def __str__(self) -> str:
+        head = f"vmonarch_opt report — {self.data['model']}"
+        table = tabulate(self.table_rows(), headers=_HEADERS, tablefmt="simple", disable_numparse=True)
+        return f"{head}\n{table}\n{self._totals_line()}"
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def to_markdown(self) -> str:
+        table = tabulate(self.table_rows(), headers=_HEADERS, tablefmt="github", disable_numparse=True)
+        return f"### vmonarch_opt report — {self.data['model']}\n\n{table}\n\n{self._totals_line()}\n"
+
+    def to_json(self, path=None) -> str:
+        text = json.dumps(self.data, indent=2, default=str)
+        if path is not None:
+            atomic_write_text(path, text + "\n")
+        return text
+
+    @classmethod
+    def load(cls, path) -> "Report":
+        data = json.loads(Path(path).read_text())
+        if data.get("format") != REPORT_FORMAT:
+            raise ValueError(f"{path}: not a vmonarch_opt report (format {data.get('format')!r})")
+        return cls(data)
