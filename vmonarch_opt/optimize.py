@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -15,7 +15,7 @@ from .passes.capture import capture as capture_graphs
 from .passes.detect import DetectedSite, detect
 from .passes.grid import assign_grids
 from .passes.normalize import NormalizeError, normalize_module
-from .passes.rewrite import install, plan_handler, run_site, uninstall
+from .passes.rewrite import _to_bhnd, install, plan_handler, run_site, runtime_mismatch, uninstall
 from .planner import plan_sites
 from .report import Report
 from .site import AttentionSite
@@ -101,6 +101,55 @@ def _runtime_index(detected: list[DetectedSite], plans: dict, forwards: dict) ->
     return out
 
 
+def _replan(sites, old: dict, methods, overrides, min_seq_len, chosen: dict) -> dict:
+    """Plans with calibrated choices; sites the normalisation already left dense stay so."""
+    new = plan_sites(sites, methods=methods, overrides=overrides, min_seq_len=min_seq_len, chosen=chosen)
+    for sid, p in old.items():
+        if p.method == "original":
+            new[sid] = p
+    return new
+
+
+def observe(model, detected: list[DetectedSite], plans: dict, forwards: dict, batches: list,
+            callback: Callable) -> None:
+    """Run ``batches`` through ``model`` with its own attention, calling
+    ``callback(site, plan, q, k, v, scale)`` at every site whose plan is not "original".
+
+    q/k/v are 4-D ``[B, H, N, D]`` with GQA expanded — what our ops receive. ``forwards`` maps
+    module paths to normalised forwards (hand-written attention as SDPA). The model is restored
+    afterwards.
+    """
+    site_of = {d.site.site_id: d.site for d in detected}
+    runtime = _runtime_index(detected, plans, {p: (f, None) for p, f in forwards.items()})
+
+    def make(plan):
+        site = site_of[plan.site_id]
+
+        def handler(a, original):
+            if plan.method != "original" and runtime_mismatch(plan, a) is None:
+                q, k, v = (_to_bhnd(a[n]) for n in ("query", "key", "value"))
+                if k.shape[-3] != q.shape[-3]:
+                    rep = q.shape[-3] // k.shape[-3]
+                    k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+                scale = a["scale"] if a["scale"] is not None else q.shape[-1] ** -0.5
+                callback(site, plan, q, k, v, float(scale))
+            return original()
+        return handler
+
+    mods = []
+    try:
+        for path, plist in runtime.items():
+            mod = _owning_module(model, path)
+            install(mod, [make(p) for p in plist], forward=forwards.get(path))
+            mods.append(mod)
+        with torch.no_grad():
+            for b in batches:
+                run_calibration_call(model, b)
+    finally:
+        for mod in mods:
+            uninstall(mod)
+
+
 def _rel_error(a, b) -> Optional[float]:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
@@ -115,7 +164,7 @@ def _rel_error(a, b) -> Optional[float]:
     return None
 
 
-def _validate(model, runtime: dict, batch, reference) -> tuple[dict, Optional[float]]:
+def _validate(model, runtime: dict, forwards: dict, batch, reference) -> tuple[dict, Optional[float]]:
     """Run the optimized model once, measuring each site's error vs dense and the output error."""
     errors: dict[str, float] = {}
 
@@ -129,8 +178,7 @@ def _validate(model, runtime: dict, batch, reference) -> tuple[dict, Optional[fl
         return handler
 
     for path, plans in runtime.items():
-        install(_owning_module(model, path), [measuring(p) for p in plans],
-                forward=getattr(model, "_vmonarch_pending_forwards", {}).get(path))
+        install(_owning_module(model, path), [measuring(p) for p in plans], forward=forwards.get(path))
     with torch.no_grad():
         out = run_calibration_call(model, batch)
     return errors, _rel_error(out, reference)
@@ -172,28 +220,25 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
     assign_grids(detected, graphs, target, batches[0], grid)
     sites = [d.site for d in detected]
 
-    chosen = None
+    # Eligibility and default choices first: hand-written attention that may be rewritten is
+    # normalised to SDPA before calibration, so calibration observes every candidate site.
+    plans = plan_sites(sites, methods=methods, overrides=overrides, min_seq_len=min_seq_len)
+    forwards = _normalize_handwritten(target, detected, plans, batches[0])
+    fwd_by_path = {p: f for p, (f, _) in forwards.items()}
     if profile is not None:
         from .profiles.profile import apply_profile
         chosen = apply_profile(profile, sites)
+        plans = _replan(sites, plans, methods, overrides, min_seq_len, chosen)
     elif budget is not None:
         from .profiles.calibrate import calibrate_sites
-        profile = calibrate_sites(target, batches, detected, methods=methods, budget=budget,
-                                  overrides=overrides, min_seq_len=min_seq_len)
-        chosen = profile.choices()
-
-    plans = plan_sites(sites, methods=methods, overrides=overrides, min_seq_len=min_seq_len, chosen=chosen)
-    forwards = _normalize_handwritten(target, detected, plans, batches[0])
+        profile = calibrate_sites(target, batches, detected, plans, fwd_by_path, methods=methods,
+                                  budget=budget, overrides=overrides)
+        plans = _replan(sites, plans, methods, overrides, min_seq_len, profile.choices())
     runtime = _runtime_index(detected, plans, forwards)
-    fwd_by_path = {p: f for p, (f, _) in forwards.items()}
 
     site_errors, out_error = {}, None
     if validate:
-        target.__dict__["_vmonarch_pending_forwards"] = fwd_by_path
-        try:
-            site_errors, out_error = _validate(target, runtime, batches[0], reference)
-        finally:
-            target.__dict__.pop("_vmonarch_pending_forwards", None)
+        site_errors, out_error = _validate(target, runtime, fwd_by_path, batches[0], reference)
     for path, plist in runtime.items():
         install(_owning_module(target, path), [plan_handler(p) for p in plist], forward=fwd_by_path.get(path))
 
