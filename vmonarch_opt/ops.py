@@ -5,7 +5,8 @@ to q's head count for GQA) plus its per-site config as plain arguments, so a rew
 stays traceable by ``torch.compile``, ``torch.export`` and CUDA-graph capture.
 
 Dispatch: CUDA tensors run the Triton kernels; every other device (and CUDA when
-``VMONARCH_FORCE_REFERENCE=1``) runs the pure-PyTorch reference next to the kernel.
+``VMONARCH_FORCE_REFERENCE=1``) runs the pure-PyTorch reference next to the kernel. The dense op
+runs torch's SDPA (cuDNN / FlashAttention on CUDA) unless ``VMONARCH_DENSE_KERNEL=triton``.
 """
 from __future__ import annotations
 
@@ -88,7 +89,9 @@ def dense_attention(
     v: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    if use_triton(q):
+    # Exact attention with the fastest kernel at hand: torch's SDPA picks cuDNN / FlashAttention on
+    # CUDA; VMONARCH_DENSE_KERNEL=triton selects our own flash kernel instead.
+    if use_triton(q) and os.environ.get("VMONARCH_DENSE_KERNEL", "sdpa") == "triton":
         from .kernels.flash import flash_attention_triton
         return flash_attention_triton(q, k, v, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
