@@ -17,7 +17,7 @@ def unsupported_reason(site: AttentionSite, min_seq_len: int, forced: bool) -> O
         return f"cross-attention ({site.seq_q} queries × {site.seq_k} keys): few keys, not worth restructuring"
     if site.is_causal:
         return "causal mask (is_causal=True): our structured kernels are bidirectional"
-    if site.has_mask:
+    if site.has_mask and not key_padding_ok(site):
         shp = "×".join(map(str, site.mask_shape)) if site.mask_shape else "?"
         return f"attention mask ({site.mask_kind or 'mask'} {shp}): arbitrary masks are not supported"
     if site.dropout_training:
@@ -35,6 +35,14 @@ def unsupported_reason(site: AttentionSite, min_seq_len: int, forced: bool) -> O
     if not forced and site.seq_q < min_seq_len:
         return f"sequence too short (N={site.seq_q} < min_seq_len={min_seq_len}): dense is as fast"
     return None
+
+
+def key_padding_ok(site: AttentionSite) -> bool:
+    """A mask that can only be a key-padding mask over the text tokens of joint attention."""
+    from .passes.keypad import is_key_padding_shape
+
+    return (site.kind == "joint" and site.mask_kind in ("bool", "additive")
+            and is_key_padding_shape(site.mask_shape, site.seq_k))
 
 
 def _override_for(site_id: str, overrides: Optional[dict]):
@@ -113,6 +121,12 @@ def plan_sites(sites: list[AttentionSite], *, methods=METHODS, overrides: Option
         plan.method = cfg.method
         plan.args = resolve_args(cfg, s, layer)
         layer += 1
+        if s.has_mask and plan.method != "dense":
+            plan.args["key_padding"] = True
+            plan.reason += "; text key-padding mask: padded text tokens dropped at run time"
+        elif s.has_mask:
+            plan.method, plan.args = "original", {}
+            plan.reason = "attention mask: the dense choice keeps the model's own masked attention"
         if plan.method == "monarch" and s.grid is None:
             plan.reason += "; 1D blocks: " + s.grid_source
         f = method_flops(s, plan)

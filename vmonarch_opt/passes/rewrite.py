@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import types
 import warnings
+from dataclasses import replace
 from typing import Callable, Optional
 
 import torch
@@ -26,6 +27,7 @@ from .. import ops  # noqa: F401  (registers torch.ops.vmonarch.*)
 from ..config import SitePlan
 from ..site import AttentionSite
 from .detect import SDPA_TARGETS, _SDPA_ARGS
+from .keypad import run_key_padded
 
 _WRAPPED_ATTR = "_vmonarch_original_forward"
 
@@ -63,7 +65,7 @@ def call_method(plan: SitePlan, q, k, v, scale: float) -> torch.Tensor:
 def runtime_mismatch(plan: SitePlan, a: dict) -> Optional[str]:
     """Why this call cannot take the calibrated path (None if it can)."""
     q, k, v = a["query"], a["key"], a["value"]
-    if a["attn_mask"] is not None:
+    if a["attn_mask"] is not None and not plan.args.get("key_padding"):
         return "an attention mask was passed"
     if a["is_causal"]:
         return "is_causal=True"
@@ -103,8 +105,20 @@ def run_site(plan: SitePlan, a: dict, original: Callable) -> torch.Tensor:
     if k4.shape[-3] != q4.shape[-3]:  # GQA: query head i uses kv head i // group
         rep = q4.shape[-3] // k4.shape[-3]
         k4, v4 = k4.repeat_interleave(rep, dim=-3), v4.repeat_interleave(rep, dim=-3)
-    scale = a["scale"] if a["scale"] is not None else q.shape[-1] ** -0.5
-    out = call_method(plan, q4, k4, v4, float(scale))
+    scale = float(a["scale"] if a["scale"] is not None else q.shape[-1] ** -0.5)
+    if a["attn_mask"] is not None:  # a text key-padding mask (plan.args["key_padding"])
+        def call(qq, kk, vv, tb, ta):
+            return call_method(replace(plan, args={**plan.args, "text_before": tb, "text_after": ta}),
+                               qq, kk, vv, scale)
+
+        out = run_key_padded(q4, k4, v4, a["attn_mask"], plan.args["text_before"], plan.args["text_after"],
+                             scale, call)
+        if out is None:
+            _warn_once(f"{plan.site_id}:mask", f"vmonarch_opt: site {plan.site_id} ran dense attention: "
+                       "its mask is not a key-padding mask on text tokens")
+            return original()
+    else:
+        out = call_method(plan, q4, k4, v4, scale)
     return out.reshape(q.shape[:-1] + (v.shape[-1],))
 
 
