@@ -138,6 +138,10 @@ class SiteMode(TorchFunctionMode):
             if i < len(self.handlers) and self.handlers[i] is not None:
                 a = _bind_sdpa(args, kwargs)
                 return self.handlers[i](a, lambda: func(*args, **kwargs))
+        # Everything else runs unchanged. Tensor methods are re-issued as method calls so that
+        # Dynamo, which inlines this handler, sees them as it would without the mode.
+        if args and isinstance(args[0], torch.Tensor) and getattr(torch.Tensor, getattr(func, "__name__", ""), None) is func:
+            return getattr(args[0], func.__name__)(*args[1:], **kwargs)
         return func(*args, **kwargs)
 
 
