@@ -15,7 +15,7 @@ from .passes.capture import capture as capture_graphs
 from .passes.detect import DetectedSite, detect
 from .passes.grid import assign_grids
 from .passes.normalize import NormalizeError, normalize_module
-from .passes.rewrite import _to_bhnd, install, plan_handler, run_site, runtime_mismatch, uninstall
+from .passes.rewrite import install, plan_handler, prepare_qkv, run_site, runtime_mismatch, uninstall
 from .planner import plan_sites
 from .report import Report
 from .site import AttentionSite
@@ -127,12 +127,8 @@ def observe(model, detected: list[DetectedSite], plans: dict, forwards: dict, ba
 
         def handler(a, original):
             if plan.method != "original" and runtime_mismatch(plan, a) is None:
-                q, k, v = (_to_bhnd(a[n]) for n in ("query", "key", "value"))
-                if k.shape[-3] != q.shape[-3]:
-                    rep = q.shape[-3] // k.shape[-3]
-                    k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
-                scale = a["scale"] if a["scale"] is not None else q.shape[-1] ** -0.5
-                callback(site, plan, q, k, v, float(scale))
+                q, k, v, scale = prepare_qkv(a)
+                callback(site, plan, q, k, v, scale)
             return original()
         return handler
 
@@ -164,6 +160,18 @@ def _rel_error(a, b) -> Optional[float]:
     return None
 
 
+def _measure_vmoba(plan: SitePlan, q, k, v, scale: float) -> None:
+    """Fill a VMoBA plan's density and executed FLOPs from its block selection on real q/k."""
+    from .kernels.vmoba_reference import vmoba_flops, vmoba_select
+
+    a = plan.args
+    sel = vmoba_select(q, k, grid=tuple(a["grid"]), chunk=tuple(a["chunk"]), text_before=a["text_before"],
+                       text_after=a["text_after"], partition=a["partition"], threshold=a["threshold"],
+                       topk=a["topk"], scale=scale)
+    plan.density = sel.density
+    plan.flops_after = int(vmoba_flops(sel, q.shape[-1]))
+
+
 def _validate(model, runtime: dict, forwards: dict, batch, reference) -> tuple[dict, Optional[float]]:
     """Run the optimized model once, measuring each site's error vs dense and the output error."""
     errors: dict[str, float] = {}
@@ -174,6 +182,8 @@ def _validate(model, runtime: dict, forwards: dict, batch, reference) -> tuple[d
             if plan.method != "original":
                 ref = original()
                 errors[plan.site_id] = max(errors.get(plan.site_id, 0.0), _rel_error(out, ref) or 0.0)
+                if plan.method == "vmoba" and plan.density is None and a["attn_mask"] is None:
+                    _measure_vmoba(plan, *prepare_qkv(a))
             return out
         return handler
 

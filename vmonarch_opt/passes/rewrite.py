@@ -92,6 +92,17 @@ def _warn_once(key: str, msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
+def prepare_qkv(a: dict) -> tuple:
+    """q, k, v of an SDPA call as ``[B, H, N, D]`` with GQA expanded, and the scale — what our
+    ops take."""
+    q4, k4, v4 = _to_bhnd(a["query"]), _to_bhnd(a["key"]), _to_bhnd(a["value"])
+    if k4.shape[-3] != q4.shape[-3]:  # GQA: query head i uses kv head i // group
+        rep = q4.shape[-3] // k4.shape[-3]
+        k4, v4 = k4.repeat_interleave(rep, dim=-3), v4.repeat_interleave(rep, dim=-3)
+    scale = float(a["scale"] if a["scale"] is not None else q4.shape[-1] ** -0.5)
+    return q4, k4, v4, scale
+
+
 def run_site(plan: SitePlan, a: dict, original: Callable) -> torch.Tensor:
     """One intercepted SDPA call: the planned op, or the model's own attention if it does not fit."""
     if plan.method == "original":
@@ -100,12 +111,8 @@ def run_site(plan: SitePlan, a: dict, original: Callable) -> torch.Tensor:
     if why is not None:
         _warn_once(f"{plan.site_id}:{why}", f"vmonarch_opt: site {plan.site_id} ran dense attention: {why}")
         return original()
-    q, k, v = a["query"], a["key"], a["value"]
-    q4, k4, v4 = _to_bhnd(q), _to_bhnd(k), _to_bhnd(v)
-    if k4.shape[-3] != q4.shape[-3]:  # GQA: query head i uses kv head i // group
-        rep = q4.shape[-3] // k4.shape[-3]
-        k4, v4 = k4.repeat_interleave(rep, dim=-3), v4.repeat_interleave(rep, dim=-3)
-    scale = float(a["scale"] if a["scale"] is not None else q.shape[-1] ** -0.5)
+    q, v = a["query"], a["value"]
+    q4, k4, v4, scale = prepare_qkv(a)
     if a["attn_mask"] is not None:  # a text key-padding mask (plan.args["key_padding"])
         def call(qq, kk, vv, tb, ta):
             return call_method(replace(plan, args={**plan.args, "text_before": tb, "text_after": ta}),
