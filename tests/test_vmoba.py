@@ -1,0 +1,174 @@
+"""VMoBA block-sparse attention: reference semantics and the Triton kernels (TRITON_INTERPRET=1)."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import rel_err
+from vmonarch_opt.kernels.vmoba_reference import (
+    PARTITIONS, QUERY_GROUP, vmoba_attention_from_selection, vmoba_attention_reference,
+    vmoba_flops, vmoba_layout, vmoba_partition_for_layer, vmoba_select, vmoba_select_reference)
+
+
+def _qkv(B, H, N, D, dtype=torch.float32, spread=1.0):
+    return [(torch.randn(B, H, N, D) * (spread if i < 2 else 1.0)).to(dtype) for i in range(3)]
+
+
+# ---------------------------------------------------------------- layout / partition cycle
+def test_partition_cycle():
+    assert [vmoba_partition_for_layer(i) for i in range(7)] == ["1d", "2d", "3d"] * 2 + ["1d"]
+    with pytest.raises(ValueError):
+        vmoba_partition_for_layer(-1)
+
+
+@pytest.mark.parametrize("partition", PARTITIONS)
+def test_layout_geometry(partition):
+    grid, chunk = (5, 7, 9), (2, 3, 4)  # nothing divides
+    lay = vmoba_layout(grid, chunk, partition)
+    T, H, W = grid
+    assert sorted(lay.perm.tolist()) == list(range(T * H * W))
+    exp = {"1d": (2, 7, 9), "2d": (5, 3, 4), "3d": (2, 3, 4)}[partition]
+    assert lay.chunk == exp
+    t, h, w = lay.perm // (H * W), (lay.perm // W) % H, lay.perm % W
+    for c in range(lay.num_blocks):
+        sl = slice(int(lay.block_off[c]), int(lay.block_off[c] + lay.block_len[c]))
+        for coord, e in zip((t[sl], h[sl], w[sl]), exp):
+            assert int(coord.max() - coord.min()) < e  # inside one chunk
+            assert int(coord.min()) % e == 0
+    assert int(lay.group_len.sum()) == T * H * W and int(lay.group_len.max()) <= QUERY_GROUP
+    for g in range(lay.num_groups):
+        c = int(lay.group_block[g])
+        assert int(lay.group_start[g] + lay.group_len[g]) <= int(lay.block_len[c])
+
+
+def test_bad_arguments():
+    q, k, v = _qkv(1, 2, 30, 16)
+    kw = dict(grid=(2, 3, 5), chunk=(1, 2, 2))
+    vmoba_attention_reference(q, k, v, **kw)
+    with pytest.raises(ValueError, match="text_before"):
+        vmoba_attention_reference(q, k, v, grid=(2, 3, 4), chunk=(1, 2, 2))
+    with pytest.raises(ValueError, match="partition"):
+        vmoba_attention_reference(q, k, v, partition="4d", **kw)
+    with pytest.raises(ValueError, match="threshold"):
+        vmoba_attention_reference(q, k, v, threshold=0.0, **kw)
+    with pytest.raises(ValueError, match="topk"):
+        vmoba_attention_reference(q, k, v, topk=-2, **kw)
+    with pytest.raises(ValueError, match="chunk"):
+        vmoba_attention_reference(q, k, v, grid=(2, 3, 5), chunk=(0, 2, 2))
+    with pytest.raises(ValueError, match="grid"):
+        vmoba_attention_reference(q, k, v, grid=(2, 3), chunk=(1, 2, 2))
+    with pytest.raises(ValueError, match="scale"):
+        vmoba_attention_reference(q, k, v, scale=float("nan"), **kw)
+
+
+# ---------------------------------------------------------------- reference semantics
+@pytest.mark.parametrize("partition", PARTITIONS)
+def test_reference_threshold_one_is_dense(partition):
+    tb, ta = 5, 3
+    q, k, v = _qkv(2, 2, tb + 4 * 5 * 6 + ta, 32)
+    out = vmoba_attention_reference(q, k, v, grid=(4, 5, 6), chunk=(3, 2, 4), text_before=tb,
+                                    text_after=ta, partition=partition, threshold=1.0)
+    assert rel_err(out, F.scaled_dot_product_attention(q, k, v)) < 1e-5
+
+
+def _brute_selection(q, k, lay, threshold, topk, scale):
+    """Independent per-head greedy: rank the other pairs by P and keep until the target."""
+    B, H = q.shape[:2]
+    tb, nv = lay.text_before, lay.n_video
+    C, G = lay.num_blocks, lay.num_groups
+    out = torch.zeros(B, H, G, C, dtype=torch.bool)
+    for b, h in itertools.product(range(B), range(H)):
+        qv, kv = q[b, h, tb:tb + nv].double(), k[b, h, tb:tb + nv].double()
+        kbar = torch.stack([kv[lay.perm[lay.block_off[c]:lay.block_off[c] + lay.block_len[c]]].mean(0)
+                            for c in range(C)])
+        qbar = torch.stack([qv[lay.perm[lay.block_off[lay.group_block[g]] + lay.group_start[g]:
+                                        lay.block_off[lay.group_block[g]] + lay.group_start[g]
+                                        + lay.group_len[g]]].mean(0) for g in range(G)])
+        P = torch.softmax(scale * qbar @ kbar.T, -1)
+        for g in range(G):
+            out[b, h, g, lay.group_block[g]] = True
+        if topk == 0 and threshold >= 1:
+            out[b, h] = True
+            continue
+        others = [(P[g, c].item(), g, c) for g in range(G) for c in range(C) if c != lay.group_block[g]]
+        others.sort(key=lambda t: -t[0])
+        if topk:
+            need, weight = (min(topk, C) - 1) * G, (lambda g, p: 1.0)
+        else:
+            own = sum(P[g, lay.group_block[g]].item() * lay.group_len[g].item() for g in range(G))
+            need, weight = threshold * nv - own, (lambda g, p: p * lay.group_len[g].item())
+        acc = 0.0
+        for p, g, c in others:
+            if acc >= need:
+                break
+            out[b, h, g, c] = True
+            acc += weight(g, p)
+    return out
+
+
+@pytest.mark.parametrize("threshold,topk,partition", [(0.25, 0, "3d"), (0.6, 0, "2d"),
+                                                      (0.4, 0, "1d"), (0.25, 3, "3d")])
+def test_reference_selection_rule(threshold, topk, partition):
+    grid, tb = (4, 9, 10), 3
+    q, k, _ = _qkv(2, 2, tb + 360, 16, spread=2.0)
+    lay = vmoba_layout(grid, (2, 4, 4), partition, tb, 0)
+    sel = vmoba_select_reference(q, k, layout=lay, threshold=threshold, topk=topk, scale=0.25)
+    brute = _brute_selection(q, k, lay, threshold, topk, 0.25)
+    assert torch.equal(sel.mask(), brute)
+    assert (sel.kv_cnt == sel.mask().sum(-1)).all()
+    # own block always present, lists ascending and padded with -1
+    own = lay.group_block.view(1, 1, -1, 1)
+    assert (sel.kv_idx.long() == own).any(-1).all()
+    for row, n in zip(sel.kv_idx.view(-1, lay.num_blocks), sel.kv_cnt.view(-1)):
+        assert torch.all(row[:n][1:] > row[:n][:-1]) and torch.all(row[n:] == -1)
+
+
+def test_threshold_monotone_and_topk_density():
+    grid = (6, 8, 8)
+    q, k, v = _qkv(1, 3, 384, 32)
+    dens = [vmoba_select(q, k, grid=grid, chunk=(2, 4, 4), threshold=t).density
+            for t in (0.1, 0.3, 0.6, 0.9, 1.0)]
+    assert all(a <= b for a, b in zip(dens, dens[1:])) and dens[-1] == 1.0 and dens[0] < 0.5
+    sel = vmoba_select(q, k, grid=grid, chunk=(2, 4, 4), topk=3)
+    assert abs(sel.kv_cnt.float().mean().item() - 3.0) < 1e-6  # 3 blocks per group on average
+
+
+def test_flops_counting():
+    tb, ta, grid = 4, 2, (3, 4, 5)
+    N = tb + 60 + ta
+    q, k, v = _qkv(2, 3, N, 16)
+    dense = vmoba_select(q, k, grid=grid, chunk=(1, 2, 2), text_before=tb, text_after=ta,
+                         threshold=1.0)
+    assert vmoba_flops(dense, 16) == 4 * 2 * 3 * N * N * 16
+    sparse = vmoba_select(q, k, grid=grid, chunk=(1, 2, 2), text_before=tb, text_after=ta,
+                          threshold=0.2)
+    assert vmoba_flops(sparse, 16) < vmoba_flops(dense, 16)
+    # token-level check of the count against an explicit mask
+    lay = sparse.layout
+    m = sparse.mask()
+    kb = torch.repeat_interleave(torch.arange(lay.num_blocks), lay.block_len)
+    qg = torch.repeat_interleave(torch.arange(lay.num_groups), lay.group_len)
+    video = int(m[:, :, qg][..., kb].sum())
+    nt = tb + ta
+    assert vmoba_flops(sparse, 16) == 4 * 16 * (video + 2 * 3 * (60 * nt + nt * N))
+
+
+def test_reference_matches_masked_dense():
+    """Sparse output equals dense SDPA with the equivalent token mask."""
+    tb, ta, grid = 3, 2, (3, 5, 6)
+    N = tb + 90 + ta
+    q, k, v = _qkv(2, 2, N, 16, dtype=torch.float64)
+    sel = vmoba_select(q, k, grid=grid, chunk=(2, 2, 3), text_before=tb, text_after=ta,
+                       threshold=0.3)
+    out = vmoba_attention_from_selection(q, k, v, sel, 0.25)
+    lay = sel.layout
+    kb = torch.repeat_interleave(torch.arange(lay.num_blocks), lay.block_len)
+    qg = torch.repeat_interleave(torch.arange(lay.num_groups), lay.group_len)
+    vid = torch.zeros(2, 2, 90, 90, dtype=torch.bool)
+    pm = sel.mask()[:, :, qg][..., kb]  # block-order x block-order
+    vid[:, :, lay.perm[:, None], lay.perm[None, :]] = pm
+    mask = torch.ones(2, 2, N, N, dtype=torch.bool)
+    mask[:, :, tb:tb + 90, tb:tb + 90] = vid
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25)
+    assert rel_err(out, ref) < 1e-12
