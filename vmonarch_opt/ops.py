@@ -100,3 +100,47 @@ def dense_attention(
 @dense_attention.register_fake
 def _(q, k, v, scale):
     return torch.empty_like(q)
+
+
+# --- autograd -----------------------------------------------------------------------------------
+# Backward recomputes the forward with the pure-PyTorch reference under autograd and
+# differentiates it: exact gradients of the same function (VMoBA's block selection is treated as
+# a constant, as in the paper), at the reference's memory cost. It lets optimized models be
+# fine-tuned and compiled with gradients enabled.
+
+def _reference_forward(name: str, q, k, v, args: tuple) -> torch.Tensor:
+    if name == "monarch":
+        from .kernels.monarch_reference import monarch_attention_reference
+        grid, block, tb, ta, steps, scale, recompute = args
+        return monarch_attention_reference(q, k, v, grid=tuple(grid), block=tuple(block), text_before=tb,
+                                           text_after=ta, steps=steps, scale=scale, recompute=recompute)
+    if name == "vmoba":
+        from .kernels.vmoba_reference import vmoba_attention_reference
+        grid, chunk, tb, ta, partition, threshold, topk, scale = args
+        return vmoba_attention_reference(q, k, v, grid=tuple(grid), chunk=tuple(chunk), text_before=tb,
+                                         text_after=ta, partition=partition, threshold=threshold,
+                                         topk=topk, scale=scale)
+    (scale,) = args
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _make_autograd(name: str):
+    def setup_context(ctx, inputs, output):
+        q, k, v, *rest = inputs
+        ctx.save_for_backward(q, k, v)
+        ctx.args = tuple(rest)
+
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        with torch.enable_grad():
+            qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+            out = _reference_forward(name, qq, kk, vv, ctx.args)
+            gq, gk, gv = torch.autograd.grad(out, (qq, kk, vv), grad_out)
+        return (gq, gk, gv) + (None,) * len(ctx.args)
+
+    return setup_context, backward
+
+
+for _op, _name in ((monarch_attention, "monarch"), (vmoba_attention, "vmoba"), (dense_attention, "dense")):
+    _setup, _backward = _make_autograd(_name)
+    _op.register_autograd(_backward, setup_context=_setup)
