@@ -1,0 +1,506 @@
+"""Monarch attention (MonarchAttention / VMonarch) forward in Triton.
+
+Computes the same function as ``monarch_reference.monarch_attention_reference`` (read its
+docstring for the algorithm, the text-token handling and ``recompute``) with three kernels:
+
+* ``_r_step_kernel``: the R-step of every block as a flash-attention pass over the block's keys.
+  One program = ``BLOCK_M`` positions j of one block m. It keeps the running max ``m``, running
+  sum ``l = sum 2^(y-m)`` and the running entropy sum ``w = sum 2^(y-m) (y-m)`` (base-2 logits
+  y; the running ``u = sum e^(x-m) x`` of DESIGN.md §3 taken relative to the running max), and
+  accumulates ``R K`` and, in the final pass, ``R V`` with tensor-core dots: no B x B matrix is
+  ever stored. At the end ``sum R log2 R = w/l - log2 l``. Writes ``AK = R K``, ``CL =
+  sum R log2 R`` and ``Y = R V`` in a position-major scratch layout ``[bh, B, M, D]`` so that
+  the L-step reads contiguous runs.
+* ``_l_final_kernel``: the final L-step fused with the output. One program = one in-block
+  position j and up to ``BLOCK_I`` query blocks i: a tiny flash attention whose "keys" are the
+  M blocks (logit ``q . AK * s - CL``, value ``Y``) followed by the exact text keys, all in one
+  online softmax; writes the output rows in the caller's token order.
+* ``_l_step_kernel`` (steps > 1 only): the intermediate L-step. One program = one position j
+  and up to ``BLOCK_MB`` key blocks m: computes each query row's normaliser (blocks + text),
+  then ``Qbar[m, j] = sum_i L[j,i,m] q[i,j] / sum_i L[j,i,m]`` (plain, or the log-domain
+  recomputation with reset of ``recompute=True``), written as the next R-step's query.
+
+Text query rows (joint attention) run through ``_text_rows_kernel``, a dense flash pass over all
+N keys. Everything takes q/k/v in the caller's ``[batch, heads, N, head_dim]`` layout (any
+strides with a unit last stride); block positions are mapped to sequence rows in-kernel
+(``_tok``), with a fast path when blocks are contiguous runs of tokens (frame blocks, frame
+groups, 1D blocks). fp16/bf16 inputs use tensor-core dots with fp32 accumulation; fp32 inputs
+use IEEE fp32 dots. Under ``TRITON_INTERPRET=1`` small fixed tiles are used.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .monarch_layout import check_qkv, check_steps, make_layout, resolve_scale
+from .monarch_reference import PLAIN_CBAR_EPS, RESET_MASS
+
+__all__ = ["monarch_attention_triton", "monarch_r_step_triton"]
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+_NEG = -1.0e30  # finite "minus infinity": keeps 0 * (-inf) NaNs out of the entropy sums
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------- index helpers
+@triton.jit
+def _tok(m, j, Tg, Hg, Wg, bt, bh, bw, nH, nW, B, Nv, tb, CONTIG: tl.constexpr):
+    """Sequence row of block position (m, j) (broadcasting) and whether it exists."""
+    jj = j + m * 0  # broadcast first: the interpreter rejects scalar-bool & vector-bool masks
+    if CONTIG:
+        g = m * B + jj
+        ok = (jj < B) & (g < Nv)
+        return tb + g, ok
+    else:
+        t = (m // (nH * nW)) * bt + j // (bh * bw)
+        h = ((m // nW) % nH) * bh + (j // bw) % bh
+        w = (m % nW) * bw + j % bw
+        ok = (jj < B) & (t < Tg) & (h < Hg) & (w < Wg)
+        return tb + (t * Hg + h) * Wg + w, ok
+
+
+@triton.jit
+def _text_tok(t, tb, Nv):
+    """Sequence row of the t-th text token (text before the video, then after it)."""
+    return tl.where(t < tb, t, t + Nv)
+
+
+# ----------------------------------------------------------------------------- R-step
+@triton.jit
+def _r_tile(qs, k, v, acc_k, acc_v, m_i, l_i, w_i, col_ok, MASKED: tl.constexpr, FINAL: tl.constexpr,
+            DOT_PREC: tl.constexpr):
+    y = tl.dot(qs, tl.trans(k), input_precision=DOT_PREC)  # base-2 logits (q pre-scaled)
+    if MASKED:
+        y = tl.where(col_ok[None, :], y, _NEG)
+    m_new = tl.maximum(m_i, tl.max(y, 1))
+    yc = y - m_new[:, None]
+    p = tl.math.exp2(yc)
+    alpha = tl.math.exp2(m_i - m_new)
+    w_i = alpha * (w_i + l_i * (m_i - m_new)) + tl.sum(p * yc, 1)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    pc = p.to(k.dtype)
+    acc_k = tl.dot(pc, k, acc_k * alpha[:, None], input_precision=DOT_PREC)
+    if FINAL:
+        acc_v = tl.dot(pc, v, acc_v * alpha[:, None], input_precision=DOT_PREC)
+    return acc_k, acc_v, m_new, l_i, w_i
+
+
+@triton.jit
+def _r_step_kernel(Q, K, V, QB, AK, CL, Y,
+                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                   H, M, B, Nv, tb, Tg, Hg, Wg, bt, bh, bw, nH, nW, D, qk_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CONTIG: tl.constexpr, QBAR: tl.constexpr, FINAL: tl.constexpr,
+                   EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_j = tl.program_id(0)
+    m = tl.program_id(1)
+    pbh = tl.program_id(2)
+    b = pbh // H
+    h = pbh % H
+    offs_j = pid_j * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_ok = offs_d < D
+    kb = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    vb = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    # scratch layout [bh, B, M, D] / [bh, B, M]
+    s_row = (pbh.to(tl.int64) * B + offs_j) * M + m
+    j_in = offs_j < B
+    if QBAR:
+        q = tl.load(QB + s_row[:, None] * D + offs_d[None, :], mask=j_in[:, None] & d_ok[None, :], other=0.0)
+    else:
+        qrow, q_ok = _tok(m, offs_j, Tg, Hg, Wg, bt, bh, bw, nH, nW, B, Nv, tb, CONTIG)
+        qp = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + qrow.to(tl.int64)[:, None] * sqn
+        q = tl.load(qp + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+    qs = (q.to(tl.float32) * qk_scale).to(K.dtype.element_ty)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + _NEG
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    w_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_k = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc_v = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if CONTIG:
+        nk = tl.minimum(B, Nv - m * B)               # valid keys of block m: a prefix
+        n_full = (nk // BLOCK_N) * BLOCK_N
+        base = tb + m.to(tl.int64) * B
+        for start in range(0, n_full, BLOCK_N):
+            rows = base + start + offs_n
+            if EVEN_D:
+                k = tl.load(kb + rows[:, None] * skn + offs_d[None, :])
+                v = tl.load(vb + rows[:, None] * svn + offs_d[None, :])
+            else:
+                k = tl.load(kb + rows[:, None] * skn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+                v = tl.load(vb + rows[:, None] * svn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            acc_k, acc_v, m_i, l_i, w_i = _r_tile(qs, k, v, acc_k, acc_v, m_i, l_i, w_i, offs_n < BLOCK_N,
+                                                  False, FINAL, DOT_PREC)
+        if n_full < nk:
+            col_ok = n_full + offs_n < nk
+            rows = base + n_full + offs_n
+            k = tl.load(kb + rows[:, None] * skn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            v = tl.load(vb + rows[:, None] * svn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            acc_k, acc_v, m_i, l_i, w_i = _r_tile(qs, k, v, acc_k, acc_v, m_i, l_i, w_i, col_ok,
+                                                  True, FINAL, DOT_PREC)
+    else:
+        for start in range(0, B, BLOCK_N):
+            krow, col_ok = _tok(m, start + offs_n, Tg, Hg, Wg, bt, bh, bw, nH, nW, B, Nv, tb, False)
+            rows = krow.to(tl.int64)
+            k = tl.load(kb + rows[:, None] * skn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            v = tl.load(vb + rows[:, None] * svn + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            acc_k, acc_v, m_i, l_i, w_i = _r_tile(qs, k, v, acc_k, acc_v, m_i, l_i, w_i, col_ok,
+                                                  True, FINAL, DOT_PREC)
+    inv_l = 1.0 / l_i
+    st_mask = j_in[:, None] & d_ok[None, :]
+    tl.store(AK + s_row[:, None] * D + offs_d[None, :], (acc_k * inv_l[:, None]).to(AK.dtype.element_ty),
+             mask=st_mask)
+    tl.store(CL + s_row, w_i * inv_l - tl.math.log2(l_i), mask=j_in)
+    if FINAL:
+        tl.store(Y + s_row[:, None] * D + offs_d[None, :], (acc_v * inv_l[:, None]).to(Y.dtype.element_ty),
+                 mask=st_mask)
+
+
+# ----------------------------------------------------------------------------- L-steps
+@triton.jit
+def _online(z, val, acc, m_i, l_i, DOT_PREC: tl.constexpr):
+    m_new = tl.maximum(m_i, tl.max(z, 1))
+    p = tl.math.exp2(z - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(val.dtype), val, acc * alpha[:, None], input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _l_final_kernel(Q, K, V, O, AK, CL, Y,
+                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                    H, M, B, Nv, tb, NT, Tg, Hg, Wg, bt, bh, bw, nH, nW, D, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_MB: tl.constexpr,
+                    BLOCK_T: tl.constexpr, CONTIG: tl.constexpr, DOT_PREC: tl.constexpr):
+    j = tl.program_id(0)
+    pid_i = tl.program_id(1)
+    pbh = tl.program_id(2)
+    b = pbh // H
+    h = pbh % H
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_ok = offs_d < D
+    qrow, q_ok = _tok(offs_i, j, Tg, Hg, Wg, bt, bh, bw, nH, nW, B, Nv, tb, CONTIG)
+    q_ok = q_ok & (offs_i < M)
+    qrow = qrow.to(tl.int64)
+    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + qrow[:, None] * sqn + offs_d[None, :],
+                mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+    qs = (q.to(tl.float32) * qk_scale).to(AK.dtype.element_ty)
+    m_i = tl.zeros([BLOCK_I], dtype=tl.float32) + _NEG
+    l_i = tl.zeros([BLOCK_I], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_I, HEAD_DIM], dtype=tl.float32)
+    s_base = (pbh.to(tl.int64) * B + j) * M
+    for m0 in range(0, M, BLOCK_MB):
+        offs_m = m0 + tl.arange(0, BLOCK_MB)
+        m_ok = offs_m < M
+        ak = tl.load(AK + (s_base + offs_m)[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                     other=0.0)
+        y = tl.load(Y + (s_base + offs_m)[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        cl = tl.load(CL + s_base + offs_m, mask=m_ok, other=0.0)
+        z = tl.dot(qs, tl.trans(ak), input_precision=DOT_PREC) - cl[None, :]
+        z = tl.where(m_ok[None, :], z, _NEG)
+        acc, m_i, l_i = _online(z, y, acc, m_i, l_i, DOT_PREC)
+    if NT > 0:
+        kb = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+        vb = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+        qk = qs.to(K.dtype.element_ty)
+        for t0 in range(0, NT, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            t_ok = offs_t < NT
+            trow = _text_tok(offs_t, tb, Nv).to(tl.int64)
+            kt = tl.load(kb + trow[:, None] * skn + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+            vt = tl.load(vb + trow[:, None] * svn + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+            z = tl.dot(qk, tl.trans(kt), input_precision=DOT_PREC)
+            z = tl.where(t_ok[None, :], z, _NEG)
+            acc, m_i, l_i = _online(z, vt, acc, m_i, l_i, DOT_PREC)
+    out = acc / l_i[:, None]
+    tl.store(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + qrow[:, None] * son + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _l_step_kernel(Q, K, QB, AK, CL,
+                   sqb, sqh, sqn, skb, skh, skn,
+                   H, M, B, Nv, tb, NT, Tg, Hg, Wg, bt, bh, bw, nH, nW, D, qk_scale,
+                   reset_log2, plain_eps,
+                   HEAD_DIM: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_MB: tl.constexpr,
+                   BLOCK_T: tl.constexpr, CONTIG: tl.constexpr, RECOMPUTE: tl.constexpr,
+                   DOT_PREC: tl.constexpr):
+    j = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pbh = tl.program_id(2)
+    b = pbh // H
+    h = pbh % H
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_ok = offs_d < D
+    s_base = (pbh.to(tl.int64) * B + j) * M
+    offs_m = pid_m * BLOCK_MB + tl.arange(0, BLOCK_MB)
+    m_ok = offs_m < M
+    ak_m = tl.load(AK + (s_base + offs_m)[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                   other=0.0)
+    cl_m = tl.load(CL + s_base + offs_m, mask=m_ok, other=0.0)
+    qbase = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    kb = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    acc_a = tl.zeros([BLOCK_MB, HEAD_DIM], dtype=tl.float32)
+    acc_c = tl.zeros([BLOCK_MB], dtype=tl.float32)
+    cmax = tl.zeros([BLOCK_MB], dtype=tl.float32) + _NEG
+    for i0 in range(0, M, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        qrow, q_ok = _tok(offs_i, j, Tg, Hg, Wg, bt, bh, bw, nH, nW, B, Nv, tb, CONTIG)
+        q_ok = q_ok & (offs_i < M)
+        q = tl.load(qbase + qrow.to(tl.int64)[:, None] * sqn + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        qs = (q.to(tl.float32) * qk_scale).to(AK.dtype.element_ty)
+        # normaliser of each query row over all blocks and text keys (base 2)
+        r_m = tl.zeros([BLOCK_I], dtype=tl.float32) + _NEG
+        r_l = tl.zeros([BLOCK_I], dtype=tl.float32)
+        for m0 in range(0, M, BLOCK_MB):
+            offs_m2 = m0 + tl.arange(0, BLOCK_MB)
+            m2_ok = offs_m2 < M
+            ak = tl.load(AK + (s_base + offs_m2)[:, None] * D + offs_d[None, :],
+                         mask=m2_ok[:, None] & d_ok[None, :], other=0.0)
+            cl = tl.load(CL + s_base + offs_m2, mask=m2_ok, other=0.0)
+            z = tl.dot(qs, tl.trans(ak), input_precision=DOT_PREC) - cl[None, :]
+            z = tl.where(m2_ok[None, :], z, _NEG)
+            mn = tl.maximum(r_m, tl.max(z, 1))
+            r_l = r_l * tl.math.exp2(r_m - mn) + tl.sum(tl.math.exp2(z - mn[:, None]), 1)
+            r_m = mn
+        if NT > 0:
+            qk = qs.to(K.dtype.element_ty)
+            for t0 in range(0, NT, BLOCK_T):
+                offs_t = t0 + tl.arange(0, BLOCK_T)
+                t_ok = offs_t < NT
+                trow = _text_tok(offs_t, tb, Nv).to(tl.int64)
+                kt = tl.load(kb + trow[:, None] * skn + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :],
+                             other=0.0)
+                z = tl.dot(qk, tl.trans(kt), input_precision=DOT_PREC)
+                z = tl.where(t_ok[None, :], z, _NEG)
+                mn = tl.maximum(r_m, tl.max(z, 1))
+                r_l = r_l * tl.math.exp2(r_m - mn) + tl.sum(tl.math.exp2(z - mn[:, None]), 1)
+                r_m = mn
+        lse = r_m + tl.math.log2(r_l)
+        z = tl.dot(qs, tl.trans(ak_m), input_precision=DOT_PREC) - cl_m[None, :]
+        log_l = z - lse[:, None]                                       # log2 L[j, i, m]
+        ok = q_ok[:, None] & m_ok[None, :]
+        if RECOMPUTE:
+            c_new = tl.maximum(cmax, tl.max(tl.where(ok, log_l, _NEG), 0))
+            p = tl.where(ok, tl.math.exp2(tl.where(ok, log_l - c_new[None, :], _NEG)), 0.0)
+            sc = tl.math.exp2(cmax - c_new)
+            acc_c = acc_c * sc + tl.sum(p, 0)
+            acc_a = tl.dot(tl.trans(p).to(q.dtype), q, acc_a * sc[:, None], input_precision=DOT_PREC)
+            cmax = c_new
+        else:
+            p = tl.where(ok, tl.math.exp2(tl.where(ok, log_l, _NEG)), 0.0)
+            acc_c = acc_c + tl.sum(p, 0)
+            acc_a = tl.dot(tl.trans(p).to(q.dtype), q, acc_a, input_precision=DOT_PREC)
+    if RECOMPUTE:
+        newq = acc_a / tl.maximum(acc_c, 1e-30)[:, None]
+        reset = (cmax + tl.math.log2(tl.maximum(acc_c, 1e-30))) < reset_log2
+        orow, o_ok = _tok(offs_m, j, Tg, Hg, Wg, bt, bh, bw, nH, nW, B, Nv, tb, CONTIG)
+        own = tl.load(qbase + orow.to(tl.int64)[:, None] * sqn + offs_d[None, :],
+                      mask=(o_ok & m_ok & reset)[:, None] & d_ok[None, :], other=0.0)
+        newq = tl.where(reset[:, None], own.to(tl.float32), newq)
+    else:
+        newq = acc_a / tl.maximum(acc_c, plain_eps)[:, None]
+    tl.store(QB + (s_base + offs_m)[:, None] * D + offs_d[None, :], newq.to(QB.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- text rows
+@triton.jit
+def _text_rows_kernel(Q, K, V, O, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                      H, N, Nv, tb, NT, D, qk_scale,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      DOT_PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    pbh = tl.program_id(1)
+    b = pbh // H
+    h = pbh % H
+    offs_t = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    t_ok = offs_t < NT
+    trow = _text_tok(offs_t, tb, Nv).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_ok = offs_d < D
+    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + trow[:, None] * sqn + offs_d[None, :],
+                mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+    qs = (q.to(tl.float32) * qk_scale).to(K.dtype.element_ty)
+    kb = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    vb = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + _NEG
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + offs_n
+        c_ok = cols < N
+        rows = cols.to(tl.int64)
+        k = tl.load(kb + rows[:, None] * skn + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(vb + rows[:, None] * svn + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        z = tl.dot(qs, tl.trans(k), input_precision=DOT_PREC)
+        z = tl.where(c_ok[None, :], z, _NEG)
+        acc, m_i, l_i = _online(z, v, acc, m_i, l_i, DOT_PREC)
+    out = acc / l_i[:, None]
+    tl.store(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + trow[:, None] * son + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- launch
+_CONFIG: dict = {}
+_FORCED_R: Optional[tuple] = None   # benchmarks may pin the R-step config (BLOCK_M, BLOCK_N, warps, stages)
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages)
+_R_CANDIDATES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)]
+
+
+def _head_pad(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _layout_args(lay):
+    T, H, W = lay.grid
+    bt, bh, bw = lay.block
+    _, nH, nW = lay.nblocks
+    return (T, H, W, bt, bh, bw, nH, nW)
+
+
+def _launch_r(cfg, q, k, v, qbar, ak, cl, y, lay, scale, final, use_qbar):
+    BM, BN, warps, stages = cfg
+    b, h, N, D = q.shape
+    HD = _head_pad(D)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    grid = (triton.cdiv(lay.B, BM), lay.M, b * h)
+    _r_step_kernel[grid](q, k, v, qbar if use_qbar else ak, ak, cl, y if final else ak,
+                         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                         v.stride(0), v.stride(1), v.stride(2),
+                         h, lay.M, lay.B, lay.Nv, lay.text_before, *_layout_args(lay), D, scale * _LOG2E,
+                         HEAD_DIM=HD, BLOCK_M=BM, BLOCK_N=BN, CONTIG=lay.contiguous, QBAR=use_qbar,
+                         FINAL=final, EVEN_D=(HD == D), DOT_PREC=prec, num_warps=warps, num_stages=stages)
+
+
+def _pick_r_config(q, k, v, qbar, ak, cl, y, lay, scale, final, use_qbar):
+    if _FORCED_R is not None:
+        return _FORCED_R
+    if _interpreting() or not q.is_cuda:
+        return (16, 16, 4, 1)
+    D = q.shape[-1]
+    key = (q.device.index, q.dtype, D, final, use_qbar, lay.contiguous, triton.next_power_of_2(lay.B))
+    hit = _CONFIG.get(key)
+    if hit is not None:
+        return hit
+    cands = _R_CANDIDATES
+    if q.dtype == torch.float32 or D > 128:
+        cands = [(64, 32, 4, 2), (32, 32, 4, 2)]
+    best, best_t = None, float("inf")
+    for cfg in cands:
+        try:
+            t = triton.testing.do_bench(lambda: _launch_r(cfg, q, k, v, qbar, ak, cl, y, lay, scale, final,
+                                                          use_qbar), warmup=3, rep=15, return_mode="median")
+        except Exception:  # a config that does not compile / fit shared memory is skipped
+            continue
+        if t < best_t:
+            best, best_t = cfg, t
+    if best is None:
+        raise RuntimeError("monarch_attention_triton: no R-step launch configuration compiled on this device; "
+                           "set VMONARCH_FORCE_REFERENCE=1 to use the reference")
+    _CONFIG[key] = best
+    return best
+
+
+def _l_cfg(q, M):
+    """(BLOCK_I, BLOCK_MB, BLOCK_T, num_warps) of the L-step kernels."""
+    if _interpreting() or not q.is_cuda:
+        return 16, 16, 16, 4
+    bm = min(64, max(16, triton.next_power_of_2(M)))
+    warps = 4 if bm >= 64 else 2
+    if q.dtype == torch.float32 or q.shape[-1] > 128:
+        warps = 4
+    return bm, bm, 64, warps
+
+
+def monarch_r_step_triton(q, k, v, *, grid, block, text_before=0, text_after=0, scale=None, final=True):
+    """The first R-step alone (for tests / diagnostics): ``(a_l, c_l, y)`` with
+    ``a_l = scale * R K`` and ``c_l = sum R log R`` (natural log), shapes ``[b*h, M, B, D]`` /
+    ``[b*h, M, B]``, the same as ``monarch_reference_details``."""
+    check_qkv(q, k, v)
+    lay = make_layout(q.shape[2], grid, block, text_before, text_after)
+    s = resolve_scale(scale, q.shape[-1])
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    b, h, N, D = q.shape
+    ak = torch.empty(b * h, lay.B, lay.M, D, dtype=q.dtype, device=q.device)
+    cl = torch.empty(b * h, lay.B, lay.M, dtype=torch.float32, device=q.device)
+    y = torch.empty_like(ak)
+    cfg = _pick_r_config(q, k, v, ak, ak, cl, y, lay, s, final, False)
+    _launch_r(cfg, q, k, v, ak, ak, cl, y, lay, s, final, False)
+    return (s * ak.float()).transpose(1, 2), (cl * _LN2).transpose(1, 2), y.transpose(1, 2)
+
+
+def monarch_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, block,
+                             text_before: int = 0, text_after: int = 0, steps: int = 1,
+                             scale: Optional[float] = None, recompute: bool = False) -> torch.Tensor:
+    """Monarch attention with the Triton kernels; same contract as ``monarch_attention_reference``."""
+    check_qkv(q, k, v)
+    lay = make_layout(q.shape[2], grid, block, text_before, text_after)
+    steps = check_steps(steps)
+    s = resolve_scale(scale, q.shape[-1])
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"monarch_attention_triton: q/k/v must share one dtype of float16, bfloat16, float32; "
+                         f"got {q.dtype}/{k.dtype}/{v.dtype} (cast them, or use the reference)")
+    if q.shape[-1] > 256:
+        raise ValueError(f"monarch_attention_triton: head_dim {q.shape[-1]} > 256 is unsupported; "
+                         f"use the reference (VMONARCH_FORCE_REFERENCE=1)")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    b, h, N, D = q.shape
+    M, B = lay.M, lay.B
+    out = torch.empty(b, h, N, D, dtype=q.dtype, device=q.device)
+    ak = torch.empty(b * h, B, M, D, dtype=q.dtype, device=q.device)
+    cl = torch.empty(b * h, B, M, dtype=torch.float32, device=q.device)
+    y = torch.empty_like(ak)
+    qbar = torch.empty_like(ak) if steps > 1 else ak
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    HD = _head_pad(D)
+    BI, BMB, BT, lw = _l_cfg(q, M)
+    la = _layout_args(lay)
+    qk_scale = s * _LOG2E
+    for step in range(steps):
+        final = step == steps - 1
+        use_qbar = step > 0
+        cfg = _pick_r_config(q, k, v, qbar, ak, cl, y, lay, s, final, use_qbar)
+        _launch_r(cfg, q, k, v, qbar, ak, cl, y, lay, s, final, use_qbar)
+        if not final:
+            _l_step_kernel[(B, triton.cdiv(M, BMB), b * h)](
+                q, k, qbar, ak, cl, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                h, M, B, lay.Nv, lay.text_before, lay.n_text, *la, D, qk_scale,
+                math.log2(RESET_MASS), PLAIN_CBAR_EPS,
+                HEAD_DIM=HD, BLOCK_I=BI, BLOCK_MB=BMB, BLOCK_T=BT, CONTIG=lay.contiguous,
+                RECOMPUTE=bool(recompute), DOT_PREC=prec, num_warps=lw, num_stages=2)
+    _l_final_kernel[(B, triton.cdiv(M, BI), b * h)](
+        q, k, v, out, ak, cl, y, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        h, M, B, lay.Nv, lay.text_before, lay.n_text, *la, D, qk_scale,
+        HEAD_DIM=HD, BLOCK_I=BI, BLOCK_MB=BMB, BLOCK_T=BT, CONTIG=lay.contiguous, DOT_PREC=prec,
+        num_warps=lw, num_stages=2)
+    if lay.n_text:
+        TBM, TBN, tw = (16, 16, 4) if (_interpreting() or not q.is_cuda) else (64, 64, 4)
+        _text_rows_kernel[(triton.cdiv(lay.n_text, TBM), b * h)](
+            q, k, v, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            h, N, lay.Nv, lay.text_before, lay.n_text, D, qk_scale,
+            HEAD_DIM=HD, BLOCK_M=TBM, BLOCK_N=TBN, DOT_PREC=prec, num_warps=tw, num_stages=2)
+    return out
