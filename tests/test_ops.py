@@ -39,7 +39,6 @@ def test_vmoba_op_everything_selected_matches_sdpa_with_gradients():
 
 
 def test_monarch_op_one_block_matches_sdpa_with_gradients():
-    pytest.importorskip("vmonarch_opt.kernels.monarch_reference")
     q, k, v = _qkv(n=3 + 2 * 3 * 4)  # 3 text tokens after a 2×3×4 grid, one block
     out = torch.ops.vmonarch.monarch_attention(q, k, v, [2, 3, 4], [2, 3, 4], 0, 3, 1, 0.25, False)
     ref = F.scaled_dot_product_attention(q, k, v, scale=0.25)
@@ -59,7 +58,6 @@ def test_opcheck(which):
     elif which == "vmoba":
         op, args = torch.ops.vmonarch.vmoba_attention.default, (q, k, v, [2, 3, 2], [1, 2, 2], 0, 0, "2d", 0.5, 0, 0.25)
     else:
-        pytest.importorskip("vmonarch_opt.kernels.monarch_reference")
         op, args = torch.ops.vmonarch.monarch_attention.default, (q, k, v, [2, 3, 2], [1, 3, 2], 0, 0, 1, 0.25, False)
     if which == "vmoba":
         # The VMoBA reference caches its block layout as real tensors, which AOT autograd's fake
