@@ -13,7 +13,7 @@ from .config import METHODS, SitePlan
 from .errors import VMonarchError
 from .passes.capture import capture as capture_graphs
 from .passes.detect import DetectedSite, detect
-from .passes.grid import assign_grids
+from .passes.grid import assign_grids, check_grid_spec
 from .passes.normalize import NormalizeError, normalize_module
 from .passes.rewrite import install, plan_handler, prepare_qkv, run_site, runtime_mismatch, uninstall
 from .planner import plan_sites
@@ -219,6 +219,8 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
         raise TypeError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}; "
                         f"wrap your function in an nn.Module")
     t0 = time.perf_counter()
+    plan_sites([], methods=methods)  # option errors before any model run
+    check_grid_spec(grid)
     batches = as_batches(calib_batch)
     target = model if inplace else copy.deepcopy(model)
     if getattr(target, "vmonarch", None) is not None:

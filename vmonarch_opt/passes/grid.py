@@ -141,13 +141,20 @@ def _lookup_user(grid: GridSpec, site_id: str) -> Optional[tuple]:
     return tuple(grid)
 
 
+def check_grid_spec(user_grid: GridSpec) -> None:
+    """Raise a ValueError naming the fix if ``grid=`` is malformed."""
+    grids = user_grid.values() if isinstance(user_grid, dict) else ([] if user_grid is None else [user_grid])
+    for g in grids:
+        g = tuple(g) if isinstance(g, (tuple, list)) else (g,)
+        if len(g) != 3 or not all(isinstance(x, int) and x > 0 for x in g):
+            raise ValueError(f"grid={user_grid!r}: give (frames, height, width) in latent tokens, "
+                             f"e.g. grid=(21, 30, 52), or {{'blocks.*': (21, 30, 52)}}")
+
+
 def assign_grids(sites: list[DetectedSite], graphs: list[CapturedGraph], model, batch,
                  user_grid: GridSpec = None) -> None:
     """Fill ``grid``, ``text_before``, ``text_after``, ``grid_source`` and ``kind`` of each site."""
-    if user_grid is not None and not isinstance(user_grid, dict):
-        g = tuple(user_grid)
-        if len(g) != 3 or not all(isinstance(x, int) and x > 0 for x in g):
-            raise ValueError(f"grid={user_grid!r}: give (frames, height, width) in latent tokens, e.g. grid=(21, 30, 52)")
+    check_grid_spec(user_grid)
     cands = _conv_candidates(graphs, _batch_size(batch)) + _batch_candidates(model, batch)
     for ds in sites:
         s = ds.site
