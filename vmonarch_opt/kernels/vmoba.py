@@ -194,7 +194,7 @@ def _compact(P, CUT, KV_IDX, KV_CNT, group_block, G, C, BLOCK_C: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------- attention kernel
-@triton.jit
+@triton.jit(do_not_specialize=["H", "G", "C", "D", "tb", "nv", "N", "TPB"])
 def _vmoba_fwd(Q, K, V, KP, VP, O, desc_k, desc_v,
                perm, block_off, block_len, group_block, group_start, group_len, KV_IDX, KV_CNT,
                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
