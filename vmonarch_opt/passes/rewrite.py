@@ -13,6 +13,7 @@ causal, dropout) runs the model's own attention instead: a wrong result is never
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 import warnings
@@ -103,10 +104,28 @@ def prepare_qkv(a: dict) -> tuple:
     return q4, k4, v4, scale
 
 
+_lowering: Optional[Callable] = None
+
+
+@contextlib.contextmanager
+def lowering(fn: Callable):
+    """While active, every rewritten site returns ``fn(plan, a, original)`` (``a``: the bound SDPA
+    arguments) instead of calling a ``vmonarch::*`` op. ONNX export (``deploy/onnx.py``) traces
+    pure-torch decompositions of the ops through this."""
+    global _lowering
+    previous, _lowering = _lowering, fn
+    try:
+        yield
+    finally:
+        _lowering = previous
+
+
 def run_site(plan: SitePlan, a: dict, original: Callable) -> torch.Tensor:
     """One intercepted SDPA call: the planned op, or the model's own attention if it does not fit."""
     if plan.method == "original":
         return original()
+    if _lowering is not None:
+        return _lowering(plan, a, original)
     why = runtime_mismatch(plan, a)
     if why is not None:
         _warn_once(f"{plan.site_id}:{why}", f"vmonarch_opt: site {plan.site_id} ran dense attention: {why}")

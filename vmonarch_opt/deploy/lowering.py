@@ -1,0 +1,339 @@
+"""Pure-PyTorch decompositions of the ``vmonarch::*`` ops into ONNX-friendly operations.
+
+The custom ops (``ops.py``) are opaque to ONNX. For export, every rewritten site is traced through
+the functions below instead; they compute the same function as the references
+(``kernels/monarch_reference.py``, ``kernels/vmoba_reference.py``) using only operations that
+have standard ONNX equivalents: Reshape/Transpose/Pad/Slice/Concat, batched MatMul, Softmax,
+ReduceMax/ReduceSum, Exp/Log, Where, Gather, TopK (sort), CumSum and ArgMax. Everything that
+depends only on the site's configuration — the block layout, padding masks, token permutations —
+is computed in Python at trace time and becomes a constant of the graph; everything that depends
+on the data — Monarch's factors, VMoBA's block selection — is computed in the graph.
+
+* **Monarch** (:func:`monarch_lowered`): the video tokens are padded to whole blocks with a
+  constant pad and reshaped/transposed to ``[.., M blocks, B positions, D]``; the R-step is a
+  batched MatMul + masked Softmax inside each block, the entropy term ``Σ R log R`` is
+  ``Σ R·s − logsumexp`` (Log/Mul), the L-step a batched MatMul + Softmax over the block axis
+  (text keys of joint attention enter the same softmax with exact logits); T > 1 alternating
+  steps and ``recompute`` are unrolled. Text query rows are dense.
+* **VMoBA** (:func:`vmoba_lowered`): mean query per query group and mean key per key block by
+  Gather + ReduceSum, group×block scores by MatMul + Softmax, the global threshold / top-k cut
+  by a sort (TopK) + CumSum + ArgMax over the head, then every group's selected key blocks are
+  gathered by their in-graph indices and attended with a masked Softmax (plus the dense text
+  keys). The number of selected blocks is data-dependent, so the graph gathers up to all
+  ``C`` blocks per group and masks the unselected slots: the result is exact, the cost that of
+  dense attention (ONNX has no block-sparse attention operator).
+* **Dense** (:func:`dense_lowered`): ``softmax(q kᵀ · scale) v``.
+
+Every function takes q/k/v as ``[batch, heads, N, D]`` and an optional ``key_valid``
+(``[batch, N]`` bool): keys where it is False are dropped, exactly as
+``passes/keypad.py`` drops padded text tokens before calling the op.
+
+Computation is in float32 (float64 for float64 inputs), the result in ``q.dtype``, as the
+references do.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["monarch_lowered", "vmoba_lowered", "dense_lowered"]
+
+_NEG_INF = float("-inf")
+
+
+@contextlib.contextmanager
+def _real_tensors():
+    """Layout constants depend only on the site's configuration: they are computed with real
+    tensors, outside any tracer (torch.export's fake and proxy modes, torch-function modes), and
+    enter the traced graph as constants."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes(), torch._C.DisableTorchFunction():
+        yield
+
+
+def _cdt(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _lse(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """logsumexp as Max/Sub/Exp/Sum/Log (every reduced row has a finite entry)."""
+    m = x.amax(dim=dim, keepdim=True)
+    return (m + torch.log(torch.exp(x - m).sum(dim=dim, keepdim=True))).squeeze(dim)
+
+
+def _key_bias(key_valid: Optional[torch.Tensor], cols: torch.Tensor, dtype) -> Optional[torch.Tensor]:
+    """Additive bias [b, 1, 1, len(cols)] (0 or -inf) for the key columns ``cols`` (a constant index)."""
+    if key_valid is None:
+        return None
+    kv = key_valid[:, cols]
+    zero = torch.zeros((), dtype=dtype, device=kv.device)
+    return torch.where(kv, zero, torch.full((), _NEG_INF, dtype=dtype, device=kv.device))[:, None, None, :]
+
+
+def _dense_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias
+    return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
+def dense_lowered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  key_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Exact attention ``softmax(q kᵀ · scale) v`` (MatMul, Mul, Softmax, MatMul)."""
+    cdt = _cdt(q)
+    bias = _key_bias(key_valid, torch.arange(k.shape[-2], device=q.device), cdt)
+    return _dense_rows(q.to(cdt), k.to(cdt), v.to(cdt), scale, bias).to(q.dtype)
+
+
+def _text_index(tb: int, nv: int, n: int, device) -> torch.Tensor:
+    return torch.cat([torch.arange(tb, device=device), torch.arange(tb + nv, n, device=device)])
+
+
+# ------------------------------------------------------------------------------------- Monarch
+def _to_blocks(x: torch.Tensor, grid, block, nblk) -> torch.Tensor:
+    """Video tokens [b, h, Nv, D] -> [b, h, M, B, D] in the layout of ``monarch_layout.py``
+    (tiles in (t, h, w) order, positions inside a tile in (t, h, w) order; zero padding)."""
+    b, h, _, d = x.shape
+    (T, H, W), (bt, bh, bw), (nT, nH, nW) = grid, block, nblk
+    x = x.reshape(b, h, T, H, W, d)
+    pad = (0, 0, 0, nW * bw - W, 0, nH * bh - H, 0, nT * bt - T)
+    if any(pad):
+        x = F.pad(x, pad)
+    x = x.reshape(b, h, nT, bt, nH, bh, nW, bw, d).permute(0, 1, 2, 4, 6, 3, 5, 7, 8)
+    return x.reshape(b, h, nT * nH * nW, bt * bh * bw, d)
+
+
+def _from_blocks(x: torch.Tensor, grid, block, nblk) -> torch.Tensor:
+    """Inverse of :func:`_to_blocks` (padding dropped): [b, h, M, B, D] -> [b, h, Nv, D]."""
+    b, h, _, _, d = x.shape
+    (T, H, W), (bt, bh, bw), (nT, nH, nW) = grid, block, nblk
+    x = x.reshape(b, h, nT, nH, nW, bt, bh, bw, d).permute(0, 1, 2, 5, 3, 6, 4, 7, 8)
+    x = x.reshape(b, h, nT * bt, nH * bh, nW * bw, d)[:, :, :T, :H, :W]
+    return x.reshape(b, h, T * H * W, d)
+
+
+def monarch_lowered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, block,
+                    text_before: int = 0, text_after: int = 0, steps: int = 1,
+                    scale: Optional[float] = None, recompute: bool = False,
+                    key_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Monarch attention (same function as ``monarch_attention_reference``) in ONNX-friendly ops.
+
+    ``key_valid`` ([batch, N] bool, True everywhere on the video tokens) drops text keys: the
+    result equals the reference run on the sequence without them.
+    """
+    from ..kernels.monarch_layout import check_qkv, check_steps, make_layout, resolve_scale
+    from ..kernels.monarch_reference import PLAIN_CBAR_EPS, RESET_MASS
+
+    check_qkv(q, k, v)
+    with _real_tensors():
+        lay = make_layout(q.shape[2], grid, block, text_before, text_after)
+        _, valid = lay.token_index()
+    steps = check_steps(steps)
+    scale = resolve_scale(scale, q.shape[-1])
+    cdt = _cdt(q)
+    N, tb, nv, nt = lay.N, lay.text_before, lay.Nv, lay.n_text
+    g, blk, nblk = lay.grid, lay.block, lay.nblocks
+    qf, kf, vf = q.to(cdt), k.to(cdt), v.to(cdt)
+
+    # constants of the layout: valid[m, j] (is position j of block m a real token)
+    dev = q.device
+    valid = valid.to(dev)
+    kbias = torch.zeros(valid.shape, dtype=cdt, device=dev).masked_fill(~valid, _NEG_INF)   # [M, B(l)]
+    qvalid_ji = valid.T.contiguous()                                          # [B(j), M(i)]
+
+    vid = slice(tb, tb + nv)
+    qb = _to_blocks(qf[:, :, vid], g, blk, nblk)                              # [b, h, M, B, D]
+    kb = _to_blocks(kf[:, :, vid], g, blk, nblk)
+    vb = _to_blocks(vf[:, :, vid], g, blk, nblk)
+    qj = qb.transpose(2, 3)                                                   # [b, h, B(j), M(i), D]
+    tidx = _text_index(tb, nv, N, dev)
+    if nt:
+        kt, vt = kf[:, :, tidx], vf[:, :, tidx]                               # [b, h, nt, D]
+        tbias = _key_bias(key_valid, tidx, cdt)                               # [b, 1, 1, nt] or None
+    qbar = qb
+    video_out = None
+    for step in range(steps):
+        final = step == steps - 1
+        # R-step: softmax inside every block over its valid keys
+        s = torch.matmul(qbar, kb.transpose(-1, -2)) * scale + kbias[:, None, :]  # [b, h, M, B(j), B(l)]
+        lse = _lse(s, -1)
+        r = torch.exp(s - lse[..., None])
+        a_l = torch.matmul(r, kb) * scale                                     # [b, h, M, B, D]
+        c_l = (r * torch.where(valid[:, None, :], s, torch.zeros((), dtype=cdt, device=dev))).sum(-1) - lse  # [b, h, M, B]
+        # L-step logits z[b, h, j, i, m] = q[i, j] . A_L[m, j] - cL[m, j]; text keys exact
+        z = torch.matmul(qj, a_l.transpose(2, 3).transpose(-1, -2)) - c_l.transpose(-1, -2)[:, :, :, None, :]
+        if nt:
+            zt = torch.matmul(qj, kt[:, :, None].transpose(-1, -2)) * scale   # [b, h, B, M, nt]
+            if tbias is not None:
+                zt = zt + tbias[:, :, None]
+            lse_row = _lse(torch.cat([z, zt], -1), -1)
+        else:
+            lse_row = _lse(z, -1)                                             # [b, h, B(j), M(i)]
+        if final:
+            y = torch.matmul(r, vb)                                           # [b, h, M, B, D]
+            p = torch.exp(z - lse_row[..., None])
+            o = torch.matmul(p, y.transpose(2, 3))                            # [b, h, B(j), M(i), D]
+            if nt:
+                o = o + torch.matmul(torch.exp(zt - lse_row[..., None]), vt[:, :, None])
+            video_out = _from_blocks(o.transpose(2, 3), g, blk, nblk)
+            break
+        log_l = torch.where(qvalid_ji[:, :, None], z - lse_row[..., None],
+                            torch.full((), _NEG_INF, dtype=cdt, device=dev))              # [b, h, j, i, m]
+        if recompute:
+            w = torch.softmax(log_l, dim=-2)                                  # over queries i
+            newq = torch.matmul(w.transpose(-1, -2), qj).transpose(2, 3)      # [b, h, M(m), B(j), D]
+            log_cbar = _lse(log_l, -2).transpose(-1, -2)                      # [b, h, M, B]
+            qbar = torch.where((log_cbar < math.log(RESET_MASS))[..., None], qb, newq)
+        else:
+            lw = torch.exp(log_l)
+            cbar = lw.sum(-2).transpose(-1, -2)                               # [b, h, M, B]
+            abar = torch.matmul(lw.transpose(-1, -2), qj).transpose(2, 3)
+            qbar = abar / cbar.clamp_min(PLAIN_CBAR_EPS)[..., None]
+    if not nt:
+        return video_out.to(q.dtype)
+    text_out = _dense_rows(qf[:, :, tidx], kf, vf, scale, _key_bias(key_valid, torch.arange(N, device=dev), cdt))
+    parts = [text_out[:, :, :tb], video_out, text_out[:, :, tb:]]
+    return torch.cat([p for p in parts if p.shape[2]], dim=2).to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------- VMoBA
+_TABLES: dict = {}
+
+
+def _vmoba_tables(lay):
+    """Constant gather tables of a VMoBA layout (video-token indices; ``Nv`` = the zero pad row)."""
+    key = (lay.grid, lay.chunk, lay.partition)
+    if key not in _TABLES:
+        if len(_TABLES) > 64:
+            _TABLES.clear()
+        _TABLES[key] = _build_vmoba_tables(lay)
+    return _TABLES[key]
+
+
+def _build_vmoba_tables(lay):
+    nv = lay.n_video
+    C, G = lay.num_blocks, lay.num_groups
+    Lb = int(lay.block_len.max())
+    Lg = int(lay.group_len.max())
+    perm = lay.perm
+    pad = torch.tensor([nv])
+    permp = torch.cat([perm, pad])
+    pos = torch.arange(Lb)[None, :]
+    bvalid = pos < lay.block_len[:, None]                                     # [C, Lb]
+    btok = permp[torch.where(bvalid, lay.block_off[:, None] + pos, torch.full_like(pos, nv))]
+    gpos = torch.arange(Lg)[None, :]
+    gvalid = gpos < lay.group_len[:, None]                                    # [G, Lg]
+    gstart = lay.block_off[lay.group_block] + lay.group_start
+    gtok = permp[torch.where(gvalid, gstart[:, None] + gpos, torch.full_like(gpos, nv))]
+    # inverse: natural video token p sits at flat slot g * Lg + l of the group layout
+    inv = torch.empty(nv, dtype=torch.int64)
+    slots = torch.arange(G * Lg).reshape(G, Lg)
+    inv[gtok[gvalid]] = slots[gvalid]
+    own = torch.zeros(G, C, dtype=torch.bool)
+    own[torch.arange(G), lay.group_block] = True
+    return dict(C=C, G=G, Lb=Lb, Lg=Lg, btok=btok, bvalid=bvalid, gtok=gtok, gvalid=gvalid, inv=inv,
+                own=own, block_len=lay.block_len, group_len=lay.group_len)
+
+
+def _vmoba_selection(qbar, kbar, t, *, threshold: float, topk: int, scale: float, nv: int):
+    """Selected (group, block) pairs, [b, h, G, C] bool: the rule of ``vmoba_select_reference``."""
+    b, h, G, _ = qbar.shape
+    C = kbar.shape[2]
+    cdt, dev = qbar.dtype, qbar.device
+    if topk == 0 and threshold >= 1.0:
+        return torch.ones(b, h, G, C, dtype=torch.bool, device=dev)
+    P = torch.softmax(torch.matmul(qbar, kbar.transpose(-1, -2)) * scale, dim=-1)   # [b, h, G, C]
+    own = t["own"]
+    zero = torch.zeros((), dtype=cdt, device=dev)
+    if topk > 0:
+        w = torch.ones_like(P)
+        target = torch.full((b, h), float((min(topk, C) - 1) * G), dtype=cdt, device=dev)
+    else:
+        w = P * t["group_len"].to(cdt)[:, None]
+        target = threshold * nv - torch.where(own, w, zero).sum(dim=(2, 3))
+    # cut value v* = max{v : sum(w[other pairs with P >= v]) >= target}, per (batch, head)
+    Po = torch.where(own, torch.full((), -1.0, dtype=cdt, device=dev), P).reshape(b * h, G * C)
+    wo = torch.where(own, zero, w).reshape(b * h, G * C)
+    sv, order = torch.sort(Po, dim=1, descending=True)
+    cw = torch.cumsum(torch.gather(wo, 1, order), dim=1)
+    tg = target.reshape(b * h, 1)
+    reach = (cw >= tg).to(cdt)
+    first = torch.argmax(reach, dim=1, keepdim=True)
+    cut = torch.gather(sv, 1, first)
+    cut = torch.where(reach.amax(dim=1, keepdim=True) > 0, cut, zero)
+    cut = torch.where(tg <= 0, torch.full((), float("inf"), dtype=cdt, device=dev), cut)
+    return own | (P >= cut.reshape(b, h, 1, 1))
+
+
+def vmoba_lowered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, chunk,
+                  text_before: int = 0, text_after: int = 0, partition: str = "3d",
+                  threshold: float = 0.25, topk: int = 0, scale: Optional[float] = None,
+                  key_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """VMoBA attention (same function as ``vmoba_attention_reference``) in ONNX-friendly ops.
+
+    ``key_valid`` ([batch, N] bool, True everywhere on the video tokens) drops text keys.
+    """
+    from ..kernels.vmoba_reference import _check_args
+
+    with _real_tensors():
+        scale, lay, threshold, topk = _check_args(q, k, v, grid, chunk, text_before, text_after, partition,
+                                                  threshold, topk, scale, "vmoba_lowered")
+        tables = _vmoba_tables(lay)
+    b, h, N, D = q.shape
+    cdt, dev = _cdt(q), q.device
+    t = {k_: (x.to(dev) if isinstance(x, torch.Tensor) else x) for k_, x in tables.items()}
+    tb, nv = lay.text_before, lay.n_video
+    C, G, Lb, Lg = t["C"], t["G"], t["Lb"], t["Lg"]
+    qf, kf, vf = q.to(cdt), k.to(cdt), v.to(cdt)
+    zrow = torch.zeros(b, h, 1, D, dtype=cdt, device=dev)
+    qv = torch.cat([qf[:, :, tb:tb + nv], zrow], dim=2)                      # video tokens + a zero row
+    kv = torch.cat([kf[:, :, tb:tb + nv], zrow], dim=2)
+    vv = torch.cat([vf[:, :, tb:tb + nv], zrow], dim=2)
+
+    # block summaries and the in-graph selection
+    qg = qv[:, :, t["gtok"]]                                                  # [b, h, G, Lg, D]
+    kblk = kv[:, :, t["btok"]]                                                # [b, h, C, Lb, D]
+    vblk = vv[:, :, t["btok"]]
+    qbar = qg.sum(-2) / t["group_len"].to(cdt)[:, None]
+    kbar = kblk.sum(-2) / t["block_len"].to(cdt)[:, None]
+    sel = _vmoba_selection(qbar, kbar, t, threshold=threshold, topk=topk, scale=scale, nv=nv)
+
+    # selected block indices per group, ascending, unselected slots last (masked)
+    cidx = torch.arange(C, device=dev).to(cdt)
+    order_key = torch.where(sel, cidx, cidx + C)
+    slot = torch.sort(order_key, dim=-1).values                               # [b, h, G, C]
+    slot_ok = slot < C
+    kv_idx = torch.where(slot_ok, slot, torch.zeros((), dtype=cdt, device=dev)).to(torch.int64)
+
+    # gather every group's key blocks by those indices
+    base = (torch.arange(b * h, device=dev) * C).reshape(b, h, 1, 1)
+    flat = (kv_idx + base).reshape(-1)
+    kg = kblk.reshape(b * h * C, Lb, D)[flat].reshape(b, h, G, C * Lb, D)
+    vg = vblk.reshape(b * h * C, Lb, D)[flat].reshape(b, h, G, C * Lb, D)
+    tok_ok = t["bvalid"][kv_idx] & slot_ok[..., None]                         # [b, h, G, C, Lb]
+    neg = torch.full((), _NEG_INF, dtype=cdt, device=dev)
+    bias = torch.where(tok_ok, torch.zeros((), dtype=cdt, device=dev), neg).reshape(b, h, G, 1, C * Lb)
+    s = torch.matmul(qg, kg.transpose(-1, -2)) * scale + bias                 # [b, h, G, Lg, C*Lb]
+    tidx = _text_index(tb, nv, N, dev)
+    if tidx.numel():
+        kt, vt = kf[:, :, tidx], vf[:, :, tidx]
+        st = torch.matmul(qg, kt[:, :, None].transpose(-1, -2)) * scale       # [b, h, G, Lg, nt]
+        tbias = _key_bias(key_valid, tidx, cdt)
+        if tbias is not None:
+            st = st + tbias[:, :, None]
+        p = torch.softmax(torch.cat([s, st], dim=-1), dim=-1)
+        og = torch.matmul(p[..., :C * Lb], vg) + torch.matmul(p[..., C * Lb:], vt[:, :, None])
+    else:
+        og = torch.matmul(torch.softmax(s, dim=-1), vg)                      # [b, h, G, Lg, D]
+    video_out = og.reshape(b, h, G * Lg, D)[:, :, t["inv"]]
+    if not tidx.numel():
+        return video_out.to(q.dtype)
+    text_out = _dense_rows(qf[:, :, tidx], kf, vf, scale, _key_bias(key_valid, torch.arange(N, device=dev), cdt))
+    parts = [text_out[:, :, :tb], video_out, text_out[:, :, tb:]]
+    return torch.cat([p for p in parts if p.shape[2]], dim=2).to(q.dtype)
