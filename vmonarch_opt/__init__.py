@@ -8,6 +8,7 @@ from . import ops  # noqa: F401  registers torch.ops.vmonarch.*
 from .config import DenseConfig, MonarchConfig, VMoBAConfig
 from .errors import CalibrationBatchError, CaptureError, ProfileError, VMonarchError
 from .optimize import optimize, restore
+from .deploy import export_onnx  # noqa: F401  (ONNX export; needs onnx + onnxscript at call time)
 from .report import Report
 
 __version__ = "0.1.0"

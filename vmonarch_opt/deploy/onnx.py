@@ -287,11 +287,46 @@ def export_onnx(optimized: torch.nn.Module, example_inputs: Any, path: str, *, o
 
     import onnx
 
+    _ort_compat(path)
+
     onnx.checker.check_model(path, full_check=True)
     ops = Counter(n.op_type for n in onnx.load(path, load_external_data=False).graph.node)
     err = _verify(path, args, kwargs, expected, rtol) if verify else None
     return OnnxExport(path=path, sites=list(lower.done.values()), ops=ops, max_rel_error=err,
                       seconds=time.perf_counter() - t0)
+
+
+def _ort_compat(path: str) -> None:
+    """Rewrite what is valid ONNX but has no onnxruntime CPU kernel: ``Where`` on bool tensors
+    (``bool_mask.masked_fill(..., False)``, e.g. in HunyuanVideo) becomes ``Or(And(c, x), And(Not(c), y))``."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(path, load_external_data=False)
+    g = model.graph
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # pragma: no cover - inference is best effort here
+        inferred = g
+    types = {vi.name: vi.type.tensor_type.elem_type
+             for vi in list(inferred.value_info) + list(inferred.input) + list(inferred.output)}
+    types.update({t.name: t.data_type for t in g.initializer})
+    nodes, changed = [], 0
+    for n in g.node:
+        if n.op_type == "Where" and types.get(n.output[0]) == TensorProto.BOOL:
+            c, x, y = n.input
+            base = (n.name or n.output[0]) + "_bool"
+            nodes += [helper.make_node("And", [c, x], [base + "_cx"], name=base + "_and1"),
+                      helper.make_node("Not", [c], [base + "_nc"], name=base + "_not"),
+                      helper.make_node("And", [base + "_nc", y], [base + "_ncy"], name=base + "_and2"),
+                      helper.make_node("Or", [base + "_cx", base + "_ncy"], [n.output[0]], name=base + "_or")]
+            changed += 1
+        else:
+            nodes.append(n)
+    if changed:
+        del g.node[:]
+        g.node.extend(nodes)
+        onnx.save(model, path)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,114 @@
+"""``vmonarch-opt export-onnx MODULE:FACTORY [--profile P.json] -o model.onnx``.
+
+``FACTORY`` is a function returning ``(model, example_inputs)`` — e.g. ``vmonarch_opt.models:wan``.
+The model is optimized (with the profile's per-site choices when ``--profile`` is given), then
+written as ONNX, checked and verified in onnxruntime.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+_EPILOG = """examples:
+  vmonarch-opt export-onnx vmonarch_opt.models:wan --methods monarch --min-seq-len 0 -o wan.onnx
+  vmonarch-opt export-onnx my_pkg.build:make_model --profile wan_profile.json -o model.onnx
+  vmonarch-opt export-onnx vmonarch_opt.models:cogvideox --factory-kwargs '{"frames": 4}' -o cog.onnx
+"""
+
+
+def load_factory(spec: str):
+    """``"package.module:function"`` -> the function."""
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise SystemExit(f"vmonarch-opt: {spec!r}: give the model factory as MODULE:FUNCTION, e.g. "
+                         f"vmonarch_opt.models:wan")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise SystemExit(f"vmonarch-opt: cannot import {mod_name!r} ({e}); is it on PYTHONPATH?")
+    fn = mod
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise SystemExit(f"vmonarch-opt: module {mod_name!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise SystemExit(f"vmonarch-opt: {spec} is not callable")
+    return fn
+
+
+def build(spec: str, factory_kwargs: dict):
+    """Call the factory; it must return ``(model, example_inputs)``."""
+    import torch
+
+    out = load_factory(spec)(**factory_kwargs)
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.nn.Module)):
+        raise SystemExit(f"vmonarch-opt: {spec} must return (model, example_inputs) — the model and what it is "
+                         f"called with (a dict, tuple or tensor); it returned {type(out).__name__}")
+    return out
+
+
+def _load_profile(path: str):
+    try:
+        from ..profiles.profile import Profile
+    except ImportError as e:
+        raise SystemExit(f"vmonarch-opt: --profile needs vmonarch_opt.profiles (calibration), which is not "
+                         f"available here ({e})")
+    return Profile.load(path)
+
+
+def _cmd_export_onnx(args) -> int:
+    import vmonarch_opt
+
+    from ..errors import VMonarchError
+    from .onnx import export_onnx
+
+    try:
+        factory_kwargs = json.loads(args.factory_kwargs) if args.factory_kwargs else {}
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"vmonarch-opt: --factory-kwargs is not valid JSON ({e})")
+    if not isinstance(factory_kwargs, dict):
+        raise SystemExit("vmonarch-opt: --factory-kwargs must be a JSON object, e.g. '{\"frames\": 4}'")
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    model, inputs = build(args.factory, factory_kwargs)
+    profile = _load_profile(args.profile) if args.profile else None
+    try:
+        opt = vmonarch_opt.optimize(model, inputs, profile=profile, methods=methods, min_seq_len=args.min_seq_len)
+        print(opt.report)
+        if args.report:
+            opt.report.to_json(args.report)
+        result = export_onnx(opt, inputs, args.output, opset=args.opset, strict=not args.allow_dense_fallback,
+                             verify=not args.no_verify, rtol=args.rtol)
+    except VMonarchError as e:
+        print(f"vmonarch-opt: {e}", file=sys.stderr)
+        return 1
+    print(result)
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    import argparse
+
+    p = subparsers.add_parser(
+        "export-onnx", help="optimize a model given as MODULE:FACTORY and write it as ONNX",
+        description="Optimize the model built by FACTORY (a function returning (model, example_inputs)) and "
+                    "export it to ONNX with every rewritten attention lowered to standard ONNX ops; the file "
+                    "is checked with onnx.checker and compared with PyTorch in onnxruntime.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("factory", help="MODULE:FUNCTION returning (model, example_inputs), e.g. vmonarch_opt.models:wan")
+    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.add_argument("--profile", help="calibration profile (JSON) whose per-site choices are used")
+    p.add_argument("--methods", default="monarch,vmoba,dense",
+                   help="allowed methods, comma-separated (default: monarch,vmoba,dense)")
+    p.add_argument("--min-seq-len", type=int, default=1024,
+                   help="sites with fewer tokens keep the model's attention (default 1024)")
+    p.add_argument("--factory-kwargs", help="JSON object of keyword arguments for FACTORY")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: the exporter's)")
+    p.add_argument("--rtol", type=float, default=1e-4,
+                   help="largest relative error of onnxruntime vs PyTorch accepted (default 1e-4)")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument("--allow-dense-fallback", action="store_true",
+                   help="export sites that do not fit the example inputs as the model's own attention "
+                        "instead of failing")
+    p.add_argument("--report", help="also write the optimization report as JSON here")
+    p.set_defaults(func=_cmd_export_onnx)
