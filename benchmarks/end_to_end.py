@@ -1,0 +1,215 @@
+"""End-to-end speed of real video transformers: "how much faster is my model?"
+
+    OUT=out PYTHONPATH=. python benchmarks/end_to_end.py            # GPU: Wan2.1-1.3B 480p + CogVideoX-5B
+    PYTHONPATH=. python benchmarks/end_to_end.py --tiny --no-append  # CPU smoke run (small random configs)
+
+diffusers transformers at full size with random weights (bf16, batch 1; no downloads):
+
+* ``wan``: ``WanTransformer3DModel`` with the Wan2.1-T2V-1.3B config (``vmonarch_opt.models.wan_1_3b``),
+  480p / 81 frames: latent 16×21×60×104, 1×2×2 patches → 21×30×52 = 32760 tokens, 512 text tokens
+  (cross-attention).
+* ``cogvideox``: ``CogVideoXTransformer3DModel`` with the CogVideoX-5B config (42 layers, 48 heads × 64,
+  RoPE variant), 720×480 / 49 frames: latent 13×16×60×90 → 13×30×45 = 17550 video + 226 text tokens in
+  joint attention.
+
+For each model: one forward, timed as the median of ``--runs`` CUDA-event measurements after warm-up,
+for dense attention (diffusers' default SDPA, and SDPA forced to the FlashAttention and cuDNN
+backends) and for ``vmonarch_opt.optimize(model, batch, methods=(method,))`` per method; the time
+``optimize`` itself takes; the attention-FLOP cut and the output's relative error vs dense (from the
+report's validation run). Prints a short table last, writes ``$OUT/end_to_end.json`` and
+``$OUT/end_to_end_section.md``, and appends the table to BENCHMARKS.md (unless ``--no-append``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import vmonarch_opt  # noqa: E402
+from vmonarch_opt import models  # noqa: E402
+
+
+def cogvideox_5b(frames: int = 13, height: int = 30, width: int = 45, dtype=torch.bfloat16, device="cuda",
+                 seed: int = 0):
+    """CogVideoXTransformer3DModel with the CogVideoX-5B config, random weights; grid in latent tokens."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = CogVideoXTransformer3DModel(num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16,
+                                    time_embed_dim=512, text_embed_dim=4096, num_layers=42,
+                                    sample_width=2 * width, sample_height=2 * height, sample_frames=4 * (frames - 1) + 1,
+                                    patch_size=2, temporal_compression_ratio=4, max_text_seq_length=226,
+                                    use_rotary_positional_embeddings=True)
+    m = m.to(device=device, dtype=dtype).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    b = dict(hidden_states=torch.randn(1, frames, 16, 2 * height, 2 * width, generator=g),
+             encoder_hidden_states=torch.randn(1, 226, 4096, generator=g), timestep=torch.tensor([500]),
+             return_dict=False)
+    return m, models._to(b, device, dtype)
+
+
+def build(name: str, tiny: bool, device):
+    if tiny:  # small random configs for a CPU smoke run; grids large enough to be rewritten
+        if name == "wan":
+            return models.wan(frames=3, height=6, width=8, device=device)
+        if name == "cogvideox":
+            return models.cogvideox(frames=3, height=6, width=8, device=device)
+    if name == "wan":
+        return models.wan_1_3b(device=device)
+    if name == "cogvideox":
+        return cogvideox_5b(device=device)
+    raise ValueError(f"unknown model {name!r}: use wan or cogvideox")
+
+
+def median_ms(fn, runs: int, warmup: int, cuda: bool) -> float:
+    """Median wall time of ``fn()`` in ms: CUDA events on the GPU, perf_counter elsewhere."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(runs):
+            if cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                torch.cuda.synchronize()
+                times.append(a.elapsed_time(b))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def call(model, batch):
+    return model(**batch)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="wan,cogvideox")
+    ap.add_argument("--methods", default="monarch,vmoba")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--tiny", action="store_true", help="small random configs (CPU smoke run)")
+    ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    devname = torch.cuda.get_device_name(dev) if cuda else "cpu"
+    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    kernels = "Triton" if cuda and os.environ.get("VMONARCH_FORCE_REFERENCE", "0") != "1" else "PyTorch reference"
+    print(f"[e2e] device {devname}, torch {torch.__version__}, optimized attention via {kernels}", flush=True)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    results, rows = [], []
+    for mname in [m.strip() for m in args.models.split(",") if m.strip()]:
+        try:
+            model, batch = build(mname, args.tiny, dev)
+        except Exception as e:
+            traceback.print_exc()
+            rows.append([mname, f"FAILED to build: {type(e).__name__}: {str(e)[:80]}"] + [""] * 6)
+            continue
+        nparams = sum(p.numel() for p in model.parameters())
+        print(f"[e2e] {mname}: {type(model).__name__}, {nparams / 1e9:.2f} B parameters", flush=True)
+        base = {}
+        for label, backend in [("dense SDPA (diffusers default)", None), ("dense SDPA FLASH", SDPBackend.FLASH_ATTENTION),
+                               ("dense SDPA CUDNN", SDPBackend.CUDNN_ATTENTION)]:
+            if backend is not None and not cuda:
+                continue
+            try:
+                if backend is None:
+                    ms = median_ms(lambda: call(model, batch), args.runs, args.warmup, cuda)
+                else:
+                    with sdpa_kernel(backend):
+                        ms = median_ms(lambda: call(model, batch), args.runs, args.warmup, cuda)
+                base[label] = ms
+                print(f"[e2e] {mname} {label}: {ms:.1f} ms", flush=True)
+                results.append(dict(model=mname, config=label, forward_ms=ms))
+            except Exception as e:
+                print(f"[e2e] {mname} {label}: unavailable ({type(e).__name__}: {str(e)[:120]})", flush=True)
+        ref = base.get("dense SDPA (diffusers default)")
+        best_dense = min(base.values()) if base else None
+        for label, ms in base.items():
+            rows.append([mname, label, f"{ms:.1f}", "1.00×" if label.endswith("default)") else f"{ref / ms:.2f}×",
+                         "—", "—", "—", "—"])
+        for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+            try:
+                t0 = time.perf_counter()
+                vmonarch_opt.optimize(model, batch, methods=(method,), inplace=True,
+                                      **({"min_seq_len": 0} if args.tiny else {}))
+                if cuda:
+                    torch.cuda.synchronize()
+                opt_s = time.perf_counter() - t0
+                rep = model.report
+                tot = rep.totals
+                cut = 1 - tot["flops_after"] / tot["flops_before"]
+                ms = median_ms(lambda: call(model, batch), args.runs, args.warmup, cuda)
+                res = dict(model=mname, config=method, forward_ms=ms, optimize_s=opt_s, flop_cut=cut,
+                           by_method=tot["by_method"], output_error=tot.get("output_error"),
+                           speedup_vs_default=ref / ms if ref else None,
+                           speedup_vs_best_dense=best_dense / ms if best_dense else None,
+                           report=rep.data)
+                results.append(res)
+                by = ", ".join(f"{k}: {v}" for k, v in sorted(tot["by_method"].items()))
+                err = tot.get("output_error")
+                rows.append([mname, f"vmonarch_opt {method} ({by})", f"{ms:.1f}", f"{ref / ms:.2f}×",
+                             f"{best_dense / ms:.2f}×", f"{100 * cut:.1f}%", "?" if err is None else f"{err:.3f}",
+                             f"{opt_s:.1f}"])
+                print(f"[e2e] {mname} {method}: {ms:.1f} ms ({ref / ms:.2f}× vs default SDPA, "
+                      f"{best_dense / ms:.2f}× vs best dense), optimize {opt_s:.1f} s", flush=True)
+                print(rep, flush=True)
+            except Exception as e:
+                traceback.print_exc()
+                rows.append([mname, f"vmonarch_opt {method}: FAILED {type(e).__name__}: {str(e)[:80]}"] + [""] * 6)
+                results.append(dict(model=mname, config=method, error=f"{type(e).__name__}: {e}"))
+            finally:
+                vmonarch_opt.restore(model)
+        del model, batch
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+    from tabulate import tabulate
+
+    headers = ["model", "attention", "forward ms (median)", "speed-up vs default SDPA", "vs best dense",
+               "attn-FLOP cut", "output rel. err", "optimize s"]
+    table = tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+    cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    what = ("small random configs (--tiny)" if args.tiny else
+            "Wan2.1-1.3B 480p/81f (21×30×52 = 32760 tokens), CogVideoX-5B 49f 720×480 (13×30×45 + 226 text)")
+    section = (f"## End-to-end: one transformer forward, dense vs optimized ({when})\n\n"
+               f"Device: {devname}, torch {torch.__version__}, optimized attention via {kernels}. Command: `{cmd}`. "
+               f"Models: {what}; diffusers, random weights, {'fp32' if args.tiny else 'bf16'}, batch 1; median of "
+               f"{args.runs} runs after {args.warmup} warm-up. Output error = relative L2 error of the model output vs "
+               f"dense on the calibration batch (the report's validation).\n\n{table}\n")
+    if out:
+        (out / "end_to_end.json").write_text(json.dumps(dict(device=devname, command=cmd, date=when, kernels=kernels,
+                                                             results=results), indent=1, default=str))
+        (out / "end_to_end_section.md").write_text(section)
+    if not args.no_append:
+        with open(ROOT / "BENCHMARKS.md", "a") as f:
+            f.write("\n" + section)
+    print("\n" + section, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
