@@ -113,14 +113,14 @@ def run_checks():
         except Exception as ex:
             rows.append(dict(what=what, error=f"{type(ex).__name__}: {str(ex)[-400:]}", ok=False))
     flash_mod._FORCED = None
-    for mode in (0, 1, 2):
+    for mode in (0, 1, 2, 3):
         vmoba_mod._FORCED = (128, 64, 4, 3, mode)
         for (grid, chunk, tb, ta, D, part, th, topk) in [
                 ((5, 12, 20), (2, 5, 6), 7, 5, 128, "3d", 0.3, 0),
                 ((4, 9, 14), (3, 4, 4), 0, 0, 64, "2d", 0.5, 0),
                 ((6, 10, 12), (2, 4, 4), 0, 9, 128, "1d", 0.25, 3),
                 ((5, 12, 20), (2, 5, 6), 7, 0, 128, "3d", 1.0, 0)]:
-            if mode == 2 and D not in (64, 128):
+            if mode >= 2 and D not in (64, 128):
                 continue
             N = tb + ta + grid[0] * grid[1] * grid[2]
             q, k, v = (torch.randn(2, 2, N, D, device=dev, dtype=torch.bfloat16) * 1.5
@@ -232,6 +232,7 @@ def run_vmoba(name, q, k, v, grid, cudnn_ms, fa2_ms, dense_out, partitions, flex
             else [("topk", topk_for_sparsity(lay, 0.90), 0.90)]
         if part == "3d":
             modes.append(("threshold", 0.25, None))
+            modes.append(("threshold", 1.0, 0.0))  # dense-equivalent: total_ms = flash route
         for kind, val, target in modes:
             th, topk = (0.25, val) if kind == "topk" else (val, 0)
             sel = vmoba_select_triton(q, k, layout=lay, threshold=th, topk=topk, scale=scale)
@@ -328,7 +329,8 @@ def main():
                f"Command: `{cmd}`. bf16, batch 1, inputs from `benchmarks/video_inputs.py` "
                f"(seed 0). Medians of `triton.testing.do_bench`. Chunk = ceil(grid/4) per dim; "
                f"sparsity = 1 - computed fraction of video x video token pairs; `sel_ms` = block "
-               f"selection alone, `attn_ms` = sparse attention alone, `total_ms` = both. Flex = "
+               f"selection alone, `attn_ms` = block-sparse kernel alone, `total_ms` = "
+               f"`vmoba_attention_triton` end to end (threshold 1.0 runs the dense flash kernel). Flex = "
                f"`torch.compile(flex_attention)` with the same token-level mask (tokens "
                f"pre-permuted into block order, not timed). err = ||out - dense|| / ||dense||. "
                f"GPU checks: {'all passed' if ok else 'SOME FAILED (see JSON)'}.\n\n"

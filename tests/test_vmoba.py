@@ -218,9 +218,14 @@ def test_kernel_vs_reference_random(T, H, W, chunk, partition, tb, ta, D, B, hea
 def test_kernel_threshold_one_is_dense(partition):
     tb, ta, grid = 3, 2, (3, 4, 5)
     q, k, v = _qkv(2, 1, tb + 60 + ta, 64)
-    out = vmoba_attention_triton(q, k, v, grid=grid, chunk=(2, 3, 2), text_before=tb,
-                                 text_after=ta, partition=partition, threshold=1.0)
-    assert rel_err(out, F.scaled_dot_product_attention(q, k, v)) < 2e-5
+    kw = dict(grid=grid, chunk=(2, 3, 2), text_before=tb, text_after=ta, partition=partition,
+              threshold=1.0)
+    dense = F.scaled_dot_product_attention(q, k, v)
+    out = vmoba_attention_triton(q, k, v, **kw)  # routed to the dense flash kernel
+    assert rel_err(out, dense) < 2e-5
+    sel = vmoba_select(q, k, **kw)  # the block-sparse kernel with every block selected
+    assert sel.density == 1.0
+    assert rel_err(vmoba_attention_with_selection(q, k, v, sel, 0.125), dense) < 2e-5
 
 
 def test_kernel_selection_own_block_and_structure():
@@ -236,9 +241,10 @@ def test_kernel_selection_own_block_and_structure():
         assert ((s.kv_idx >= 0).sum(-1) == s.kv_cnt).all()
 
 
-@pytest.mark.parametrize("mode", [1, 2])
+@pytest.mark.parametrize("mode", [1, 2, 3])
 def test_kernel_kv_modes_and_poisoned_output(monkeypatch, mode):
-    """Pre-permuted (1) and TMA-descriptor (2) key/value paths; every output element written."""
+    """Pre-permuted (1), TMA-descriptor (2, 3: preloaded block list) key/value paths; every
+    output element written."""
     monkeypatch.setattr(vmoba_mod, "_FORCED", (32, 16, 4, 1, mode))
     tb, ta, grid = 4, 3, (3, 5, 6)
     q, k, v = _qkv(1, 2, tb + 90 + ta, 64)

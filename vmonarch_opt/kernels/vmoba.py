@@ -18,9 +18,13 @@ Two stages, nothing of size N x N anywhere:
    (fp32 accumulation), and scatters the normalised rows back to token order. Text query rows
    (joint attention) attend to all keys through the dense flash kernel.
 
-Key/value tiles are read in one of three ways (``kv_mode``): 0 gathers rows of the original
+Key/value tiles are read in one of four ways (``kv_mode``): 0 gathers rows of the original
 k/v through the permutation; 1 first copies the video keys/values into block order (one
-gather pass) and then reads contiguous rows; 2 is 1 with TMA tensor-descriptor loads (Hopper).
+gather pass) and then reads contiguous rows; 2 is 1 with TMA tensor-descriptor loads (Hopper);
+3 is 2 with the group's selected-block list held in registers, so that no memory load sits
+between the loop counter and the tile address (deeper software pipelining). Programs visit
+the (batch*head, group) rows with the most selected blocks first. The launch configuration is
+picked once per (device, dtype, head_dim, grid, chunk, text, batch*heads) by timing candidates.
 """
 from __future__ import annotations
 
@@ -38,50 +42,48 @@ __all__ = ["vmoba_attention_triton", "vmoba_select_triton", "vmoba_attention_wit
 
 # ----------------------------------------------------------------------------- selection kernels
 @triton.jit
-def _group_mean_q(Q, QBAR, perm, block_off, group_block, group_start, group_len,
-                  sqb, sqh, sqn, H, G, D, tb,
-                  HEAD_DIM: tl.constexpr, QG: tl.constexpr):
+def _group_sums(Q, K, QBAR, KSUM, perm, block_off, group_block, group_start, group_len,
+                sqb, sqh, sqn, skb, skh, skn, H, G, D, tb,
+                HEAD_DIM: tl.constexpr, QG: tl.constexpr):
+    """Per (query group, batch*head): mean query and sum of keys over the group's tokens."""
     g = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     c = tl.load(group_block + g)
     n = tl.load(group_len + g)
     start = tl.load(block_off + c) + tl.load(group_start + g)
     offs = tl.arange(0, QG)
     offs_d = tl.arange(0, HEAD_DIM)
     ok = offs < n
+    msk = ok[:, None] & (offs_d[None, :] < D)
     tok = (tl.load(perm + start + offs, mask=ok, other=0) + tb).to(tl.int64)
-    base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    x = tl.load(base + tok[:, None] * sqn + offs_d[None, :],
-                mask=ok[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-    tl.store(QBAR + (bh.to(tl.int64) * G + g) * HEAD_DIM + offs_d, tl.sum(x, 0) / n.to(tl.float32))
+    x = tl.load(Q + b * sqb + h * sqh + tok[:, None] * sqn + offs_d[None, :], mask=msk, other=0.0)
+    y = tl.load(K + b * skb + h * skh + tok[:, None] * skn + offs_d[None, :], mask=msk, other=0.0)
+    dst = (bh.to(tl.int64) * G + g) * HEAD_DIM + offs_d
+    tl.store(QBAR + dst, tl.sum(x.to(tl.float32), 0) / n.to(tl.float32))
+    tl.store(KSUM + dst, tl.sum(y.to(tl.float32), 0))
 
 
 @triton.jit
-def _block_mean_k(K, KBAR, perm, block_off, block_len, skb, skh, skn, H, C, D, tb,
-                  HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
+def _block_means(KSUM, KBAR, block_len, block_g0, block_gn, G, C, HEAD_DIM: tl.constexpr):
+    """Per (key block, batch*head): mean key = sum of the block's group key sums / block size."""
     c = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    start = tl.load(block_off + c)
-    n = tl.load(block_len + c)
-    offs = tl.arange(0, ROWS)
+    bh = tl.program_id(1).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
-    base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    g0 = tl.load(block_g0 + c)
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for r0 in range(0, n, ROWS):
-        ok = r0 + offs < n
-        tok = (tl.load(perm + start + r0 + offs, mask=ok, other=0) + tb).to(tl.int64)
-        x = tl.load(base + tok[:, None] * skn + offs_d[None, :],
-                    mask=ok[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-        acc += tl.sum(x, 0)
-    tl.store(KBAR + (bh.to(tl.int64) * C + c) * HEAD_DIM + offs_d, acc / n.to(tl.float32))
+    for i in range(0, tl.load(block_gn + c)):
+        acc += tl.load(KSUM + (bh * G + g0 + i) * HEAD_DIM + offs_d)
+    tl.store(KBAR + (bh * C + c) * HEAD_DIM + offs_d, acc / tl.load(block_len + c).to(tl.float32))
 
 
 @triton.jit
-def _group_probs(QBAR, KBAR, P, G, C, scale, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr):
+def _group_scores(QBAR, KBAR, KEY, W, OWNW, group_block, group_len, G, C, scale,
+                  TOPK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per (group, batch*head): P = softmax_c(scale * qbar . kbar); writes the rank key
+    (float bits of P, -1 for the own block), the weight of every other pair (n_g * P, or 1
+    for top-k; 0 for the own block) and the own pair's weight."""
     g = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -100,44 +102,48 @@ def _group_probs(QBAR, KBAR, P, G, C, scale, HEAD_DIM: tl.constexpr, BLOCK_C: tl
         m = m_new
     m_all = tl.max(m, 0)
     s_all = tl.sum(s * tl.exp(m - m_all), 0)
-    p_base = P + (bh * G + g) * C
+    own = tl.load(group_block + g)
+    n_g = tl.load(group_len + g).to(tl.float32)
+    row = (bh * G + g) * C
+    own_w = tl.zeros([BLOCK_C], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + offs_c
         ok = cc < C
         kb = tl.load(kb_base + cc[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
-        lg = tl.sum(kb * qb[None, :], 1) * scale
-        tl.store(p_base + cc, tl.exp(lg - m_all) / s_all, mask=ok)
+        p = tl.exp(tl.sum(kb * qb[None, :], 1) * scale - m_all) / s_all
+        is_own = cc == own
+        if TOPK:
+            w = tl.where(is_own, 0.0, 1.0)
+        else:
+            w = tl.where(is_own, 0.0, p * n_g)
+            own_w += tl.where(is_own & ok, p * n_g, 0.0)
+        tl.store(KEY + row + cc, tl.where(is_own, -1, p.to(tl.int32, bitcast=True)), mask=ok)
+        tl.store(W + row + cc, w, mask=ok)
+    tl.store(OWNW + bh * G + g, tl.sum(own_w, 0))
 
 
 @triton.jit
-def _cut_search(P, CUT, group_block, group_len, G, C, threshold, n_video, topk_target,
-                TOPK: tl.constexpr, BLOCK_E: tl.constexpr):
+def _cut_search(KEY, W, OWNW, CUT, G, C, threshold, n_video, topk_target,
+                TOPK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr):
     """Per (batch, head): bit pattern of v* = max{v : sum(w[other & P >= v]) >= target}."""
     bh = tl.program_id(0).to(tl.int64)
-    base = P + bh * G * C
     E = G * C
+    kbase = KEY + bh * E
+    wbase = W + bh * E
     offs = tl.arange(0, BLOCK_E)
     j16 = tl.arange(0, 16)
-    # pass 0: weight of the own pairs (threshold mode) and of all other pairs
-    own_w = tl.zeros([BLOCK_E], dtype=tl.float32)
-    oth_w = tl.zeros([BLOCK_E], dtype=tl.float32)
+    tot = tl.zeros([BLOCK_E], dtype=tl.float32)
     for e0 in range(0, E, BLOCK_E):
-        e = e0 + offs
-        ok = e < E
-        g = e // C
-        p = tl.load(base + e, mask=ok, other=0.0)
-        own = (e % C) == tl.load(group_block + g, mask=ok, other=-1)
-        if TOPK:
-            w = tl.where(ok, 1.0, 0.0)
-        else:
-            w = p * tl.load(group_len + g, mask=ok, other=0).to(tl.float32)
-        own_w += tl.where(ok & own, w, 0.0)
-        oth_w += tl.where(ok & ~own, w, 0.0)
+        tot += tl.load(wbase + e0 + offs, mask=e0 + offs < E, other=0.0)
+    total = tl.sum(tot, 0)
     if TOPK:
         target = topk_target
     else:
-        target = threshold * n_video - tl.sum(own_w, 0)
-    total = tl.sum(oth_w, 0)
+        ow = tl.zeros([BLOCK_G], dtype=tl.float32)
+        og = tl.arange(0, BLOCK_G)
+        for g0 in range(0, G, BLOCK_G):
+            ow += tl.load(OWNW + bh * G + g0 + og, mask=g0 + og < G, other=0.0)
+        target = threshold * n_video - tl.sum(ow, 0)
     lo = tl.zeros([], dtype=tl.int32)
     hi = tl.zeros([], dtype=tl.int32) + 0x3F800001  # just above 1.0: F(hi) = 0 < target
     if target <= 0.0:
@@ -148,20 +154,13 @@ def _cut_search(P, CUT, group_block, group_len, G, C, threshold, n_video, topk_t
         for it in range(8):
             step = tl.maximum((hi - lo + 15) // 16, 1)
             cand = tl.minimum(lo + (j16 + 1) * step, hi)
-            F = tl.zeros([16], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_E, 16], dtype=tl.float32)
             for e0 in range(0, E, BLOCK_E):
-                e = e0 + offs
-                ok = e < E
-                g = e // C
-                p = tl.load(base + e, mask=ok, other=0.0)
-                own = (e % C) == tl.load(group_block + g, mask=ok, other=-1)
-                if TOPK:
-                    w = tl.where(ok, 1.0, 0.0)
-                else:
-                    w = p * tl.load(group_len + g, mask=ok, other=0).to(tl.float32)
-                bits = p.to(tl.int32, bitcast=True)
-                hit = (bits[:, None] >= cand[None, :]) & (ok & ~own)[:, None]
-                F += tl.sum(tl.where(hit, w[:, None], 0.0), 0)
+                ok = e0 + offs < E
+                key = tl.load(kbase + e0 + offs, mask=ok, other=-1)
+                w = tl.load(wbase + e0 + offs, mask=ok, other=0.0)
+                acc += tl.where(key[:, None] >= cand[None, :], w[:, None], 0.0)
+            F = tl.sum(acc, 0)
             good = F >= target
             lo = tl.maximum(lo, tl.max(tl.where(good, cand, 0), 0))
             hi = tl.min(tl.where(good, hi, cand), 0)
@@ -170,7 +169,8 @@ def _cut_search(P, CUT, group_block, group_len, G, C, threshold, n_video, topk_t
 
 
 @triton.jit
-def _compact(P, CUT, KV_IDX, KV_CNT, group_block, G, C, BLOCK_C: tl.constexpr):
+def _compact(KEY, CUT, KV_IDX, KV_CNT, group_block, G, C, BLOCK_C: tl.constexpr):
+    """Per (group, batch*head): ascending list of selected blocks (own + key >= cut), -1 after."""
     g = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     cut = tl.load(CUT + bh)
@@ -181,8 +181,8 @@ def _compact(P, CUT, KV_IDX, KV_CNT, group_block, G, C, BLOCK_C: tl.constexpr):
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + offs
         ok = cc < C
-        bits = tl.load(P + row + cc, mask=ok, other=0.0).to(tl.int32, bitcast=True)
-        sel = ok & ((bits >= cut) | (cc == own))
+        key = tl.load(KEY + row + cc, mask=ok, other=-1)
+        sel = ok & ((key >= cut) | (cc == own))
         si = sel.to(tl.int32)
         pos = cnt + tl.cumsum(si, 0) - si
         tl.store(KV_IDX + row + pos, cc, mask=sel)
@@ -196,18 +196,20 @@ def _compact(P, CUT, KV_IDX, KV_CNT, group_block, G, C, BLOCK_C: tl.constexpr):
 # ----------------------------------------------------------------------------- attention kernel
 @triton.jit(do_not_specialize=["H", "G", "C", "D", "tb", "nv", "N", "TPB"])
 def _vmoba_fwd(Q, K, V, KP, VP, O, desc_k, desc_v,
-               perm, block_off, block_len, group_block, group_start, group_len, KV_IDX, KV_CNT,
+               perm, group_block, group_start, group_len, block_off, ORDER, KV_OFF, KV_LEN, KV_CNT,
                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                spb, sph, spn,
                H, G, C, D, tb, nv, N, TPB, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                TPG: tl.constexpr, KV_MODE: tl.constexpr, EVEN_D: tl.constexpr,
-               DOT_PREC: tl.constexpr):
+               DOT_PREC: tl.constexpr, PRELOAD_C: tl.constexpr):
+    # programs visit the (batch*head, group) rows heaviest first (ORDER: sorted by block count)
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    row = tl.load(ORDER + pid // TPG)
+    bh = row // G
+    g = row % G
     b = bh // H
     h = bh % H
-    g = pid // TPG
     r0 = (pid % TPG) * BLOCK_M
     glen = tl.load(group_len + g)
     if r0 < glen:
@@ -230,14 +232,27 @@ def _vmoba_fwd(Q, K, V, KP, VP, O, desc_k, desc_v,
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         w_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        row = (bh.to(tl.int64) * G + g)
-        n_iter = tl.load(KV_CNT + row) * TPB
-        idx_base = KV_IDX + row * C
+        cnt = tl.load(KV_CNT + row)
+        n_iter = cnt * TPB
+        off_base = KV_OFF + row.to(tl.int64) * C
+        len_base = KV_LEN + row.to(tl.int64) * C
+        if PRELOAD_C > 0:  # the group's block list in registers: no load feeds the tile address
+            offs_c = tl.arange(0, PRELOAD_C)
+            off_vec = tl.load(off_base + offs_c, mask=offs_c < cnt, other=0)
+            len_vec = tl.load(len_base + offs_c, mask=offs_c < cnt, other=0)
         for it in range(0, n_iter):
-            c = tl.load(idx_base + it // TPB)
-            cols = (it % TPB) * BLOCK_N + offs_n
-            boff = tl.load(block_off + c)
-            col_ok = cols < tl.load(block_len + c)
+            # selected block it // TPB starts at position boff of the block order; tile it % TPB
+            i = it // TPB
+            if PRELOAD_C > 0:
+                pick = offs_c == i
+                boff = tl.sum(tl.where(pick, off_vec, 0), 0)
+                blen = tl.sum(tl.where(pick, len_vec, 0), 0)
+            else:
+                boff = tl.load(off_base + i)
+                blen = tl.load(len_base + i)
+            j0 = (it - i * TPB) * BLOCK_N
+            cols = j0 + offs_n
+            col_ok = cols < blen
             if KV_MODE == 0:
                 tok = (tl.load(perm + boff + cols, mask=col_ok, other=0) + tb).to(tl.int64)
                 k = tl.load(kb + tok[:, None] * skn + offs_d[None, :],
@@ -250,12 +265,11 @@ def _vmoba_fwd(Q, K, V, KP, VP, O, desc_k, desc_v,
                             mask=col_ok[:, None] & d_ok[None, :], other=0.0)
                 v = tl.load(vpb + pos[:, None] * spn + offs_d[None, :],
                             mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            else:
-                start = boff + (it % TPB) * BLOCK_N
-                k = desc_k.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-                v = desc_v.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-                # rows past the block belong to the next block: zero v so masked p=0 is exact
-                v = tl.where(col_ok[:, None], v, tl.zeros_like(v))
+            else:  # 2, 3: TMA (3 = mode 2 with the block list preloaded)
+                # rows past the block's end belong to the next block (or are TMA zero-fill):
+                # their p is exactly 0, so they add nothing (v is finite)
+                k = desc_k.load([b, h, boff + j0, 0]).reshape(BLOCK_N, HEAD_DIM)
+                v = desc_v.load([b, h, boff + j0, 0]).reshape(BLOCK_N, HEAD_DIM)
             acc, m_i, l_i, w_i = _online_tile(q, k, v, acc, m_i, l_i, w_i, qk_scale, col_ok,
                                               True, False, DOT_PREC)
         # text keys (joint attention): every query attends to all of them
@@ -297,6 +311,9 @@ def _device_layout(lay: VMoBALayout, device) -> dict:
     d = dict(layout=lay, perm=lay.perm.to(**i32), block_off=lay.block_off.to(**i32),
              block_len=lay.block_len.to(**i32), group_block=lay.group_block.to(**i32),
              group_start=lay.group_start.to(**i32), group_len=lay.group_len.to(**i32))
+    gn = torch.bincount(lay.group_block, minlength=lay.num_blocks)
+    d["block_g0"] = (torch.cumsum(gn, 0) - gn).to(**i32)  # groups of block c: [g0, g0 + gn)
+    d["block_gn"] = gn.to(**i32)
     if len(_DEV_LAYOUT) > 64:
         _DEV_LAYOUT.clear()
     _DEV_LAYOUT[key] = d
@@ -327,34 +344,39 @@ def vmoba_select_triton(q: torch.Tensor, k: torch.Tensor, *, layout: VMoBALayout
     if k.stride(-1) != 1:
         k = k.contiguous()
     HD = _head_pad(D)
-    qbar = torch.empty(BH, G, HD, dtype=torch.float32, device=dev)
-    kbar = torch.empty(BH, C, HD, dtype=torch.float32, device=dev)
-    P = torch.empty(BH, G, C, dtype=torch.float32, device=dev)
+    f32 = dict(dtype=torch.float32, device=dev)
+    qbar = torch.empty(BH, G, HD, **f32)
+    ksum = torch.empty(BH, G, HD, **f32)
+    kbar = torch.empty(BH, C, HD, **f32)
+    key = torch.empty(BH, G, C, dtype=torch.int32, device=dev)
+    wgt = torch.empty(BH, G, C, **f32)
+    own_w = torch.empty(BH, G, **f32)
     cut = torch.empty(BH, dtype=torch.int32, device=dev)
     interp = interpreting() or not q.is_cuda
-    _group_mean_q[(G, BH)](q, qbar, dl["perm"], dl["block_off"], dl["group_block"],
-                           dl["group_start"], dl["group_len"], q.stride(0), q.stride(1),
-                           q.stride(2), H, G, D, lay.text_before, HEAD_DIM=HD, QG=QUERY_GROUP,
-                           num_warps=4)
-    _block_mean_k[(C, BH)](k, kbar, dl["perm"], dl["block_off"], dl["block_len"], k.stride(0),
-                           k.stride(1), k.stride(2), H, C, D, lay.text_before, HEAD_DIM=HD,
-                           ROWS=32 if interp else 64, num_warps=4)
+    _group_sums[(G, BH)](q, k, qbar, ksum, dl["perm"], dl["block_off"], dl["group_block"],
+                         dl["group_start"], dl["group_len"], q.stride(0), q.stride(1), q.stride(2),
+                         k.stride(0), k.stride(1), k.stride(2), H, G, D, lay.text_before,
+                         HEAD_DIM=HD, QG=QUERY_GROUP, num_warps=4)
+    _block_means[(C, BH)](ksum, kbar, dl["block_len"], dl["block_g0"], dl["block_gn"], G, C,
+                          HEAD_DIM=HD, num_warps=1 if interp else 2)
     block_c = min(128, max(16, triton.next_power_of_2(C)))
-    _group_probs[(G, BH)](qbar, kbar, P, G, C, float(scale), HEAD_DIM=HD, BLOCK_C=block_c,
-                          num_warps=4)
+    _group_scores[(G, BH)](qbar, kbar, key, wgt, own_w, dl["group_block"], dl["group_len"], G, C,
+                           float(scale), TOPK=topk > 0, HEAD_DIM=HD, BLOCK_C=block_c,
+                           num_warps=4)
     topk_target = float((min(topk, C) - 1) * G) if topk > 0 else 0.0
-    _cut_search[(BH,)](P, cut, dl["group_block"], dl["group_len"], G, C, float(threshold),
-                       float(lay.n_video), topk_target, TOPK=topk > 0,
-                       BLOCK_E=256 if interp else 1024, num_warps=4 if interp else 8)
-    _compact[(G, BH)](P, cut, kv_idx, kv_cnt, dl["group_block"], G, C, BLOCK_C=block_c,
+    _cut_search[(BH,)](key, wgt, own_w, cut, G, C, float(threshold), float(lay.n_video),
+                       topk_target, TOPK=topk > 0, BLOCK_E=256 if interp else 512,
+                       BLOCK_G=256, num_warps=4 if interp else 8)
+    _compact[(G, BH)](key, cut, kv_idx, kv_cnt, dl["group_block"], G, C, BLOCK_C=block_c,
                       num_warps=4)
     return VMoBASelection(lay, kv_idx, kv_cnt, float(threshold), int(topk))
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, kv_mode)
-_CUDA_CANDIDATES = [(128, 64, 4, 3, 0), (128, 64, 8, 3, 0), (128, 128, 8, 2, 0),
-                    (128, 64, 4, 3, 1), (128, 64, 8, 3, 1), (128, 128, 8, 2, 1),
-                    (128, 64, 8, 3, 2), (128, 128, 8, 2, 2)]
+_CUDA_CANDIDATES = [(128, 64, 4, 3, 0), (128, 128, 8, 3, 1),
+                    (128, 128, 8, 3, 2), (128, 128, 8, 5, 2), (128, 64, 8, 5, 2),
+                    (128, 128, 8, 3, 3), (128, 128, 8, 2, 3), (128, 64, 8, 4, 3)]
+_MAX_PRELOAD = 256  # mode 3 keeps up to this many block offsets per group in registers
 _TUNED: dict = {}
 _FORCED: Optional[tuple] = None  # benchmarks/tests may pin a config (tuple as above)
 
@@ -367,38 +389,50 @@ def _tma_ok(t: torch.Tensor) -> bool:
     return all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
 
 
-def _launch_sparse(cfg, q, k, v, out, sel: VMoBASelection, scale: float, kvp=None):
+def _sparse_plan(sel: VMoBASelection, dl: dict):
+    """Per-selection launch data: row visiting order (most selected blocks first) and, for
+    every selected block, its start position in block order and its length."""
+    idx = sel.kv_idx.long().clamp_min(0)
+    kv_off = dl["block_off"][idx].contiguous()
+    kv_len = dl["block_len"][idx].contiguous()
+    order = torch.argsort(sel.kv_cnt.reshape(-1), descending=True).to(torch.int32)
+    return order, kv_off, kv_len
+
+
+def _launch_sparse(cfg, q, k, v, out, sel: VMoBASelection, scale: float, kvp=None, plan=None):
     BM, BN, warps, stages, mode = cfg
     lay = sel.layout
     B, H, N, D = q.shape
     dl = _device_layout(lay, q.device)
     HD = _head_pad(D)
     tb, nv = lay.text_before, lay.n_video
-    if mode in (1, 2):
+    if mode in (1, 2, 3):
         if kvp is None:
             perm = dl["perm"].long() + tb
             kvp = (k.index_select(2, perm), v.index_select(2, perm))
         kp, vp = kvp
     else:
         kp, vp = k, v
-    if mode == 2:
+    if mode in (2, 3):
         dk = TensorDescriptor(kp, list(kp.shape), list(kp.stride()), [1, 1, BN, HD])
         dv = TensorDescriptor(vp, list(vp.shape), list(vp.stride()), [1, 1, BN, HD])
     else:
         dk = dv = kp  # unused placeholders
+    order, kv_off, kv_len = plan if plan is not None else _sparse_plan(sel, dl)
     tpb = triton.cdiv(lay.max_block_len, BN)
     tpg = triton.cdiv(int(lay.group_len.max()), BM)  # query tiles per group
-    grid = (lay.num_groups * tpg, B * H)
+    preload = max(16, triton.next_power_of_2(lay.num_blocks)) if mode == 3 else 0
+    grid = (lay.num_groups * tpg * B * H,)
     _vmoba_fwd[grid](q, k, v, kp, vp, out, dk, dv,
-                     dl["perm"], dl["block_off"], dl["block_len"], dl["group_block"],
-                     dl["group_start"], dl["group_len"], sel.kv_idx, sel.kv_cnt,
+                     dl["perm"], dl["group_block"], dl["group_start"], dl["group_len"],
+                     dl["block_off"], order, kv_off, kv_len, sel.kv_cnt,
                      q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                      v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
                      out.stride(2), kp.stride(0), kp.stride(1), kp.stride(2),
                      H, lay.num_groups, lay.num_blocks, D, tb, nv, N, tpb, scale * _LOG2E,
                      HEAD_DIM=HD, BLOCK_M=BM, BLOCK_N=BN, TPG=tpg, KV_MODE=mode,
                      EVEN_D=(HD == D), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-                     num_warps=warps, num_stages=stages)
+                     PRELOAD_C=preload, num_warps=warps, num_stages=stages)
 
 
 def _bucket(n: int) -> int:
@@ -421,17 +455,22 @@ def _pick_config(q, k, v, out, sel, scale):
         return hit
     tma = _tma_ok(k) and _tma_ok(v)
     best, best_t = None, float("inf")
-    perm = _device_layout(lay, q.device)["perm"].long() + lay.text_before
+    dl = _device_layout(lay, q.device)
+    perm = dl["perm"].long() + lay.text_before
     kvp = (k.index_select(2, perm), v.index_select(2, perm))
+    plan = _sparse_plan(sel, dl)
     for cfg in _CUDA_CANDIDATES:
-        if cfg[4] == 2 and not tma:
+        if cfg[4] >= 2 and not tma:
+            continue
+        if cfg[4] == 3 and lay.num_blocks > _MAX_PRELOAD:
             continue
         try:
-            t = triton.testing.do_bench(lambda: _launch_sparse(cfg, q, k, v, out, sel, scale, kvp),
+            t = triton.testing.do_bench(lambda: _launch_sparse(cfg, q, k, v, out, sel, scale, kvp,
+                                                                       plan),
                                         warmup=5, rep=20, return_mode="median")
         except Exception:
             continue
-        if cfg[4] in (1, 2):  # the permutation copy is part of the cost
+        if cfg[4] in (1, 2, 3):  # the permutation copy is part of the cost
             t += triton.testing.do_bench(lambda: (k.index_select(2, perm), v.index_select(2, perm)),
                                          warmup=2, rep=10, return_mode="median")
         if t < best_t:
@@ -452,7 +491,8 @@ def vmoba_attention_with_selection(q, k, v, selection: VMoBASelection, scale: fl
     if out is None:
         out = torch.empty_like(q)
     cfg = _pick_config(q, k, v, out, selection, scale)
-    _launch_sparse(cfg, q, k, v, out, selection, scale)
+    _launch_sparse(cfg, q, k, v, out, selection, scale,
+                   plan=_sparse_plan(selection, _device_layout(lay, q.device)))
     tb, nv = lay.text_before, lay.n_video
     if tb:
         _flash_into(q[:, :, :tb], k, v, out[:, :, :tb], scale)
@@ -474,5 +514,9 @@ def vmoba_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                          f"bfloat16 or float32")
     if q.shape[-1] > 256:
         raise ValueError(f"vmoba_attention_triton: head_dim {q.shape[-1]} > 256 is unsupported")
+    if topk == 0 and threshold >= 1.0:
+        # every block selected: exactly dense attention, run by the dense flash kernel
+        from .flash import flash_attention_triton
+        return flash_attention_triton(q, k, v, scale=s)
     sel = vmoba_select_triton(q, k, layout=lay, threshold=threshold, topk=topk, scale=s)
     return vmoba_attention_with_selection(q, k, v, sel, s)
