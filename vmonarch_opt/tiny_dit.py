@@ -110,7 +110,7 @@ class Attention(nn.Module):
         k = apply_rope(self.k_norm(k), cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.record is not None:
-            self.record.append((q.detach(), k.detach()))
+            self.record.append((q.detach(), k.detach(), v.detach()))
         o = F.scaled_dot_product_attention(q, k, v)
         return self.proj(o.transpose(1, 2).reshape(B, N, C))
 
@@ -243,11 +243,16 @@ def initial_noise(seeds: Sequence[int], shape: tuple, device="cpu", dtype=torch.
 @torch.no_grad()
 def sample(model: nn.Module, seeds: Sequence[int], classes: Optional[Sequence[int]] = None, *, steps: int = 20,
            frames: int = 16, height: int = 32, width: int = 32, shift: float = 1.0, device=None,
-           dtype=None, in_channels: int = 3) -> torch.Tensor:
+           dtype=None, in_channels: int = 3, dense_model: Optional[nn.Module] = None,
+           dense_steps: int = 0) -> torch.Tensor:
     """Videos ``[len(seeds), C, frames, height, width]`` in about [-1, 1] by Euler steps of the
     rectified-flow ODE. Deterministic: the same seeds, classes and model give the same videos.
     ``classes=None`` takes ``seed % 3``; ``model`` may be any module with TinyVideoDiT's call
-    signature (an optimized copy, a compiled one)."""
+    signature (an optimized copy, a compiled one). With ``dense_model`` (the original model),
+    the first ``dense_steps`` steps — the high-noise ones, which fix the video's layout — run it
+    instead of ``model`` (dense warm-up steps, as sparse-attention video samplers commonly do)."""
+    if dense_steps and dense_model is None:
+        raise ValueError("dense_steps > 0 needs dense_model= (the model with its own attention)")
     p = next(iter(model.parameters()), None)
     device = device if device is not None else (p.device if p is not None else "cpu")
     dtype = dtype if dtype is not None else (p.dtype if p is not None else torch.float32)
@@ -261,7 +266,8 @@ def sample(model: nn.Module, seeds: Sequence[int], classes: Optional[Sequence[in
     for i in range(steps):
         t, t_next = float(ts[i]), float(ts[i + 1])
         tt = torch.full((len(seeds),), t, device=device, dtype=dtype)
-        v = model(x.to(dtype), tt, y).float()
+        net = dense_model if i < dense_steps else model
+        v = net(x.to(dtype), tt, y).float()
         x = x + (t_next - t) * v
     return x
 
@@ -373,7 +379,7 @@ def attention_stats(model: TinyVideoDiT, x, t, y=None, query_chunk: int = 512) -
     frame = torch.arange(N, device=x.device) // (Hh * Ww)
     spatial = torch.arange(N, device=x.device) % (Hh * Ww)
     out = []
-    for layer, (q, k) in enumerate(recs):
+    for layer, (q, k, _) in enumerate(recs):
         q, k = q.float(), k.float()
         scale = q.shape[-1] ** -0.5
         ent = torch.zeros(q.shape[1], device=x.device)
