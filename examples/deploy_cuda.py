@@ -1,0 +1,165 @@
+"""Deploy an optimized Wan transformer on a GPU: torch.compile, CUDA graphs, torch.export.
+
+    python examples/deploy_cuda.py [--frames 5 --height 16 --width 16 --dtype bf16]
+
+Builds a small diffusers Wan transformer (random weights) on CUDA, optimizes it with Monarch
+attention, and checks that
+
+1. ``torch.compile(optimized, fullgraph=True)`` (inductor) runs without graph breaks, keeps the
+   ``vmonarch::*`` ops in its graph, and matches eager;
+2. ``mode="reduce-overhead"`` captures the model in CUDA graphs (no cudagraph skips) and matches;
+3. ``torch.export.export`` gives an ExportedProgram with the ops that runs and matches.
+
+It prints a small table (median latencies via triton.testing.do_bench, for information; the
+benchmarks live in benchmarks/) and writes JSON to $OUT when OUT is set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+
+import torch
+
+import vmonarch_opt
+from vmonarch_opt import models
+
+
+def _fake_keeps_q_strides() -> bool:
+    """True when the ops' fake implementations return q's (possibly transposed) strides while the
+    real ones return contiguous outputs — what breaks inductor's stride asserts."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q = torch.randn(1, 8, 2, 4).transpose(1, 2)
+    with FakeTensorMode() as mode:
+        fq = mode.from_tensor(q)
+        out = torch.ops.vmonarch.monarch_attention(fq, fq, fq, [1, 1, 8], [1, 1, 4], 0, 0, 1, 0.5, False)
+    return not out.is_contiguous()
+
+
+def _patch_fakes() -> None:
+    from vmonarch_opt import ops
+
+    for op in (ops.monarch_attention, ops.vmoba_attention, ops.dense_attention):
+        op.register_fake(lambda q, *rest: q.new_empty(q.shape))
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = False  # artifacts cached with the old fakes would be reused
+
+
+def rel(a, b) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--frames", type=int, default=5)
+    p.add_argument("--height", type=int, default=16)
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--device", default="cuda", help="cuda (default); cpu runs the checks without CUDA graphs")
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        print("deploy_cuda.py needs a CUDA GPU for CUDA graphs; --device cpu runs the other checks", file=sys.stderr)
+        return 2
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    if cuda:
+        from triton.testing import do_bench
+
+    patched = _fake_keeps_q_strides()
+    if patched:
+        print("NOTE: ops' fake impls keep q's strides; applying the contiguous-fake fix in-process")
+        _patch_fakes()
+
+    model, batch = models.wan(frames=args.frames, height=args.height, width=args.width, layers=args.layers,
+                              heads=args.heads, head_dim=args.head_dim, dtype=dtype, device=args.device)
+    opt = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0)
+    print(opt.report)
+    with torch.no_grad():
+        ref = opt(**batch)[0].clone()
+
+    results, rows = {"patched_fakes": patched, "device": torch.cuda.get_device_name() if cuda else "cpu",
+                     "torch": torch.__version__, "shape": list(batch["hidden_states"].shape)}, []
+
+    # 1. inductor, fullgraph, counting our ops in the graph it receives
+    from torch._inductor.compile_fx import compile_fx
+
+    seen = Counter()
+
+    def counting(gm, example_inputs):
+        seen.update(str(n.target) for n in gm.graph.nodes if str(n.target).startswith("vmonarch."))
+        return compile_fx(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(opt, backend=counting, fullgraph=True)
+    with torch.no_grad():
+        out = compiled(**batch)[0]
+    results["compile"] = dict(ops=dict(seen), rel_err=rel(out, ref))
+
+    # 2. CUDA graphs
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    ro = torch.compile(opt, mode="reduce-overhead", fullgraph=True)
+
+    def run_ro():
+        torch.compiler.cudagraph_mark_step_begin()
+        with torch.no_grad():
+            return ro(**batch)[0]
+
+    skips = {}
+    if cuda:
+        for _ in range(3):
+            out_ro = run_ro().clone()
+        skips = {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
+        results["cudagraphs"] = dict(rel_err=rel(out_ro, ref), counters=skips)
+
+    # 3. torch.export
+    ep = torch.export.export(opt, (), batch)
+    ep_ops = Counter(str(n.target) for n in ep.graph.nodes if str(n.target).startswith("vmonarch."))
+    with torch.no_grad():
+        out_ep = ep.module()(**batch)[0]
+    results["export"] = dict(ops=dict(ep_ops), rel_err=rel(out_ep, ref))
+
+    def eager():
+        with torch.no_grad():
+            return opt(**batch)[0]
+
+    def comp():
+        with torch.no_grad():
+            return compiled(**batch)[0]
+
+    paths = (("eager", eager), ("compile", comp)) + ((("reduce-overhead", run_ro),) if cuda else ())
+    for name, fn in paths:
+        if not cuda:
+            break
+        ms = do_bench(fn, return_mode="median")
+        rows.append((name, f"{ms:.3f}"))
+        results.setdefault("median_ms", {})[name] = ms
+
+    ok = (seen.get("vmonarch.monarch_attention", 0) == args.layers and results["compile"]["rel_err"] < 2e-2
+          and (not cuda or results["cudagraphs"]["rel_err"] < 2e-2) and not skips.get("cudagraph_skips", 0)
+          and ep_ops.get("vmonarch.monarch_attention.default", 0) == args.layers
+          and results["export"]["rel_err"] < 2e-2)
+    results["ok"] = bool(ok)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "deploy_cuda.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    print(json.dumps({k: v for k, v in results.items() if k != "median_ms"}, indent=1))
+    from tabulate import tabulate
+
+    print(tabulate(rows, headers=["path", "median ms"]))
+    print("OK" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
