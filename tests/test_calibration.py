@@ -1,0 +1,177 @@
+"""Calibration: per-site statistics, candidate errors and costs, choices under a budget (CPU)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vmonarch_opt
+from vmonarch_opt import Budget, DenseConfig, MonarchConfig, VMoBAConfig
+from vmonarch_opt.profiles.calibrate import _global_allocation, candidate_configs
+from vmonarch_opt.site import AttentionSite
+from conftest import rel_err
+
+T, H, W, D, HEADS = 4, 6, 6, 16, 2
+N = T * H * W
+
+
+class Attn(torch.nn.Module):
+    """A model that is just attention over the q/k/v it is given: the data alone decides."""
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def frame_local(seed=0):
+    """Each query attends (almost only) to keys of its own frame."""
+    g = _gen(seed)
+    c = torch.randn(1, HEADS, T, 1, D, generator=g)
+    c = 8 * c / c.norm(dim=-1, keepdim=True)
+    q = (c + 0.4 * torch.randn(1, HEADS, T, H * W, D, generator=g)).reshape(1, HEADS, N, D)
+    k = (c + 0.4 * torch.randn(1, HEADS, T, H * W, D, generator=g)).reshape(1, HEADS, N, D)
+    return q, k, torch.randn(1, HEADS, N, D, generator=g)
+
+
+def sharp_random(seed=0):
+    """Peaked attention on random keys anywhere: no block structure."""
+    g = _gen(seed)
+    return (1.7 * torch.randn(1, HEADS, N, D, generator=g), 1.7 * torch.randn(1, HEADS, N, D, generator=g),
+            torch.randn(1, HEADS, N, D, generator=g))
+
+
+def uniform(seed=0):
+    """All keys equal: every query attends uniformly (Monarch is exact, block-sparse is not)."""
+    g = _gen(seed)
+    k = torch.randn(1, 1, 1, D, generator=g).expand(1, HEADS, N, D).contiguous()
+    return torch.randn(1, HEADS, N, D, generator=g), k, torch.randn(1, HEADS, N, D, generator=g)
+
+
+def _calib(batch, budget, **kw):
+    return vmonarch_opt.calibrate(Attn(), batch, budget=budget, grid=(T, H, W), min_seq_len=0, progress=False, **kw)
+
+
+def _only(profile):
+    (row,) = [r for r in profile.sites.values() if r["status"] in ("calibrated", "pinned")]
+    return row
+
+
+def test_choice_follows_the_data():
+    tight = Budget(max_rel_error=0.02)
+    local = _only(_calib(frame_local(), tight))
+    assert local["choice"]["config"]["method"] in ("monarch", "vmoba")
+    assert local["choice"]["error"] <= 0.02 and local["choice"]["flops"] < local["dense"]["flops"]
+    assert sum(local["stats"]["own_frame_mass"]) / HEADS > 0.95
+
+    sharp = _only(_calib(sharp_random(), tight))
+    assert sharp["choice"]["config"] == {"method": "dense"}
+    assert all(not c["meets_budget"] for c in sharp["candidates"]) and len(sharp["candidates"]) >= 6
+    assert "no candidate meets the error budget" in sharp["choice"]["why"]
+    # the same data under a loose budget does get a structured method: the budget decides
+    loose = _only(_calib(sharp_random(), Budget(max_rel_error=2.0)))
+    assert loose["choice"]["config"]["method"] != "dense"
+
+    uni = _only(_calib(uniform(), tight))
+    assert uni["choice"]["config"]["method"] == "monarch" and uni["choice"]["error"] < 1e-5
+    # statistics: uniform attention has entropy log N and no block concentration
+    st = uni["stats"]
+    assert all(abs(e - 1) < 1e-4 for e in st["entropy_norm"])
+    assert all(abs(c - st["top_blocks"] / st["blocks"]) < 1e-4 for c in st["concentration"])
+    assert sum(sharp["stats"]["concentration"]) / HEADS > 0.3  # a few random blocks hold the mass
+
+
+def test_candidate_errors_are_measured_against_dense():
+    q, k, v = frame_local(1)
+    prof = _calib((q, k, v), Budget(max_rel_error=0.05))
+    row = _only(prof)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    for c in row["candidates"]:
+        cfg = c["config"]
+        if cfg["method"] == "monarch":
+            out = torch.ops.vmonarch.monarch_attention(q, k, v, [T, H, W], cfg["block"], 0, 0, cfg["steps"],
+                                                       D ** -0.5, cfg["recompute"])
+        else:
+            out = torch.ops.vmonarch.vmoba_attention(q, k, v, [T, H, W], cfg["chunk"], 0, 0, cfg["partition"],
+                                                     cfg["threshold"], cfg["topk"], D ** -0.5)
+            assert 0 < c["density"] <= 1
+        assert abs(rel_err(out, ref) - c["error"]) < 1e-4 * max(1.0, c["error"]), c["label"]
+        assert c["meets_budget"] == (c["error"] <= 0.05)
+        assert len(c["error_per_head"]) == HEADS
+        assert c["flops"] > 0
+
+
+def test_several_batches_take_the_worst_error():
+    b1, b2 = uniform(0), sharp_random(0)
+    prof = _calib([dict(q=b1[0], k=b1[1], v=b1[2]), dict(q=b2[0], k=b2[1], v=b2[2])], Budget(max_rel_error=0.02))
+    row = _only(prof)
+    assert prof.data["batches"] == 2 and row["batches"] == 2
+    assert row["choice"]["config"]["method"] == "dense"  # fine on batch 1, not on batch 2
+
+
+def test_methods_restrict_candidates_and_per_site_budget():
+    prof = _calib(frame_local(), Budget(max_rel_error=0.02), methods=("vmoba", "dense"))
+    row = _only(prof)
+    assert row["candidates"] and all(c["config"]["method"] == "vmoba" for c in row["candidates"])
+    prof = _calib(uniform(), Budget(max_rel_error=0.5, per_site={"<root>": 0.0}))
+    assert _only(prof)["choice"]["config"]["method"] in ("dense", "monarch")
+    assert _only(prof)["limit"] == 0.0
+
+
+def test_overrides_pin_sites():
+    prof = _calib(sharp_random(), Budget(max_rel_error=0.01), overrides={"*": MonarchConfig(block=(1, 6, 6))})
+    row = _only(prof)
+    assert row["status"] == "pinned" and row["choice"]["config"]["block"] == [1, 6, 6]
+    assert row["choice"]["error"] > 0.01  # measured and reported, but the pin wins
+
+
+def _site(grid, n_text=0):
+    t, h, w = grid
+    n = t * h * w + n_text
+    return AttentionSite(site_id="a", module_path="a", ordinal=0, form="sdpa", batch=1, heads=2, kv_heads=2,
+                         seq_q=n, seq_k=n, head_dim=16, head_dim_v=16, dtype="float32", layout="[B,H,N,D]",
+                         grid=grid, text_before=n_text)
+
+
+def test_candidate_lists():
+    labels = [(lay, cfg) for lay, cfg in candidate_configs(_site((8, 6, 10)), Budget(), layer=1)]
+    blocks = {cfg.block for lay, cfg in labels if cfg.method == "monarch"}
+    assert {(1, 6, 10), (2, 6, 10), (1, 3, 5)} <= blocks
+    assert {cfg.steps for _, cfg in labels if cfg.method == "monarch"} == {1, 2}
+    vm = [cfg for _, cfg in labels if cfg.method == "vmoba"]
+    assert [v.threshold for v in vm] == [0.25, 0.5, 0.75] and all(v.partition == "2d" for v in vm)
+    # no grid: 1D blocks of ~sqrt(N)
+    s = _site((8, 6, 10))
+    s.grid = None
+    one_d = candidate_configs(s, Budget(vmoba_thresholds=()))
+    assert one_d and all(cfg.block[:2] == (1, 1) and cfg.block[2] == math.isqrt(479) + 1 for _, cfg in one_d)
+    # explicit candidates
+    given = candidate_configs(s, Budget(candidates=[VMoBAConfig(threshold=0.3), DenseConfig()]))
+    assert [cfg.threshold for _, cfg in given] == [0.3]
+
+
+def test_global_mean_error_allocation():
+    def row(errs_flops, dense=100.0):
+        cands = [dict(error=e, flops=f, meets_budget=True, time_ms=None) for e, f in errs_flops]
+        return dict(candidates=cands, dense=dict(flops=dense, time_ms=None), limit=1.0)
+
+    rows = {"a": row([(0.02, 10), (0.001, 50)]), "b": row([(0.05, 10), (0.001, 90)])}
+    assert _global_allocation(rows, 1.0, "flops") == {"a": 0, "b": 0}  # loose: cheapest everywhere
+    pick = _global_allocation(rows, 0.02, "flops")  # mean of the cheapest (0.035) is too much
+    err = (rows["a"]["candidates"][pick["a"]]["error"] + rows["b"]["candidates"][pick["b"]]["error"]) / 2
+    assert err <= 0.02 and pick == {"a": 0, "b": 1}
+    assert _global_allocation(rows, 0.0, "flops") == {"a": None, "b": None}
+
+
+def test_budget_validation():
+    with pytest.raises(ValueError, match="max_rel_error"):
+        Budget(max_rel_error=-1)
+    with pytest.raises(ValueError, match="cost"):
+        Budget(cost="speed")
+    with pytest.raises(ValueError, match="layouts"):
+        Budget(layouts=("diagonal",))
+    with pytest.raises(TypeError, match="Budget"):
+        vmonarch_opt.calibrate(Attn(), uniform(), budget=0.05)
+    assert Budget.from_dict(Budget(per_site={"x*": 0.1}).to_dict()) == Budget(per_site={"x*": 0.1})

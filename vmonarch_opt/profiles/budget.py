@@ -1,0 +1,144 @@
+"""``Budget``: the quality budget calibration chooses under, and which candidates it measures."""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional, Union
+
+COSTS = ("flops", "time")
+LAYOUTS = ("frame", "frame_group", "tile", "1d")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much attention error calibration may spend per site, and what it tries.
+
+    Args:
+        max_rel_error: per-site cap on the relative output error ``‖ours − dense‖ / ‖dense‖`` of
+            the attention, measured on the calibration batches (the worst batch counts).
+        per_site: ``{site_glob: max_rel_error}`` caps for matching sites (first match wins),
+            e.g. ``{"blocks.0.*": 0.01}`` to protect the first block.
+        mean_rel_error: optional global error/speed trade-off: the FLOP-weighted mean error over
+            the calibrated sites may not exceed it. Calibration then spends error where it buys
+            the most cost (Lagrangian allocation), each site still capped by ``max_rel_error`` /
+            ``per_site``.
+        cost: what "cheapest" means: ``"flops"`` (attention FLOPs, default) or ``"time"``
+            (measured kernel time; falls back to FLOPs where no time is measured, e.g. on CPU).
+        monarch_steps: Monarch alternating steps tried for every layout (2+ use recomputation).
+        layouts: Monarch layouts tried: ``"frame"`` (1, H, W) blocks (VMonarch), ``"frame_group"``
+            (2, H, W), ``"tile"`` (1, ⌈H/2⌉, ⌈W/2⌉) spatial tiles, ``"1d"`` (~√N tokens, used when
+            the grid is unknown).
+        vmoba_thresholds: VMoBA global-selection thresholds tried.
+        candidates: replaces the automatic candidate list: a list of configs, or
+            ``f(site) -> list of configs`` (``MonarchConfig`` / ``VMoBAConfig``).
+        sample_rows: query rows per head sampled for the block-concentration statistics.
+        top_fraction: block concentration = attention mass in the top ``top_fraction`` of key
+            blocks (0.1: the top 10 %).
+    """
+
+    max_rel_error: float = 0.05
+    per_site: Optional[dict] = None
+    mean_rel_error: Optional[float] = None
+    cost: str = "flops"
+    monarch_steps: tuple = (1, 2)
+    layouts: tuple = LAYOUTS
+    vmoba_thresholds: tuple = (0.25, 0.5, 0.75)
+    candidates: Union[None, list, tuple, Callable] = field(default=None, compare=False)
+    sample_rows: int = 128
+    top_fraction: float = 0.1
+
+    def __post_init__(self):
+        def err(v, name):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"Budget({name}={v!r}): give a relative error ≥ 0, e.g. 0.05 for 5 %")
+
+        err(self.max_rel_error, "max_rel_error")
+        if self.mean_rel_error is not None:
+            err(self.mean_rel_error, "mean_rel_error")
+        for pat, v in (self.per_site or {}).items():
+            if not isinstance(pat, str):
+                raise ValueError(f"Budget(per_site=...): keys are site globs like 'blocks.0.*', got {pat!r}")
+            err(v, f"per_site[{pat!r}]")
+        if self.cost not in COSTS:
+            raise ValueError(f"Budget(cost={self.cost!r}): use one of {COSTS}")
+        bad = [x for x in self.layouts if x not in LAYOUTS]
+        if bad:
+            raise ValueError(f"Budget(layouts=...): unknown {bad}; choose from {LAYOUTS}")
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.monarch_steps):
+            raise ValueError(f"Budget(monarch_steps={self.monarch_steps!r}): positive ints, e.g. (1, 2)")
+        if any(not (0 < float(t) <= 1) for t in self.vmoba_thresholds):
+            raise ValueError(f"Budget(vmoba_thresholds={self.vmoba_thresholds!r}): numbers in (0, 1]")
+        if not (0 < self.top_fraction <= 1):
+            raise ValueError(f"Budget(top_fraction={self.top_fraction!r}): a fraction in (0, 1]")
+        if self.sample_rows < 1:
+            raise ValueError(f"Budget(sample_rows={self.sample_rows!r}): at least 1")
+        object.__setattr__(self, "monarch_steps", tuple(self.monarch_steps))
+        object.__setattr__(self, "layouts", tuple(self.layouts))
+        object.__setattr__(self, "vmoba_thresholds", tuple(float(t) for t in self.vmoba_thresholds))
+
+    def limit_for(self, site_id: str) -> float:
+        """The error cap of one site."""
+        for pat, v in (self.per_site or {}).items():
+            if fnmatch.fnmatchcase(site_id, pat):
+                return float(v)
+        return float(self.max_rel_error)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        c = self.candidates
+        d["candidates"] = None if c is None else (getattr(c, "__name__", "callable") if callable(c)
+                                                  else [config_to_dict(x) for x in c])
+        d["monarch_steps"], d["layouts"] = list(self.monarch_steps), list(self.layouts)
+        d["vmoba_thresholds"] = list(self.vmoba_thresholds)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Budget":
+        d = dict(d)
+        c = d.pop("candidates", None)
+        cands = [config_from_dict(x) for x in c] if isinstance(c, list) else None
+        for k in ("monarch_steps", "layouts", "vmoba_thresholds"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d, candidates=cands)
+
+
+def config_to_dict(cfg) -> dict:
+    """A config (or method name) as JSON: ``{"method": ..., **fields}``."""
+    from ..config import parse_config
+
+    cfg = parse_config(cfg)
+    d = {"method": cfg.method}
+    for k, v in asdict(cfg).items():
+        d[k] = list(v) if isinstance(v, tuple) else v
+    return d
+
+
+def config_from_dict(d: dict):
+    from ..config import DenseConfig, MonarchConfig, VMoBAConfig
+
+    d = dict(d)
+    m = d.pop("method", None)
+    cls = {"monarch": MonarchConfig, "vmoba": VMoBAConfig, "dense": DenseConfig}.get(m)
+    if cls is None:
+        raise ValueError(f"unknown method {m!r} in a saved config")
+    for k in ("block", "chunk"):
+        if d.get(k) is not None:
+            d[k] = tuple(d[k])
+    return cls(**d)
+
+
+def describe_config(cfg) -> str:
+    """Short human label: ``monarch 1×30×52 s1``, ``vmoba 3d thr0.25``, ``dense``."""
+    from ..config import parse_config
+
+    cfg = parse_config(cfg)
+    if cfg.method == "monarch":
+        b = "×".join(map(str, cfg.block)) if cfg.block else "auto"
+        return f"monarch {b} s{cfg.steps}" + ("r" if cfg.recompute and cfg.steps > 1 else "")
+    if cfg.method == "vmoba":
+        c = "×".join(map(str, cfg.chunk)) if cfg.chunk else "auto"
+        s = f"vmoba {cfg.partition or 'cycle'} {c} thr{cfg.threshold:g}"
+        return s + (f" top{cfg.topk}" if cfg.topk else "")
+    return "dense"

@@ -1,0 +1,127 @@
+"""``vmonarch-opt calibrate | show | plot | diff``: calibration profiles from the command line."""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+from ..errors import ProfileError
+
+
+def load_factory(spec: str):
+    """``module:factory`` → the callable (e.g. ``vmonarch_opt.models:wan``)."""
+    if ":" not in spec:
+        raise SystemExit(f"vmonarch-opt: model {spec!r}: give it as module:factory, e.g. vmonarch_opt.models:wan "
+                         f"(a function returning (model, batch))")
+    mod_name, fn_name = spec.split(":", 1)
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise SystemExit(f"vmonarch-opt: cannot import {mod_name!r}: {e}")
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise SystemExit(f"vmonarch-opt: {mod_name} has no callable {fn_name!r}")
+    return fn
+
+
+def _json_arg(text: str, what: str) -> dict:
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"vmonarch-opt: {what} must be a JSON object, e.g. '{{\"frames\": 3}}' ({e})")
+    if not isinstance(d, dict):
+        raise SystemExit(f"vmonarch-opt: {what} must be a JSON object, got {type(d).__name__}")
+    return d
+
+
+def _load(path: str, **kw):
+    from .profile import load_profile
+
+    try:
+        return load_profile(path, **kw)
+    except ProfileError as e:
+        raise SystemExit(f"vmonarch-opt: {e}")
+
+
+def _cmd_calibrate(args) -> int:
+    from .budget import Budget
+    from .calibrate import calibrate
+
+    made = load_factory(args.model)(**_json_arg(args.kwargs, "--kwargs"))
+    if not (isinstance(made, tuple) and len(made) == 2):
+        raise SystemExit(f"vmonarch-opt: {args.model} must return (model, batch), got {type(made).__name__}")
+    model, batch = made
+    budget = Budget(max_rel_error=args.max_rel_error, mean_rel_error=args.mean_rel_error, cost=args.cost,
+                    per_site=_json_arg(args.per_site, "--per-site") if args.per_site else None)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    overrides = _json_arg(args.overrides, "--overrides") if args.overrides else None
+    grid = tuple(int(x) for x in args.grid.split(",")) if args.grid else None
+    profile = calibrate(model, batch, budget=budget, methods=methods, overrides=overrides, grid=grid,
+                        min_seq_len=args.min_seq_len, progress=False if args.quiet else None)
+    profile.save(args.output)
+    print(profile)
+    print(f"\nprofile written to {args.output}")
+    return 0
+
+
+def _cmd_show(args) -> int:
+    p = _load(args.profile)
+    print(p.to_markdown() if args.markdown else str(p))
+    if args.candidates:
+        print()
+        print(p.candidates_table(args.site))
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    p = _load(args.profile)
+    out = p.plot(args.output)
+    print(f"plot written to {out}")
+    return 0
+
+
+def _cmd_diff(args) -> int:
+    a, b = _load(args.a), _load(args.b)
+    print(f"A = {args.a}\nB = {args.b}")
+    print(a.diff(b))
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("calibrate", help="calibrate a model given as module:factory and write a profile")
+    p.add_argument("model", help="module:factory returning (model, batch), e.g. vmonarch_opt.models:wan")
+    p.add_argument("-o", "--output", default="profile.json", help="profile JSON to write (default profile.json)")
+    p.add_argument("--kwargs", default="{}", help="JSON keyword arguments for the factory, e.g. '{\"frames\": 5}'")
+    p.add_argument("--max-rel-error", type=float, default=0.05, help="per-site attention error budget (default 0.05)")
+    p.add_argument("--mean-rel-error", type=float, default=None, help="global FLOP-weighted mean error budget")
+    p.add_argument("--per-site", default=None, help="JSON {site_glob: max_rel_error}")
+    p.add_argument("--cost", choices=("flops", "time"), default="flops", help="what 'cheapest' means")
+    p.add_argument("--methods", default="monarch,vmoba,dense", help="comma-separated allowed methods")
+    p.add_argument("--overrides", default=None, help='JSON {site_glob: "dense"|"monarch"|"vmoba"|"original"}')
+    p.add_argument("--grid", default=None, help="T,H,W latent token grid override")
+    p.add_argument("--min-seq-len", type=int, default=1024, help="shorter sites stay dense (default 1024)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("show", help="print a calibration profile")
+    p.add_argument("profile")
+    p.add_argument("--candidates", action="store_true", help="also list every measured candidate")
+    p.add_argument("--site", default=None, help="with --candidates: only this site")
+    p.add_argument("--markdown", action="store_true", help="print as a Markdown table")
+    p.set_defaults(func=_cmd_show)
+
+    p = sub.add_parser("plot", help="plot a profile: per-layer entropy, block concentration, error, FLOP cut")
+    p.add_argument("profile")
+    p.add_argument("-o", "--output", default="profile.png", help="image to write (png/pdf/svg)")
+    p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("diff", help="compare two profiles: fingerprint and per-site choices")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.set_defaults(func=_cmd_diff)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from ..cli import main
+
+    sys.exit(main())
