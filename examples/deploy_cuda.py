@@ -80,7 +80,7 @@ def main(argv=None) -> int:
 
     model, batch = models.wan(frames=args.frames, height=args.height, width=args.width, layers=args.layers,
                               heads=args.heads, head_dim=args.head_dim, dtype=dtype, device=args.device)
-    opt = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0)
+    opt = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0, budget=None)
     print(opt.report)
     with torch.no_grad():
         ref = opt(**batch)[0].clone()

@@ -103,7 +103,7 @@ def test_lowering_key_mask_equals_dropping_the_padded_text(method):
 @pytest.fixture(scope="module")
 def wan_monarch():
     model, batch = models.wan()
-    opt = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0)
+    opt = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0, budget=None)
     with torch.no_grad():
         ref = opt(**batch)[0]
     return opt, batch, ref
@@ -114,7 +114,7 @@ def handwritten_vmoba():
     torch.manual_seed(1)
     model = Stack(Einsum, depth=1).eval()
     x = torch.randn(2, 48, 32)
-    opt = vmonarch_opt.optimize(model, x, methods=("vmoba",), min_seq_len=0, grid=(3, 4, 4))
+    opt = vmonarch_opt.optimize(model, x, methods=("vmoba",), min_seq_len=0, grid=(3, 4, 4), budget=None)
     return opt, x
 
 
@@ -166,7 +166,7 @@ def test_compile_with_gradients_matches_eager():
     torch.manual_seed(2)
     model = Stack(MulScale)
     x = torch.randn(2, 30, 32)
-    opt = vmonarch_opt.optimize(model, x, methods=("monarch",), min_seq_len=0, grid=(2, 3, 5))
+    opt = vmonarch_opt.optimize(model, x, methods=("monarch",), min_seq_len=0, grid=(2, 3, 5), budget=None)
     opt.train()
 
     def grads(fn):
@@ -228,7 +228,7 @@ def test_onnx_wan_monarch(wan_monarch, tmp_path):
 
 def test_onnx_cogvideox_vmoba_with_text_tokens(tmp_path):
     model, batch = models.cogvideox()
-    opt = vmonarch_opt.optimize(model, batch, methods=("vmoba",), min_seq_len=0)
+    opt = vmonarch_opt.optimize(model, batch, methods=("vmoba",), min_seq_len=0, budget=None)
     rows = [r for r in opt.report.rows if r["plan"]["method"] == "vmoba"]
     assert len(rows) == 2 and rows[0]["site"]["text_before"] == 7
     with torch.no_grad():
@@ -248,7 +248,7 @@ def test_onnx_hunyuan_text_padding_mask_in_graph(tmp_path):
     prompts' padding at run time still matches PyTorch."""
     model, batch = models.hunyuan(batch=2)
     batch["encoder_attention_mask"][0, 4:] = 0
-    opt = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0)
+    opt = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0, budget=None)
     path = str(tmp_path / "hy.onnx")
     res = export_onnx(opt, batch, path)
     assert len(res.sites) == 2 and all("key-padding" in s["lowered"] for s in res.sites)
@@ -265,7 +265,7 @@ def test_onnx_handwritten(cls, method, tmp_path):
     torch.manual_seed(3)
     model = Stack(cls).eval()
     x = torch.randn(2, 40, 32)
-    opt = vmonarch_opt.optimize(model, x, methods=(method,), min_seq_len=0)
+    opt = vmonarch_opt.optimize(model, x, methods=(method,), min_seq_len=0, budget=None)
     n_sites = 4 if cls is SdpaForms else 2
     assert sum(r["plan"]["method"] == method for r in opt.report.rows) == n_sites
     path = str(tmp_path / "hw.onnx")
@@ -309,8 +309,8 @@ def test_cli_export_onnx(tmp_path, capsys):
     from vmonarch_opt.cli import main
 
     out = tmp_path / "cli.onnx"
-    rc = main(["export-onnx", "test_deploy:tiny_factory", "--factory-kwargs", '{"depth": 2}', "--methods", "monarch",
-               "--min-seq-len", "0", "-o", str(out), "--report", str(tmp_path / "r.json")])
+    rc = main(["export-onnx", "test_deploy:tiny_factory", "--kwargs", '{"depth": 2}', "--methods", "monarch",
+               "--no-calibrate", "--min-seq-len", "0", "-o", str(out), "--report", str(tmp_path / "r.json")])
     text = capsys.readouterr().out
     assert rc == 0 and out.exists() and (tmp_path / "r.json").exists()
     assert "blocks.1.attn: monarch" in text and "onnxruntime vs PyTorch" in text
@@ -319,3 +319,21 @@ def test_cli_export_onnx(tmp_path, capsys):
         main(["export-onnx", "no_colon_here", "-o", str(out)])
     with pytest.raises(SystemExit, match="no attribute"):
         main(["export-onnx", "test_deploy:nope", "-o", str(out)])
+
+
+def test_cli_export_onnx_with_profile(tmp_path, capsys):
+    """A calibration profile's per-site choices are what gets exported."""
+    profiles = pytest.importorskip("vmonarch_opt.profiles")
+    from vmonarch_opt.cli import main
+
+    model, x = tiny_factory(depth=2)
+    prof = profiles.calibrate(model, x, methods=("monarch", "dense"), min_seq_len=0, progress=False,
+                              budget=profiles.Budget(max_rel_error=1.0),
+                              overrides={"blocks.1.*": "dense"})
+    prof.save(str(tmp_path / "p.json"))
+    out = tmp_path / "p.onnx"
+    rc = main(["export-onnx", "test_deploy:tiny_factory", "--kwargs", '{"depth": 2}', "--profile",
+               str(tmp_path / "p.json"), "--min-seq-len", "0", "-o", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and out.exists()
+    assert "blocks.0.attn: monarch" in text and "blocks.1.attn: dense" in text

@@ -11,9 +11,9 @@ import json
 import sys
 
 _EPILOG = """examples:
-  vmonarch-opt export-onnx vmonarch_opt.models:wan --methods monarch --min-seq-len 0 -o wan.onnx
+  vmonarch-opt export-onnx vmonarch_opt.models:wan --methods monarch --no-calibrate --min-seq-len 0 -o wan.onnx
   vmonarch-opt export-onnx my_pkg.build:make_model --profile wan_profile.json -o model.onnx
-  vmonarch-opt export-onnx vmonarch_opt.models:cogvideox --factory-kwargs '{"frames": 4}' -o cog.onnx
+  vmonarch-opt export-onnx vmonarch_opt.models:cogvideox --kwargs '{"frames": 4}' -o cog.onnx
 """
 
 
@@ -49,12 +49,13 @@ def build(spec: str, factory_kwargs: dict):
 
 
 def _load_profile(path: str):
+    from ..errors import ProfileError
+    from ..profiles.profile import load_profile
+
     try:
-        from ..profiles.profile import Profile
-    except ImportError as e:
-        raise SystemExit(f"vmonarch-opt: --profile needs vmonarch_opt.profiles (calibration), which is not "
-                         f"available here ({e})")
-    return Profile.load(path)
+        return load_profile(path)
+    except ProfileError as e:
+        raise SystemExit(f"vmonarch-opt: {e}")
 
 
 def _cmd_export_onnx(args) -> int:
@@ -64,16 +65,24 @@ def _cmd_export_onnx(args) -> int:
     from .onnx import export_onnx
 
     try:
-        factory_kwargs = json.loads(args.factory_kwargs) if args.factory_kwargs else {}
+        factory_kwargs = json.loads(args.kwargs) if args.kwargs else {}
     except json.JSONDecodeError as e:
-        raise SystemExit(f"vmonarch-opt: --factory-kwargs is not valid JSON ({e})")
+        raise SystemExit(f"vmonarch-opt: --kwargs is not valid JSON ({e})")
     if not isinstance(factory_kwargs, dict):
-        raise SystemExit("vmonarch-opt: --factory-kwargs must be a JSON object, e.g. '{\"frames\": 4}'")
+        raise SystemExit("vmonarch-opt: --kwargs must be a JSON object, e.g. '{\"frames\": 4}'")
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     model, inputs = build(args.factory, factory_kwargs)
     profile = _load_profile(args.profile) if args.profile else None
+    kw = {}
+    if args.no_calibrate:
+        kw["budget"] = None
+    elif args.max_rel_error is not None:
+        from ..profiles.budget import Budget
+
+        kw["budget"] = Budget(max_rel_error=args.max_rel_error)
     try:
-        opt = vmonarch_opt.optimize(model, inputs, profile=profile, methods=methods, min_seq_len=args.min_seq_len)
+        opt = vmonarch_opt.optimize(model, inputs, profile=profile, methods=methods, min_seq_len=args.min_seq_len,
+                                    **kw)
         print(opt.report)
         if args.report:
             opt.report.to_json(args.report)
@@ -102,7 +111,12 @@ def add_commands(subparsers) -> None:
                    help="allowed methods, comma-separated (default: monarch,vmoba,dense)")
     p.add_argument("--min-seq-len", type=int, default=1024,
                    help="sites with fewer tokens keep the model's attention (default 1024)")
-    p.add_argument("--factory-kwargs", help="JSON object of keyword arguments for FACTORY")
+    p.add_argument("--max-rel-error", type=float, default=None,
+                   help="calibrate with this per-site error budget (default: optimize()'s own)")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="no calibration: the default policy within --methods (budget=None)")
+    p.add_argument("--kwargs", "--factory-kwargs", dest="kwargs",
+                   help="JSON object of keyword arguments for FACTORY, e.g. '{\"frames\": 4}'")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: the exporter's)")
     p.add_argument("--rtol", type=float, default=1e-4,
                    help="largest relative error of onnxruntime vs PyTorch accepted (default 1e-4)")
