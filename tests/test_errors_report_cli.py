@@ -44,7 +44,7 @@ def test_bad_options():
 
 def test_report_exports_and_cli(tmp_path, capsys):
     model, batch = models.wan()
-    opt = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0)
+    opt = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0, budget=None)
     text = str(opt.report)
     assert "blocks.0.attn1" in text and "monarch" in text and "cross-attention" in text
     assert "attention sites" in text.splitlines()[-1]

@@ -27,12 +27,12 @@ def test_handwritten_forms_are_detected_and_rewritten(cls):
     with torch.no_grad():
         assert rel_err(opt(X), ref) < 1e-5
     # one Monarch block over the whole sequence is dense softmax attention
-    opt1 = vmonarch_opt.optimize(model, (X,), overrides={"*": MonarchConfig(block=(1, 1, 24))}, min_seq_len=0)
+    opt1 = vmonarch_opt.optimize(model, (X,), overrides={"*": MonarchConfig(block=(1, 1, 24))}, min_seq_len=0, budget=None)
     assert all(r["plan"]["method"] == "monarch" for r in opt1.report.rows)
     with torch.no_grad():
         assert rel_err(opt1(X), ref) < 1e-4
     # real Monarch blocks (1D, no grid) change the output but keep it finite
-    opt2 = vmonarch_opt.optimize(model, (X,), methods=("monarch",), min_seq_len=0)
+    opt2 = vmonarch_opt.optimize(model, (X,), methods=("monarch",), min_seq_len=0, budget=None)
     with torch.no_grad():
         out = opt2(X)
     assert torch.isfinite(out).all() and rel_err(out, ref) > 0
@@ -57,7 +57,7 @@ def test_unsupported_sites_stay_dense_with_reason(cls, args, reason):
     model = Stack(cls).eval()
     with torch.no_grad():
         ref = model(*args)
-    opt = vmonarch_opt.optimize(model, args, methods=("monarch",), min_seq_len=0)
+    opt = vmonarch_opt.optimize(model, args, methods=("monarch",), min_seq_len=0, budget=None)
     assert len(opt.report.rows) == 2
     for r in opt.report.rows:
         assert r["plan"]["method"] == "original"
@@ -70,7 +70,7 @@ def test_unsupported_sites_stay_dense_with_reason(cls, args, reason):
 def test_vit_grid_and_class_token():
     model = TinyViT().eval()
     img = torch.randn(2, 3, 32, 32)
-    opt = vmonarch_opt.optimize(model, img, methods=("monarch",), min_seq_len=0)
+    opt = vmonarch_opt.optimize(model, img, methods=("monarch",), min_seq_len=0, budget=None)
     for r in opt.report.rows:
         s = r["site"]
         assert tuple(s["grid"]) == (1, 8, 8) and s["text_before"] == 1 and s["kind"] == "joint"

@@ -67,7 +67,7 @@ def test_monarch_with_one_block_is_exact(name):
     model, batch = factory()
     ref = _out(model, batch)
     one_block = MonarchConfig(block=(3, 4, 5))  # the whole grid is a single block: dense softmax
-    opt = vmonarch_opt.optimize(model, batch, overrides={"*": one_block}, min_seq_len=0)
+    opt = vmonarch_opt.optimize(model, batch, overrides={"*": one_block}, min_seq_len=0, budget=None)
     rewritten = [r for r in opt.report.rows if r["plan"]["method"] == "monarch"]
     assert len(rewritten) == len(_video_self_sites(opt.report))
     assert rel_err(_out(opt, batch), ref) < 1e-4
@@ -77,7 +77,7 @@ def test_hunyuan_text_padding_mask_is_handled_exactly():
     model, batch = models.hunyuan(batch=2)
     batch["encoder_attention_mask"][0, 4:] = 0  # prompt 0 has 4 real tokens, prompt 1 has 7
     ref = _out(model, batch)
-    opt = vmonarch_opt.optimize(model, batch, overrides={"*": MonarchConfig(block=(3, 4, 5))}, min_seq_len=0)
+    opt = vmonarch_opt.optimize(model, batch, overrides={"*": MonarchConfig(block=(3, 4, 5))}, min_seq_len=0, budget=None)
     rows = _video_self_sites(opt.report)
     assert [r["plan"]["method"] for r in rows] == ["monarch", "monarch"]
     assert all("key-padding" in r["plan"]["reason"] for r in rows)
@@ -85,7 +85,7 @@ def test_hunyuan_text_padding_mask_is_handled_exactly():
     assert refiner["plan"]["method"] == "original"  # text-only attention with a 7×7 mask
     assert rel_err(_out(opt, batch), ref) < 1e-4
     # real Monarch frame blocks under the same mask: finite, and different from dense
-    opt2 = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0)
+    opt2 = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0, budget=None)
     out2 = _out(opt2, batch)
     assert torch.isfinite(out2).all() and 0 < rel_err(out2, ref) < 1.0
 
@@ -93,7 +93,7 @@ def test_hunyuan_text_padding_mask_is_handled_exactly():
 def test_monarch_frame_blocks_change_output_but_stay_close():
     model, batch = models.wan(frames=4, height=4, width=4, layers=2)
     ref = _out(model, batch)
-    opt = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0)
+    opt = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0, budget=None)
     rows = [r for r in opt.report.rows if r["plan"]["method"] == "monarch"]
     assert len(rows) == 2
     assert all(r["plan"]["args"]["block"] == [1, 4, 4] for r in rows)
@@ -106,7 +106,7 @@ def test_monarch_frame_blocks_change_output_but_stay_close():
 def test_inplace_modifies_and_restore_undoes():
     model, batch = models.wan()
     ref = _out(model, batch)
-    same = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0, inplace=True)
+    same = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0, budget=None, inplace=True)
     assert same is model and hasattr(model, "report")
     assert not torch.equal(_out(model, batch), ref)
     vmonarch_opt.restore(model)
@@ -124,7 +124,7 @@ def test_short_sequences_stay_dense_by_default():
 
 def test_grid_override_and_batch_of_two():
     model, batch = models.wan(batch=2)
-    opt = vmonarch_opt.optimize(model, batch, grid=(3, 4, 5), methods=("monarch",), min_seq_len=0)
+    opt = vmonarch_opt.optimize(model, batch, grid=(3, 4, 5), methods=("monarch",), min_seq_len=0, budget=None)
     r = opt.report.site("blocks.0.attn1")
     assert r["site"]["grid_source"] == "grid= given by the user"
     assert r["site"]["batch"] == 2
@@ -133,7 +133,7 @@ def test_grid_override_and_batch_of_two():
 
 def test_other_shape_at_run_time_falls_back_to_dense():
     model, batch = models.wan()
-    opt = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0)
+    opt = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0, budget=None)
     _, other = models.wan(frames=2)
     with pytest.warns(RuntimeWarning, match="differs from the calibrated"):
         out = _out(opt, other)

@@ -9,9 +9,11 @@ from .config import DenseConfig, MonarchConfig, VMoBAConfig
 from .errors import CalibrationBatchError, CaptureError, ProfileError, VMonarchError
 from .optimize import optimize, restore
 from .deploy import export_onnx  # noqa: F401  (ONNX export; needs onnx + onnxscript at call time)
+from .profiles import Budget, Profile, calibrate, load_profile
 from .report import Report
 
 __version__ = "0.1.0"
 
-__all__ = ["optimize", "restore", "Report", "MonarchConfig", "VMoBAConfig", "DenseConfig",
+__all__ = ["optimize", "restore", "calibrate", "load_profile", "Budget", "Profile", "Report",
+           "MonarchConfig", "VMoBAConfig", "DenseConfig",
            "CalibrationBatchError", "CaptureError", "ProfileError", "VMonarchError"]

@@ -195,7 +195,7 @@ def _validate(model, runtime: dict, forwards: dict, batch, reference) -> tuple[d
 
 
 def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=METHODS,
-             budget=None, grid=None, inplace: bool = False, overrides: Optional[dict] = None,
+             budget="auto", grid=None, inplace: bool = False, overrides: Optional[dict] = None,
              min_seq_len: int = 1024, capture: str = "auto", validate: bool = True) -> torch.nn.Module:
     """Rewrite every attention site of ``model`` to a structured kernel and report what was done.
 
@@ -208,7 +208,10 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
             (``model(*b)``) or a tensor; a list of dicts for several batches (timesteps).
         profile: a calibration profile (``load_profile(path)``) whose per-site choices are reused.
         methods: allowed methods, a subset of ``("monarch", "vmoba", "dense")``.
-        budget: quality budget for calibration (``Budget``); None uses the default policy.
+        budget: quality budget for calibration: ``"auto"`` (default) calibrates under ``Budget()``
+            (each site's attention error ≤ 5 %), a ``Budget`` calibrates under it, ``None`` skips
+            calibration and uses the default policy (Monarch frame blocks, then VMoBA, then dense,
+            as ``methods`` allow). Ignored when ``profile`` is given.
         grid: ``(T, H, W)`` latent token grid, or ``{site_glob: (T, H, W)}``, overriding inference.
         overrides: ``{site_glob: "dense" | "monarch" | "vmoba" | "original" | Config}`` pins.
         min_seq_len: sites with fewer tokens stay dense (unless pinned by ``overrides``).
@@ -238,14 +241,21 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
     forwards = _normalize_handwritten(target, detected, plans, batches[0])
     fwd_by_path = {p: f for p, (f, _) in forwards.items()}
     if profile is not None:
-        from .profiles.profile import apply_profile
-        chosen = apply_profile(profile, sites)
+        from .profiles.profile import annotate_plans, apply_profile, as_profile
+        profile = as_profile(profile)
+        chosen = apply_profile(profile, sites, model=model)
         plans = _replan(sites, plans, methods, overrides, min_seq_len, chosen)
+        annotate_plans(plans, sites, profile)
     elif budget is not None:
+        from .profiles.budget import Budget
         from .profiles.calibrate import calibrate_sites
+        from .profiles.profile import annotate_plans
+        if isinstance(budget, str) and budget == "auto":
+            budget = Budget()
         profile = calibrate_sites(target, batches, detected, plans, fwd_by_path, methods=methods,
                                   budget=budget, overrides=overrides)
         plans = _replan(sites, plans, methods, overrides, min_seq_len, profile.choices())
+        annotate_plans(plans, sites, profile)
     runtime = _runtime_index(detected, plans, forwards)
 
     site_errors, out_error = {}, None
