@@ -5,9 +5,10 @@
 Builds a small diffusers Wan transformer (random weights) on CUDA, optimizes it with Monarch
 attention, and checks that
 
-1. ``torch.compile(optimized, fullgraph=True)`` (inductor) runs without graph breaks, keeps the
-   ``vmonarch::*`` ops in its graph, and matches eager;
-2. ``mode="reduce-overhead"`` captures the model in CUDA graphs (no cudagraph skips) and matches;
+1. ``torch.compile(optimized, fullgraph=True)`` (inductor) runs without graph breaks and keeps the
+   ``vmonarch::*`` ops in its graph;
+2. with CUDA graphs (inductor's ``triton.cudagraphs``, what ``mode="reduce-overhead"`` sets) the
+   model is captured (no cudagraph skips) and matches eager;
 3. ``torch.export.export`` gives an ExportedProgram with the ops that runs and matches.
 
 It prints a small table (median latencies via triton.testing.do_bench, for information; the
@@ -88,39 +89,39 @@ def main(argv=None) -> int:
     results, rows = {"patched_fakes": patched, "device": torch.cuda.get_device_name() if cuda else "cpu",
                      "torch": torch.__version__, "shape": list(batch["hidden_states"].shape)}, []
 
-    # 1. inductor, fullgraph, counting our ops in the graph it receives
+    # 1 + 2. inductor, fullgraph, counting our ops in the graph it receives; on CUDA with CUDA
+    # graphs (what mode="reduce-overhead" sets), so one compilation checks both
+    from torch._dynamo.utils import counters
     from torch._inductor.compile_fx import compile_fx
 
     seen = Counter()
 
     def counting(gm, example_inputs):
         seen.update(str(n.target) for n in gm.graph.nodes if str(n.target).startswith("vmonarch."))
-        return compile_fx(gm, example_inputs)
+        return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": cuda})
 
     torch._dynamo.reset()
-    compiled = torch.compile(opt, backend=counting, fullgraph=True)
-    with torch.no_grad():
-        out = compiled(**batch)[0]
-    results["compile"] = dict(ops=dict(seen), rel_err=rel(out, ref))
-
-    # 2. CUDA graphs
-    torch._dynamo.reset()
-    from torch._dynamo.utils import counters
-
     counters.clear()
-    ro = torch.compile(opt, mode="reduce-overhead", fullgraph=True)
+    compiled = torch.compile(opt, backend=counting, fullgraph=True)
 
-    def run_ro():
-        torch.compiler.cudagraph_mark_step_begin()
+    def run_compiled():
+        if cuda:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad():
-            return ro(**batch)[0]
+            return compiled(**batch)[0]
 
-    skips = {}
+    for _ in range(3):
+        out = run_compiled().clone()
+    skips = {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
     if cuda:
-        for _ in range(3):
-            out_ro = run_ro().clone()
-        skips = {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
-        results["cudagraphs"] = dict(rel_err=rel(out_ro, ref), counters=skips)
+        try:
+            from torch._inductor import cudagraph_trees
+
+            mgr = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+            skips["cudagraph_tree_nodes"] = 0 if mgr is None else len(list(mgr.get_roots()))
+        except Exception as e:  # internal API: informational only
+            skips["cudagraph_tree_nodes"] = f"unknown ({type(e).__name__})"
+    results["compile"] = dict(ops=dict(seen), rel_err=rel(out, ref), cudagraphs=cuda, counters=skips)
 
     # 3. torch.export
     ep = torch.export.export(opt, (), batch)
@@ -133,20 +134,14 @@ def main(argv=None) -> int:
         with torch.no_grad():
             return opt(**batch)[0]
 
-    def comp():
-        with torch.no_grad():
-            return compiled(**batch)[0]
-
-    paths = (("eager", eager), ("compile", comp)) + ((("reduce-overhead", run_ro),) if cuda else ())
-    for name, fn in paths:
-        if not cuda:
-            break
-        ms = do_bench(fn, return_mode="median")
-        rows.append((name, f"{ms:.3f}"))
-        results.setdefault("median_ms", {})[name] = ms
+    if cuda:
+        for name, fn in (("eager", eager), ("compile + CUDA graphs", run_compiled)):
+            ms = do_bench(fn, return_mode="median")
+            rows.append((name, f"{ms:.3f}"))
+            results.setdefault("median_ms", {})[name] = ms
 
     ok = (seen.get("vmonarch.monarch_attention", 0) == args.layers and results["compile"]["rel_err"] < 2e-2
-          and (not cuda or results["cudagraphs"]["rel_err"] < 2e-2) and not skips.get("cudagraph_skips", 0)
+          and not skips.get("cudagraph_skips", 0)
           and ep_ops.get("vmonarch.monarch_attention.default", 0) == args.layers
           and results["export"]["rel_err"] < 2e-2)
     results["ok"] = bool(ok)
