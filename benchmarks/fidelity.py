@@ -182,9 +182,9 @@ def save_strip(dense: torch.Tensor, opt: torch.Tensor, path, title: str, videos:
 
 
 # ----------------------------------------------------------------------------- per-layer errors
-def layer_errors(model, frames: int, size: int) -> str:
+def layer_errors(model, frames: int, size: int, t: float = 0.5) -> str:
     """Why the videos differ: per layer, the relative error ||o - o_dense|| / ||o_dense|| of each
-    attention variant on the model's own q/k/v (calibration batch at t = 0.5, the PyTorch
+    attention variant on the model's own q/k/v (procedural videos noised to ``t``, the PyTorch
     references). Includes two masked-dense baselines: attention restricted to the query's own
     frame (what frame-block Monarch's R factor alone keeps) and to frames t-1..t+1."""
     from tabulate import tabulate
@@ -193,7 +193,7 @@ def layer_errors(model, frames: int, size: int) -> str:
     from vmonarch_opt.kernels.vmoba_reference import vmoba_attention_reference
 
     dev = next(model.parameters()).device
-    b = calib_batch(1, frames, size, t=0.5, seed=1234, device=dev)
+    b = calib_batch(1, frames, size, t=t, seed=1234, device=dev)
     attns = [blk.attn for blk in model.blocks]
     for a in attns:
         a.record = []
@@ -246,6 +246,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--layer-errors", action="store_true",
                     help="only print per-layer attention errors of Monarch/VMoBA variants (fast, CPU is fine)")
+    ap.add_argument("--calib-t", type=float, default=0.5, help="--layer-errors: noise level of the input")
     ap.add_argument("--bf16", action="store_true", help="also run the bf16 rows off CUDA (slow; for testing)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -263,7 +264,7 @@ def main(argv=None) -> int:
 
     model = load_tiny_video_dit(args.weights, device=dev, dtype=torch.float32)
     if args.layer_errors:
-        table = layer_errors(model, args.frames, args.size)
+        table = layer_errors(model, args.frames, args.size, args.calib_t)
         print(table)
         if out:
             (out / "fidelity_layer_errors.md").write_text(table + "\n")
