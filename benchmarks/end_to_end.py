@@ -3,6 +3,13 @@
     OUT=out PYTHONPATH=. python benchmarks/end_to_end.py            # GPU: Wan2.1-1.3B 480p + CogVideoX-5B
     PYTHONPATH=. python benchmarks/end_to_end.py --tiny --no-append  # CPU smoke run (small random configs)
 
+On the lent GPU (diffusers travels as a wheel: carry=[".whl"]), one model per call keeps each call
+well inside the 10-minute limit (a fresh machine compiles Dynamo graphs and Triton kernels cold):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site:. || exit; PYTHONUNBUFFERED=1 python3 \
+        benchmarks/end_to_end.py --models wan --no-append
+
 diffusers transformers at full size with random weights (bf16, batch 1; no downloads):
 
 * ``wan``: ``WanTransformer3DModel`` with the Wan2.1-T2V-1.3B config (``vmonarch_opt.models.wan_1_3b``),
