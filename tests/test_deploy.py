@@ -124,6 +124,25 @@ def _vm_nodes(graph) -> Counter:
 
 
 # -------------------------------------------------------------------------------- torch.compile
+@pytest.mark.parametrize("which", ["monarch", "vmoba", "dense"])
+def test_op_fake_strides_match_real_on_transposed_inputs(which):
+    """Compiled graphs trust the fake implementation's strides (inductor asserts them, AOT views
+    with them): with q/k/v transposed views, as models pass them, fake and real must agree."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = (torch.randn(1, 24, 2, 16).transpose(1, 2) for _ in range(3))  # [B, H, N, D], non-contiguous
+    if which == "monarch":
+        op, args = torch.ops.vmonarch.monarch_attention, ([2, 3, 4], [1, 3, 4], 0, 0, 1, 0.25, False)
+    elif which == "vmoba":
+        op, args = torch.ops.vmonarch.vmoba_attention, ([2, 3, 4], [1, 2, 2], 0, 0, "3d", 0.5, 0, 0.25)
+    else:
+        op, args = torch.ops.vmonarch.dense_attention, (0.25,)
+    real = op(q, k, v, *args)
+    with FakeTensorMode() as mode:
+        fake = op(*(mode.from_tensor(t) for t in (q, k, v)), *args)
+    assert fake.shape == real.shape and fake.stride() == real.stride(), (fake.stride(), real.stride())
+
+
 def test_compile_fullgraph_diffusers_wan_keeps_our_ops(wan_monarch):
     opt, batch, ref = wan_monarch
     from torch._dynamo.backends.debugging import aot_eager
