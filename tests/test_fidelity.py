@@ -78,7 +78,8 @@ def test_rope_is_a_rotation():
 
 
 def test_dense_method_reproduces_dense_video_exactly(model, dense_videos):
-    opt = vmonarch_opt.optimize(model, calib_batch(1, 4, 16), methods=("dense",), min_seq_len=0)
+    opt = vmonarch_opt.optimize(model, calib_batch(1, 4, 16), methods=("dense",), min_seq_len=0,
+                                budget=None)
     assert opt.report.totals["by_method"] == {"dense": len(model.blocks)}
     vids = sample(opt, SEEDS, **SMALL)
     torch.testing.assert_close(vids, dense_videos, rtol=1e-5, atol=1e-5)
@@ -86,7 +87,8 @@ def test_dense_method_reproduces_dense_video_exactly(model, dense_videos):
 
 
 def test_monarch_videos_finite_and_close(model, dense_videos):
-    opt = vmonarch_opt.optimize(model, calib_batch(1, 4, 16), methods=("monarch",), min_seq_len=0)
+    opt = vmonarch_opt.optimize(model, calib_batch(1, 4, 16), methods=("monarch",), min_seq_len=0,
+                                budget=None)
     tot = opt.report.totals
     assert tot["by_method"] == {"monarch": len(model.blocks)}
     assert tot["flops_after"] < tot["flops_before"]
