@@ -245,8 +245,8 @@ def test_onnx_wan_monarch(wan_monarch, tmp_path):
     assert "blocks.0.attn1" in str(res)
 
 
-def test_onnx_cogvideox_vmoba_with_text_tokens(tmp_path):
-    model, batch = models.cogvideox()
+def test_onnx_cogvideox_vmoba_with_text_tokens_dynamic_batch(tmp_path):
+    model, batch = models.cogvideox(batch=2)
     opt = vmonarch_opt.optimize(model, batch, methods=("vmoba",), min_seq_len=0, budget=None)
     rows = [r for r in opt.report.rows if r["plan"]["method"] == "vmoba"]
     assert len(rows) == 2 and rows[0]["site"]["text_before"] == 7
@@ -255,11 +255,17 @@ def test_onnx_cogvideox_vmoba_with_text_tokens(tmp_path):
         dense = model(**batch)[0]
     assert rel_err(ref, dense) > 1e-3  # really sparse: not the dense answer
     path = str(tmp_path / "cog.onnx")
-    res = export_onnx(opt, batch, path)
+    res = export_onnx(opt, batch, path, dynamic_batch=True)
     assert len(res.sites) == 2 and res.max_rel_error < 1e-5
     _check_graph(path, ["TopK", "CumSum", "ArgMax", "Softmax", "MatMul"])
-    (got,) = _ort_outputs(path, [batch[k] for k in ("hidden_states", "encoder_hidden_states", "timestep")])
+    names = ("hidden_states", "encoder_hidden_states", "timestep")
+    (got,) = _ort_outputs(path, [batch[k] for k in names])
     assert rel_err(torch.from_numpy(got), ref) < 1e-5
+    one = {k: (v[1:] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}  # batch of 1 at run time
+    with torch.no_grad():
+        want = opt(**one)[0]
+    (got,) = _ort_outputs(path, [one[k] for k in names])
+    assert got.shape[0] == 1 and rel_err(torch.from_numpy(got), want) < 1e-5
 
 
 def test_onnx_hunyuan_text_padding_mask_in_graph(tmp_path):
@@ -315,6 +321,8 @@ def test_export_onnx_bad_arguments(tmp_path):
         export_onnx(lambda x: x, torch.zeros(1), str(tmp_path / "x.onnx"))
     with pytest.raises(TypeError, match="example_inputs"):
         export_onnx(torch.nn.Linear(2, 2), 3, str(tmp_path / "x.onnx"))
+    with pytest.raises(ValueError, match="batch >= 2"):
+        export_onnx(torch.nn.Linear(2, 2), torch.zeros(1, 2), str(tmp_path / "x.onnx"), dynamic_batch=True)
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -87,7 +87,7 @@ def _cmd_export_onnx(args) -> int:
         if args.report:
             opt.report.to_json(args.report)
         result = export_onnx(opt, inputs, args.output, opset=args.opset, strict=not args.allow_dense_fallback,
-                             verify=not args.no_verify, rtol=args.rtol)
+                             verify=not args.no_verify, rtol=args.rtol, dynamic_batch=args.dynamic_batch)
     except VMonarchError as e:
         print(f"vmonarch-opt: {e}", file=sys.stderr)
         return 1
@@ -120,6 +120,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: the exporter's)")
     p.add_argument("--rtol", type=float, default=1e-4,
                    help="largest relative error of onnxruntime vs PyTorch accepted (default 1e-4)")
+    p.add_argument("--dynamic-batch", action="store_true",
+                   help="dynamic batch dimension in the ONNX graph (the factory's batch must be >= 2)")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     p.add_argument("--allow-dense-fallback", action="store_true",
                    help="export sites that do not fit the example inputs as the model's own attention "

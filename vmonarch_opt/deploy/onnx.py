@@ -167,6 +167,24 @@ def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
                     f"tuple/list (model(*inputs)) or a tensor; got {type(example_inputs).__name__}")
 
 
+def _batch_dims(args: tuple, kwargs: dict):
+    """``dynamic_shapes`` for torch.export: dim 0 of the tensor inputs that carry the batch."""
+    tensors = [t for t in _tensor_leaves((args, kwargs)) if t.dim() > 0]
+    if not tensors:
+        raise TypeError("dynamic_batch=True needs tensor inputs with a batch dimension")
+    batch = tensors[0].shape[0]
+    if batch < 2:
+        raise ValueError(f"dynamic_batch=True needs example inputs with batch >= 2 (got {batch}): torch.export "
+                         f"specialises dimensions of size 1; repeat the example along dim 0")
+    dim = torch.export.Dim("batch", min=1)
+
+    def spec(x):
+        return {0: dim} if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch else None
+
+    # example inputs are either positional (a tuple) or keyword (a dict), never both
+    return {k: spec(v) for k, v in kwargs.items()} if kwargs else tuple(spec(a) for a in args)
+
+
 def _find(exc: BaseException, cls) -> Optional[BaseException]:
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -227,7 +245,8 @@ def _verify(path: str, args: tuple, kwargs: dict, expected, rtol: float) -> floa
 
 def export_onnx(optimized: torch.nn.Module, example_inputs: Any, path: str, *, opset: Optional[int] = None,
                 strict: bool = True, verify: bool = True, rtol: float = 1e-4,
-                external_data: Optional[bool] = None, quiet: bool = True) -> OnnxExport:
+                external_data: Optional[bool] = None, dynamic_batch: bool = False,
+                quiet: bool = True) -> OnnxExport:
     """Export an optimized model (or any model) to ONNX with its attention sites lowered.
 
     Args:
@@ -241,6 +260,9 @@ def export_onnx(optimized: torch.nn.Module, example_inputs: Any, path: str, *, o
         verify: run the file in onnxruntime (CPU) and compare with the PyTorch output (``rtol``:
             largest relative L2 error accepted over the floating-point outputs).
         external_data: force weights into / out of a separate file (None: only above 2 GB).
+        dynamic_batch: make the batch dimension (dim 0 of every tensor input whose dim 0 equals
+            the example's batch size) dynamic in the graph; the example needs batch >= 2, as
+            torch.export specialises size-1 dimensions. Sequence lengths stay fixed.
         quiet: silence the exporter's progress messages and warnings.
 
     Returns an :class:`OnnxExport` (path, lowering per site, ONNX op counts, verification error).
@@ -254,6 +276,7 @@ def export_onnx(optimized: torch.nn.Module, example_inputs: Any, path: str, *, o
     except ImportError as e:
         raise ImportError(f"export_onnx needs onnx and onnxscript (torch.onnx's exporter): "
                           f"pip install onnx onnxscript onnxruntime ({e})") from e
+    dynamic_shapes = _batch_dims(args, kwargs) if dynamic_batch else None
     t0 = time.perf_counter()
     lower = _Lowerer(strict)
     was_training = optimized.training
@@ -264,7 +287,7 @@ def export_onnx(optimized: torch.nn.Module, example_inputs: Any, path: str, *, o
             expected = optimized(*args, **kwargs) if verify else None
             with lowering(lower), quiet_ctx:
                 try:
-                    ep = torch.export.export(optimized, args, kwargs, strict=False)
+                    ep = torch.export.export(optimized, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
                 except Exception as e:  # errors raised while tracing come wrapped
                     ours = _find(e, OnnxExportError)
                     if ours is not None:
