@@ -21,7 +21,8 @@ diffusers transformers at full size with random weights (bf16, batch 1; no downl
 
 For each model: one forward, timed as the median of ``--runs`` CUDA-event measurements after warm-up,
 for dense attention (diffusers' default SDPA, and SDPA forced to the FlashAttention and cuDNN
-backends) and for ``vmonarch_opt.optimize(model, batch, methods=(method,))`` per method; the time
+backends) and for ``vmonarch_opt.optimize(model, batch, methods=(method,), budget=None)`` per method
+(``--methods calibrated`` adds optimize()'s calibrated default); the time
 ``optimize`` itself takes; the attention-FLOP cut and the output's relative error vs dense (from the
 report's validation run). Prints a short table last, writes ``$OUT/end_to_end.json`` and
 ``$OUT/end_to_end_section.md``, and appends the table to BENCHMARKS.md (unless ``--no-append``).
@@ -108,7 +109,9 @@ def call(model, batch):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="wan,cogvideox")
-    ap.add_argument("--methods", default="monarch,vmoba")
+    ap.add_argument("--methods", default="monarch,vmoba",
+                    help="comma-separated: monarch, vmoba, dense (method pinned on every eligible site, no "
+                         "calibration) and/or calibrated (optimize()'s default: calibration under Budget())")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--tiny", action="store_true", help="small random configs (CPU smoke run)")
@@ -159,7 +162,8 @@ def main(argv=None) -> int:
         for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
             try:
                 t0 = time.perf_counter()
-                vmonarch_opt.optimize(model, batch, methods=(method,), inplace=True,
+                kw = dict(budget=None, methods=(method,)) if method != "calibrated" else {}
+                vmonarch_opt.optimize(model, batch, inplace=True, **kw,
                                       **({"min_seq_len": 0} if args.tiny else {}))
                 if cuda:
                     torch.cuda.synchronize()
