@@ -6,6 +6,11 @@ kept afterwards): the dense output with per-row entropy (flash kernel with stati
 concentration on the video grid, and for every candidate config its relative output error
 against that dense output and its cost (FLOPs; kernel time on CUDA). Then each site gets the
 cheapest candidate whose worst-batch error meets its budget, or dense.
+
+Limits: errors are measured on the original model's activations (every site sees dense
+upstream attention); inside the optimized model later sites see slightly different inputs, which
+the report's re-measured error shows. Joint sites with a text key-padding mask are measured
+without the mask (``observe`` hands over q/k/v only), i.e. as if every text token were real.
 """
 from __future__ import annotations
 
