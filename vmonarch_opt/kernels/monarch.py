@@ -11,17 +11,20 @@ docstring for the algorithm, the text-token handling and ``recompute``) with thr
   ever stored. At the end ``sum R log2 R = w/l - log2 l``. Writes ``AK = R K``, ``CL =
   sum R log2 R`` and ``Y = R V`` in a position-major scratch layout ``[bh, B, M, D]`` so that
   the L-step reads contiguous runs.
+  With text tokens, the first R-step also runs its query rows (= the video query rows) against
+  the exact text keys and stores their normalised output ``TX`` and log2-sum-exp ``TL`` per row.
 * ``_l_final_kernel``: the final L-step fused with the output. One program = one in-block
   position j and up to ``BLOCK_I`` query blocks i: a tiny flash attention whose "keys" are the
-  M blocks (logit ``q . AK * s - CL``, value ``Y``) followed by the exact text keys, all in one
-  online softmax; writes the output rows in the caller's token order.
+  M blocks (logit ``q . AK * s - CL``, value ``Y``) plus the text part (``TL``, ``TX``) as one
+  more term of the same normalised softmax; writes the output rows in the caller's token order.
 * ``_l_step_kernel`` (steps > 1 only): the intermediate L-step. One program = one position j
-  and up to ``BLOCK_MB`` key blocks m: computes each query row's normaliser (blocks + text),
+  and up to ``BLOCK_MB`` key blocks m: computes each query row's normaliser (blocks + ``TL``),
   then ``Qbar[m, j] = sum_i L[j,i,m] q[i,j] / sum_i L[j,i,m]`` (plain, or the log-domain
   recomputation with reset of ``recompute=True``), written as the next R-step's query.
 
 Text query rows (joint attention) run through ``_text_rows_kernel``, a dense flash pass over all
-N keys. Everything takes q/k/v in the caller's ``[batch, heads, N, head_dim]`` layout (any
+N keys, split over key ranges (split-K) so that the few text rows still fill the GPU; the partial
+results are merged with their log-sum-exps on the host side. Everything takes q/k/v in the caller's ``[batch, heads, N, head_dim]`` layout (any
 strides with a unit last stride); block positions are mapped to sequence rows in-kernel
 (``_tok``), with a fast path when blocks are contiguous runs of tokens (frame blocks, frame
 groups, 1D blocks). fp16/bf16 inputs use tensor-core dots with fp32 accumulation; fp32 inputs
@@ -217,7 +220,7 @@ def _l_final_kernel(Q, O, AK, CL, Y, TX, TL,
                     sqb, sqh, sqn, sob, soh, son,
                     H, M, B, Nv, tb, NT, Tg, Hg, Wg, bt, bh, bw, nH, nW, D, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_MB: tl.constexpr,
-                    BLOCK_T: tl.constexpr, CONTIG: tl.constexpr, DOT_PREC: tl.constexpr):
+                    CONTIG: tl.constexpr, DOT_PREC: tl.constexpr):
     j = tl.program_id(0)
     pid_i = tl.program_id(1)
     pbh = tl.program_id(2)
@@ -269,7 +272,7 @@ def _l_step_kernel(Q, QB, AK, CL, TL,
                    H, M, B, Nv, tb, NT, Tg, Hg, Wg, bt, bh, bw, nH, nW, D, qk_scale,
                    reset_log2, plain_eps,
                    HEAD_DIM: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_MB: tl.constexpr,
-                   BLOCK_T: tl.constexpr, CONTIG: tl.constexpr, RECOMPUTE: tl.constexpr,
+                   CONTIG: tl.constexpr, RECOMPUTE: tl.constexpr,
                    DOT_PREC: tl.constexpr):
     j = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -462,12 +465,12 @@ def _pick_r_config(q, k, v, qbar, ak, cl, y, lay, scale, final, use_qbar, tx=Non
 
 
 def _l_cfg(q, M):
-    """(BLOCK_I, BLOCK_MB, BLOCK_T, num_warps) of the L-step kernels."""
+    """(BLOCK_I, BLOCK_MB, num_warps) of the L-step kernels."""
     if _interpreting() or not q.is_cuda:
-        return 16, 16, 16, 4
+        return 16, 16, 4
     bm = min(64, max(16, triton.next_power_of_2(M)))
     warps = 8 if bm >= 64 else 4
-    return bm, bm, 64, warps
+    return bm, bm, warps
 
 
 def monarch_r_step_triton(q, k, v, *, grid, block, text_before=0, text_after=0, scale=None, final=True):
@@ -501,7 +504,7 @@ def _plan(q, k, v, lay, steps, s, recompute):
     tls = torch.empty(b * h, B, M, dtype=torch.float32, device=q.device) if lay.n_text else None
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     HD = _head_pad(D)
-    BI, BMB, BT, lw = _l_cfg(q, M)
+    BI, BMB, lw = _l_cfg(q, M)
     la = _layout_args(lay)
     qk_scale = s * _LOG2E
     launches = []
@@ -518,7 +521,7 @@ def _plan(q, k, v, lay, steps, s, recompute):
                 _l_step_kernel[(B, triton.cdiv(M, BMB), b * h)](
                     q, qbar, ak, cl, tls if lay.n_text else cl, q.stride(0), q.stride(1), q.stride(2), h, M, B, lay.Nv, lay.text_before, lay.n_text, *la, D, qk_scale,
                     math.log2(RESET_MASS), PLAIN_CBAR_EPS,
-                    HEAD_DIM=HD, BLOCK_I=BI, BLOCK_MB=BMB, BLOCK_T=BT, CONTIG=lay.contiguous,
+                    HEAD_DIM=HD, BLOCK_I=BI, BLOCK_MB=BMB, CONTIG=lay.contiguous,
                     RECOMPUTE=bool(recompute), DOT_PREC=prec, num_warps=lw, num_stages=1)
             launches.append((f"l_step{step}", l_step))
 
@@ -527,7 +530,7 @@ def _plan(q, k, v, lay, steps, s, recompute):
             q, out, ak, cl, y, tx if lay.n_text else ak, tls if lay.n_text else cl,
             q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
             h, M, B, lay.Nv, lay.text_before, lay.n_text, *la, D, qk_scale,
-            HEAD_DIM=HD, BLOCK_I=BI, BLOCK_MB=BMB, BLOCK_T=BT, CONTIG=lay.contiguous, DOT_PREC=prec,
+            HEAD_DIM=HD, BLOCK_I=BI, BLOCK_MB=BMB, CONTIG=lay.contiguous, DOT_PREC=prec,
             num_warps=lw, num_stages=1)
     launches.append(("l_final", l_final))
     if lay.n_text:
