@@ -4,6 +4,9 @@ Every op takes q, k, v in the SDPA layout ``[batch, heads, seq, head_dim]`` (k/v
 to q's head count for GQA) plus its per-site config as plain arguments, so a rewritten model
 stays traceable by ``torch.compile``, ``torch.export`` and CUDA-graph capture.
 
+Every op returns a contiguous ``[batch, heads, seq, head_dim]`` tensor whatever the strides of
+its inputs, and the fake implementations say so: compiled graphs trust the fake strides.
+
 Dispatch: CUDA tensors run the Triton kernels; every other device (and CUDA when
 ``VMONARCH_FORCE_REFERENCE=1``) runs the pure-PyTorch reference next to the kernel. The dense op
 runs torch's SDPA (cuDNN / FlashAttention on CUDA) unless ``VMONARCH_DENSE_KERNEL=triton``.
@@ -43,14 +46,14 @@ def monarch_attention(
               text_after=text_after, steps=steps, scale=scale, recompute=recompute)
     if use_triton(q):
         from .kernels.monarch import monarch_attention_triton
-        return monarch_attention_triton(q, k, v, **kw)
+        return monarch_attention_triton(q, k, v, **kw).contiguous()
     from .kernels.monarch_reference import monarch_attention_reference
-    return monarch_attention_reference(q, k, v, **kw)
+    return monarch_attention_reference(q, k, v, **kw).contiguous()
 
 
 @monarch_attention.register_fake
 def _(q, k, v, grid, block, text_before, text_after, steps, scale, recompute):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, like every real path below
 
 
 @torch.library.custom_op("vmonarch::vmoba_attention", mutates_args=())
@@ -72,14 +75,14 @@ def vmoba_attention(
               topk=topk, scale=scale)
     if use_triton(q):
         from .kernels.vmoba import vmoba_attention_triton
-        return vmoba_attention_triton(q, k, v, **kw)
+        return vmoba_attention_triton(q, k, v, **kw).contiguous()
     from .kernels.vmoba_reference import vmoba_attention_reference
-    return vmoba_attention_reference(q, k, v, **kw)
+    return vmoba_attention_reference(q, k, v, **kw).contiguous()
 
 
 @vmoba_attention.register_fake
 def _(q, k, v, grid, chunk, text_before, text_after, partition, threshold, topk, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, like every real path below
 
 
 @torch.library.custom_op("vmonarch::dense_attention", mutates_args=())
@@ -93,13 +96,13 @@ def dense_attention(
     # CUDA; VMONARCH_DENSE_KERNEL=triton selects our own flash kernel instead.
     if use_triton(q) and os.environ.get("VMONARCH_DENSE_KERNEL", "sdpa") == "triton":
         from .kernels.flash import flash_attention_triton
-        return flash_attention_triton(q, k, v, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return flash_attention_triton(q, k, v, scale=scale).contiguous()
+    return F.scaled_dot_product_attention(q, k, v, scale=scale).contiguous()
 
 
 @dense_attention.register_fake
 def _(q, k, v, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, like every real path below
 
 
 # --- autograd -----------------------------------------------------------------------------------

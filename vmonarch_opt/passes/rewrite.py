@@ -84,12 +84,11 @@ def runtime_mismatch(plan: SitePlan, a: dict) -> Optional[str]:
     return None
 
 
-_warned: set = set()
-
-
-def _warn_once(key: str, msg: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
+def _warn_once(plan: SitePlan, key: str, msg: str) -> None:
+    """Warn the first time this site (of this optimized model) falls back for this reason."""
+    seen = plan.__dict__.setdefault("_warned", set())  # not a dataclass field: never serialised
+    if key not in seen:
+        seen.add(key)
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
@@ -128,7 +127,7 @@ def run_site(plan: SitePlan, a: dict, original: Callable) -> torch.Tensor:
         return _lowering(plan, a, original)
     why = runtime_mismatch(plan, a)
     if why is not None:
-        _warn_once(f"{plan.site_id}:{why}", f"vmonarch_opt: site {plan.site_id} ran dense attention: {why}")
+        _warn_once(plan, why, f"vmonarch_opt: site {plan.site_id} ran dense attention: {why}")
         return original()
     q, v = a["query"], a["value"]
     q4, k4, v4, scale = prepare_qkv(a)
@@ -140,7 +139,7 @@ def run_site(plan: SitePlan, a: dict, original: Callable) -> torch.Tensor:
         out = run_key_padded(q4, k4, v4, a["attn_mask"], plan.args["text_before"], plan.args["text_after"],
                              scale, call)
         if out is None:
-            _warn_once(f"{plan.site_id}:mask", f"vmonarch_opt: site {plan.site_id} ran dense attention: "
+            _warn_once(plan, "mask", f"vmonarch_opt: site {plan.site_id} ran dense attention: "
                        "its mask is not a key-padding mask on text tokens")
             return original()
     else:
