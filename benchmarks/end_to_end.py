@@ -102,6 +102,14 @@ def median_ms(fn, runs: int, warmup: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
+def compiled(model, on: bool):
+    """``model`` itself, or a fresh ``torch.compile`` of it (Dynamo caches reset first)."""
+    if not on:
+        return model
+    torch._dynamo.reset()
+    return torch.compile(model)
+
+
 def call(model, batch):
     return model(**batch)
 
@@ -115,6 +123,9 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--tiny", action="store_true", help="small random configs (CPU smoke run)")
+    ap.add_argument("--compile", action="store_true",
+                    help="time every configuration under torch.compile (inductor; compilation happens in the "
+                         "warm-up): dense with diffusers' default SDPA vs the optimized model, both compiled")
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
@@ -141,11 +152,12 @@ def main(argv=None) -> int:
         base = {}
         for label, backend in [("dense SDPA (diffusers default)", None), ("dense SDPA FLASH", SDPBackend.FLASH_ATTENTION),
                                ("dense SDPA CUDNN", SDPBackend.CUDNN_ATTENTION)]:
-            if backend is not None and not cuda:
+            if backend is not None and (not cuda or args.compile):
                 continue
             try:
                 if backend is None:
-                    ms = median_ms(lambda: call(model, batch), args.runs, args.warmup, cuda)
+                    fwd = compiled(model, args.compile)
+                    ms = median_ms(lambda: call(fwd, batch), args.runs, args.warmup, cuda)
                 else:
                     with sdpa_kernel(backend):
                         ms = median_ms(lambda: call(model, batch), args.runs, args.warmup, cuda)
@@ -171,7 +183,8 @@ def main(argv=None) -> int:
                 rep = model.report
                 tot = rep.totals
                 cut = 1 - tot["flops_after"] / tot["flops_before"]
-                ms = median_ms(lambda: call(model, batch), args.runs, args.warmup, cuda)
+                fwd = compiled(model, args.compile)
+                ms = median_ms(lambda: call(fwd, batch), args.runs, args.warmup, cuda)
                 res = dict(model=mname, config=method, forward_ms=ms, optimize_s=opt_s, flop_cut=cut,
                            by_method=tot["by_method"], output_error=tot.get("output_error"),
                            speedup_vs_default=ref / ms if ref else None,
@@ -206,7 +219,8 @@ def main(argv=None) -> int:
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     what = ("small random configs (--tiny)" if args.tiny else
             "Wan2.1-1.3B 480p/81f (21×30×52 = 32760 tokens), CogVideoX-5B 49f 720×480 (13×30×45 + 226 text)")
-    section = (f"## End-to-end: one transformer forward, dense vs optimized ({when})\n\n"
+    mode = " under torch.compile (inductor, both sides compiled)" if args.compile else ""
+    section = (f"## End-to-end: one transformer forward, dense vs optimized{mode} ({when})\n\n"
                f"Device: {devname}, torch {torch.__version__}, optimized attention via {kernels}. Command: `{cmd}`. "
                f"Models: {what}; diffusers, random weights, {'fp32' if args.tiny else 'bf16'}, batch 1; median of "
                f"{args.runs} runs after {args.warmup} warm-up. Output error = relative L2 error of the model output vs "

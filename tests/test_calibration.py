@@ -175,3 +175,23 @@ def test_budget_validation():
     with pytest.raises(TypeError, match="Budget"):
         vmonarch_opt.calibrate(Attn(), uniform(), budget=0.05)
     assert Budget.from_dict(Budget(per_site={"x*": 0.1}).to_dict()) == Budget(per_site={"x*": 0.1})
+
+
+def test_untuned_block_nests_and_is_thread_local():
+    import threading
+
+    from vmonarch_opt.kernels.tuning import tuning_enabled, untuned
+
+    assert tuning_enabled()
+    with untuned():
+        assert not tuning_enabled()
+        with untuned(False):  # a no-op block keeps the outer setting
+            assert not tuning_enabled()
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(tuning_enabled()))
+        t.start()
+        t.join()
+        assert seen == [True]  # other threads keep tuning
+    assert tuning_enabled()
+    with untuned(False):
+        assert tuning_enabled()

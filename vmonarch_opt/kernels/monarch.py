@@ -42,6 +42,7 @@ import triton.language as tl
 
 from .monarch_layout import check_qkv, check_steps, make_layout, resolve_scale
 from .monarch_reference import PLAIN_CBAR_EPS, RESET_MASS
+from .tuning import tuning_enabled
 
 __all__ = ["monarch_attention_triton", "monarch_r_step_triton"]
 
@@ -399,6 +400,11 @@ _R_CANDIDATES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 
                  (128, 64, 16, 2), (128, 128, 8, 2)]
 
 
+# launched inside tuning.untuned() (calibration measures many kernel variants once each)
+_DEFAULT_R = (64, 64, 4, 3)
+_DEFAULT_R_WIDE = (64, 32, 4, 2)  # head_dim > 128
+
+
 def _head_pad(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
@@ -441,6 +447,8 @@ def _pick_r_config(q, k, v, qbar, ak, cl, y, lay, scale, final, use_qbar, tx=Non
     hit = _CONFIG.get(key)
     if hit is not None:
         return hit
+    if not tuning_enabled():
+        return _DEFAULT_R if D <= 128 else _DEFAULT_R_WIDE
     cands = _R_CANDIDATES
     if D > 128:
         cands = [(64, 32, 4, 2), (32, 32, 4, 2)]

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .flash import _LOG2E, _NEG, TensorDescriptor, _flash_into, _online_tile, interpreting
+from .tuning import tuning_enabled
 from .vmoba_reference import (QUERY_GROUP, VMoBALayout, VMoBASelection, _check_args)
 
 __all__ = ["vmoba_attention_triton", "vmoba_select_triton", "vmoba_attention_with_selection"]
@@ -453,6 +454,8 @@ def _pick_config(q, k, v, out, sel, scale):
     hit = _TUNED.get(key)
     if hit is not None:
         return hit
+    if not tuning_enabled():
+        return _CUDA_CANDIDATES[0]  # plain loads, no TMA: valid on every CUDA device
     tma = _tma_ok(k) and _tma_ok(v)
     best, best_t = None, float("inf")
     dl = _device_layout(lay, q.device)

@@ -24,7 +24,9 @@ class Budget:
             the most cost (Lagrangian allocation), each site still capped by ``max_rel_error`` /
             ``per_site``.
         cost: what "cheapest" means: ``"flops"`` (attention FLOPs, default) or ``"time"``
-            (measured kernel time; falls back to FLOPs where no time is measured, e.g. on CPU).
+            (measured kernel time, with every kernel tuned first: slower calibration on a cold
+            machine; falls back to FLOPs where no time is measured, e.g. on CPU). With
+            ``"flops"`` the times in the profile are of untuned launches (one default tile config).
         monarch_steps: Monarch alternating steps tried for every layout (2+ use recomputation).
         layouts: Monarch layouts tried: ``"frame"`` (1, H, W) blocks (VMonarch), ``"frame_group"``
             (2, H, W), ``"tile"`` (1, ⌈H/2⌉, ⌈W/2⌉) spatial tiles, ``"1d"`` (~√N tokens, used when

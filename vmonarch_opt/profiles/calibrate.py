@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..config import METHODS, DenseConfig, MonarchConfig, VMoBAConfig, default_monarch_block, resolve_args
+from ..kernels.tuning import untuned
 from .budget import Budget, config_to_dict, describe_config
 from .profile import PROFILE_FORMAT, Profile, fingerprint
 from .stats import block_concentration, dense_with_stats, entropy_stats
@@ -357,7 +358,11 @@ def calibrate_sites(model, batches: list, detected: list, plans: dict, forwards:
         if rec is None:
             return
         bar.set_postfix_str(site.site_id, refresh=False)
-        rec.observe(q, k, v, scale)
+        # Our kernels run one default launch config here instead of compiling and timing every
+        # tile config for every candidate variant (minutes on a cold machine); the chosen method is
+        # tuned when the optimized model first runs. cost="time" needs real times: tuned.
+        with untuned(budget.cost != "time"):
+            rec.observe(q, k, v, scale)
         bar.update(1)
 
     try:
@@ -409,7 +414,7 @@ def calibrate_sites(model, batches: list, detected: list, plans: dict, forwards:
     data = {"format": PROFILE_FORMAT, "fingerprint": fingerprint(model, sites), "budget": budget.to_dict(),
             "methods": list(methods), "overrides": {k: str(v) for k, v in (overrides or {}).items()},
             "batches": len(batches), "device": _device_name(batches), "torch": torch.__version__,
-            "seconds": round(time.perf_counter() - t0, 3), "sites": rows}
+            "seconds": round(time.perf_counter() - t0, 3), "tuned_kernel_times": budget.cost == "time", "sites": rows}
     return Profile(data)
 
 
