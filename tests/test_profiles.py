@@ -71,6 +71,12 @@ def test_wan_profile_respects_budget_and_round_trips(wan, tmp_path):
     assert loaded.choices() == prof.choices()
     again = vmonarch_opt.optimize(model, batch, profile=loaded, min_seq_len=0)
     assert torch.equal(_out(again, batch), _out(opt, batch))
+    # without min_seq_len, the profile's own threshold (0 here, not the default 1024) applies
+    assert loaded.data["min_seq_len"] == 0
+    implicit = vmonarch_opt.optimize(model, batch, profile=loaded)
+    assert torch.equal(_out(implicit, batch), _out(opt, batch))
+    assert vmonarch_opt.optimize(model, batch, profile=loaded, min_seq_len=10 ** 6).report.totals["by_method"] \
+        == {"original": len(prof.sites)}  # an explicit threshold still wins
     # calibrating inside optimize() gives the same choices and outputs
     direct = vmonarch_opt.optimize(model, batch, budget=BUDGET, min_seq_len=0)
     assert direct.vmonarch.profile.choices() == prof.choices()

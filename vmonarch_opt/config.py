@@ -84,7 +84,7 @@ class SitePlan:
     calibrated_error: Optional[float] = None
     flops_before: int = 0
     flops_after: int = 0
-    density: Optional[float] = None  # VMoBA: fraction of key blocks kept (measured)
+    density: Optional[float] = None  # VMoBA: fraction of video×video token pairs computed (measured)
     seq_q: int = 0
     seq_k: int = 0
     head_dim: int = 0

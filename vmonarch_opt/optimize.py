@@ -196,7 +196,7 @@ def _validate(model, runtime: dict, forwards: dict, batch, reference) -> tuple[d
 
 def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=METHODS,
              budget="auto", grid=None, inplace: bool = False, overrides: Optional[dict] = None,
-             min_seq_len: int = 1024, capture: str = "auto", validate: bool = True) -> torch.nn.Module:
+             min_seq_len: Optional[int] = None, capture: str = "auto", validate: bool = True) -> torch.nn.Module:
     """Rewrite every attention site of ``model`` to a structured kernel and report what was done.
 
     Returns the optimized model — a copy of ``model`` unless ``inplace=True`` — with the same
@@ -214,7 +214,8 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
             as ``methods`` allow). Ignored when ``profile`` is given.
         grid: ``(T, H, W)`` latent token grid, or ``{site_glob: (T, H, W)}``, overriding inference.
         overrides: ``{site_glob: "dense" | "monarch" | "vmoba" | "original" | Config}`` pins.
-        min_seq_len: sites with fewer tokens stay dense (unless pinned by ``overrides``).
+        min_seq_len: sites with fewer tokens stay dense (unless pinned by ``overrides``); default
+            1024, or with ``profile`` the value the profile was calibrated with.
         capture: "auto" (torch.compile, then torch.fx), "dynamo" or "fx".
         validate: run the batch once more to measure per-site and output error.
     """
@@ -223,6 +224,12 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
                         f"wrap your function in an nn.Module")
     t0 = time.perf_counter()
     plan_sites([], methods=methods)  # option errors before any model run
+    if profile is not None:
+        from .profiles.profile import as_profile
+        profile = as_profile(profile)
+    if min_seq_len is None:  # with a profile: the threshold it was calibrated with
+        recorded = profile.data.get("min_seq_len") if profile is not None else None
+        min_seq_len = 1024 if recorded is None else int(recorded)
     check_grid_spec(grid)
     batches = as_batches(calib_batch)
     target = model if inplace else copy.deepcopy(model)
@@ -241,8 +248,7 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
     forwards = _normalize_handwritten(target, detected, plans, batches[0])
     fwd_by_path = {p: f for p, (f, _) in forwards.items()}
     if profile is not None:
-        from .profiles.profile import annotate_plans, apply_profile, as_profile
-        profile = as_profile(profile)
+        from .profiles.profile import annotate_plans, apply_profile
         chosen = apply_profile(profile, sites, model=model)
         plans = _replan(sites, plans, methods, overrides, min_seq_len, chosen)
         annotate_plans(plans, sites, profile)
@@ -254,6 +260,7 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
             budget = Budget()
         profile = calibrate_sites(target, batches, detected, plans, fwd_by_path, methods=methods,
                                   budget=budget, overrides=overrides)
+        profile.data["min_seq_len"] = min_seq_len  # optimize(profile=...) reuses it
         plans = _replan(sites, plans, methods, overrides, min_seq_len, profile.choices())
         annotate_plans(plans, sites, profile)
     runtime = _runtime_index(detected, plans, forwards)

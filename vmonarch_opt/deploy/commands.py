@@ -109,8 +109,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--profile", help="calibration profile (JSON) whose per-site choices are used")
     p.add_argument("--methods", default="monarch,vmoba,dense",
                    help="allowed methods, comma-separated (default: monarch,vmoba,dense)")
-    p.add_argument("--min-seq-len", type=int, default=1024,
-                   help="sites with fewer tokens keep the model's attention (default 1024)")
+    p.add_argument("--min-seq-len", type=int, default=None,
+                   help="sites with fewer tokens keep the model's attention (default 1024, or the "
+                        "profile's own with --profile)")
     p.add_argument("--max-rel-error", type=float, default=None,
                    help="calibrate with this per-site error budget (default: optimize()'s own)")
     p.add_argument("--no-calibrate", action="store_true",
