@@ -20,10 +20,6 @@ per-candidate measurement time of the first site (where compilation lands). Writ
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import shlex
 import statistics
 import sys
 import time
@@ -35,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import vmonarch_opt  # noqa: E402
 from vmonarch_opt import models  # noqa: E402
+from benchmarks.publish import command_line, now, publish  # noqa: E402
 
 
 def summarize(profile, wall_s: float) -> dict:
@@ -59,7 +56,6 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available() and not args.tiny
     dev = torch.device("cuda" if cuda else "cpu")
     devname = torch.cuda.get_device_name(dev) if cuda else "cpu"
-    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     if args.tiny:
         model, batch = models.wan(frames=3, height=6, width=8)
         kw = dict(min_seq_len=0)
@@ -95,22 +91,14 @@ def main(argv=None) -> int:
     table = tabulate(rows, headers=["calibration", "wall s", "sites", "candidates", "s/site (median)",
                                     "s/site (max)", "chosen", "attn-FLOP cut"], tablefmt="github",
                      disable_numparse=True)
-    cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
-    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    cmd, when = command_line(), now()
     what = "small random Wan config (--tiny)" if args.tiny else "Wan2.1-1.3B config, 480p/81f (32760 tokens), bf16"
     section = (f"## Calibration time ({when})\n\nDevice: {devname}, torch {torch.__version__}. Command: `{cmd}`. "
                f"Model: {what}, random weights, batch 1, `vmonarch_opt.calibrate(model, batch)` with the default "
                f"`Budget()`. Cold = first call in the process (Dynamo capture and Triton compilation/autotuning "
                f"included); warm = the same call again.\n\n{table}\n")
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "calibration_time.json").write_text(json.dumps(dict(device=devname, command=cmd, date=when, runs=runs),
-                                                              indent=1, default=str))
-        (out / "calibration_time_section.md").write_text(section)
-    if not args.no_append:
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write("\n" + section)
-    print("\n" + section, flush=True)
+    publish("calibration_time", section, dict(device=devname, command=cmd, date=when, runs=runs),
+            append=not args.no_append)
     return 0
 
 

@@ -30,11 +30,8 @@ report's validation run). Prints a short table last, writes ``$OUT/end_to_end.js
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -47,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import vmonarch_opt  # noqa: E402
 from vmonarch_opt import models  # noqa: E402
+from benchmarks.publish import command_line, now, publish  # noqa: E402
 
 
 def cogvideox_5b(frames: int = 13, height: int = 30, width: int = 45, dtype=torch.bfloat16, device="cuda",
@@ -132,9 +130,6 @@ def main(argv=None) -> int:
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     devname = torch.cuda.get_device_name(dev) if cuda else "cpu"
-    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
     kernels = "Triton" if cuda and os.environ.get("VMONARCH_FORCE_REFERENCE", "0") != "1" else "PyTorch reference"
     print(f"[e2e] device {devname}, torch {torch.__version__}, optimized attention via {kernels}", flush=True)
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -215,8 +210,7 @@ def main(argv=None) -> int:
     headers = ["model", "attention", "forward ms (median)", "speed-up vs default SDPA", "vs best dense",
                "attn-FLOP cut", "output rel. err", "optimize s"]
     table = tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
-    cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
-    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    cmd, when = command_line(), now()
     what = ("small random configs (--tiny)" if args.tiny else
             "Wan2.1-1.3B 480p/81f (21×30×52 = 32760 tokens), CogVideoX-5B 49f 720×480 (13×30×45 + 226 text)")
     mode = " under torch.compile (inductor, both sides compiled)" if args.compile else ""
@@ -225,14 +219,8 @@ def main(argv=None) -> int:
                f"Models: {what}; diffusers, random weights, {'fp32' if args.tiny else 'bf16'}, batch 1; median of "
                f"{args.runs} runs after {args.warmup} warm-up. Output error = relative L2 error of the model output vs "
                f"dense on the calibration batch (the report's validation).\n\n{table}\n")
-    if out:
-        (out / "end_to_end.json").write_text(json.dumps(dict(device=devname, command=cmd, date=when, kernels=kernels,
-                                                             results=results), indent=1, default=str))
-        (out / "end_to_end_section.md").write_text(section)
-    if not args.no_append:
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write("\n" + section)
-    print("\n" + section, flush=True)
+    publish("end_to_end", section, dict(device=devname, command=cmd, date=when, kernels=kernels, results=results),
+            append=not args.no_append)
     return 0
 
 

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -45,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 import vmonarch_opt  # noqa: E402
 from vmonarch_opt import MonarchConfig, VMoBAConfig  # noqa: E402
 from vmonarch_opt.tiny_dit import calib_batch, load_tiny_video_dit, sample  # noqa: E402
+from benchmarks.publish import command_line, now  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -401,8 +400,7 @@ def main(argv=None) -> int:
     headers = ["configuration", "sites by method", "attn-FLOP cut", "PSNR dB (fp32)", "SSIM (fp32)",
                "PSNR dB (bf16)", "forward speed-up", "sampling speed-up", "optimize s", "note"]
     table = tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
-    cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
-    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    cmd, when = command_line(), now()
     head = (f"## Fidelity: tiny video DiT, dense vs optimized videos ({when})\n\n"
             f"Device: {devname}, torch {torch.__version__}, optimized attention via {kernels}. Command: "
             f"`{cmd}`. Model: `vmonarch_opt.tiny_dit` fixture ({model.metadata.get('steps', '?')} training steps), "
