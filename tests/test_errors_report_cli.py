@@ -66,3 +66,17 @@ def test_report_exports_and_cli(tmp_path, capsys):
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "vmonarch_opt.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "report" in out.stdout
+
+
+def test_readme_example_runs_and_writes_its_report(tmp_path):
+    """examples/optimize_wan.py, as the README tells a newcomer to run it."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "optimize_wan.py"
+    res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("vmonarch_opt report — WanTransformer3DModel") == 2
+    assert "calibrated: no candidate meets the error budget" in res.stdout  # run 1: calibrated, left dense
+    assert "4 attention sites (monarch: 2, original: 2)" in res.stdout  # run 2: Monarch pinned
+    data = json.loads((tmp_path / "wan_report.json").read_text())
+    assert [r["plan"]["method"] for r in data["rows"]] == ["monarch", "original", "monarch", "original"]
