@@ -96,6 +96,28 @@ def test_cogvideox_joint_attention_profile():
     assert torch.isfinite(_out(opt, batch)).all()
 
 
+def test_hunyuan_text_padding_is_calibrated_as_it_runs():
+    """Joint attention with a text key-padding mask: calibration measures every candidate through
+    the op's padding path against the model's masked attention, so the calibrated error of the
+    first rewritten site is what the optimized model re-measures there."""
+    model, batch = models.hunyuan(frames=3, height=4, width=6, batch=2)
+    batch["encoder_attention_mask"][0, 3:] = 0  # prompt 0 has 3 real tokens of 7
+    prof = vmonarch_opt.calibrate(model, batch, budget=BUDGET, methods=("monarch", "vmoba"), min_seq_len=0,
+                                  progress=False)
+    rows = {sid: r for sid, r in prof.sites.items() if r["status"] == "calibrated"}
+    assert rows and all(r["site"]["has_mask"] for r in rows.values())
+    opt = vmonarch_opt.optimize(model, batch, profile=prof)
+    assert _check_budget_after_rewrite(opt, prof, BUDGET) >= 1
+    # the same candidate measured without the mask gives another error: the mask was honoured
+    first = next(iter(rows))
+    unpadded = dict(batch, encoder_attention_mask=torch.ones_like(batch["encoder_attention_mask"]))
+    prof2 = vmonarch_opt.calibrate(model, unpadded, budget=BUDGET, methods=("monarch", "vmoba"), min_seq_len=0,
+                                   progress=False)
+    e1 = {c["label"]: c["error"] for c in rows[first]["candidates"]}
+    e2 = {c["label"]: c["error"] for c in prof2.sites[first]["candidates"]}
+    assert e1.keys() == e2.keys() and all(abs(e1[k] - e2[k]) > 1e-6 for k in e1)
+
+
 def test_mismatched_profiles_fail_clearly(wan, tmp_path):
     model, batch, prof = wan
     path = prof.save(tmp_path / "wan.json")

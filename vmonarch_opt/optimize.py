@@ -113,9 +113,10 @@ def _replan(sites, old: dict, methods, overrides, min_seq_len, chosen: dict) -> 
 def observe(model, detected: list[DetectedSite], plans: dict, forwards: dict, batches: list,
             callback: Callable) -> None:
     """Run ``batches`` through ``model`` with its own attention, calling
-    ``callback(site, plan, q, k, v, scale)`` at every site whose plan is not "original".
+    ``callback(site, plan, q, k, v, scale, mask)`` at every site whose plan is not "original".
 
-    q/k/v are 4-D ``[B, H, N, D]`` with GQA expanded — what our ops receive. ``forwards`` maps
+    q/k/v are 4-D ``[B, H, N, D]`` with GQA expanded — what our ops receive; ``mask`` is the
+    call's text key-padding mask (sites planned with ``key_padding``) or None. ``forwards`` maps
     module paths to normalised forwards (hand-written attention as SDPA). The model is restored
     afterwards.
     """
@@ -128,7 +129,7 @@ def observe(model, detected: list[DetectedSite], plans: dict, forwards: dict, ba
         def handler(a, original):
             if plan.method != "original" and runtime_mismatch(plan, a) is None:
                 q, k, v, scale = prepare_qkv(a)
-                callback(site, plan, q, k, v, scale)
+                callback(site, plan, q, k, v, scale, a["attn_mask"])
             return original()
         return handler
 

@@ -9,8 +9,10 @@ cheapest candidate whose worst-batch error meets its budget, or dense.
 
 Limits: errors are measured on the original model's activations (every site sees dense
 upstream attention); inside the optimized model later sites see slightly different inputs, which
-the report's re-measured error shows. Joint sites with a text key-padding mask are measured
-without the mask (``observe`` hands over q/k/v only), i.e. as if every text token were real.
+the report's re-measured error shows. Joint sites with a text key-padding mask (HunyuanVideo) are
+measured as they run: the reference is the model's masked dense attention and every candidate
+goes through the same key-padding path as the rewritten op (padded text tokens dropped); the
+entropy and block statistics are of the unmasked q/k.
 """
 from __future__ import annotations
 
@@ -122,8 +124,46 @@ def _timed(fn: Callable, cuda: bool):
     return out, float(start.elapsed_time(end))
 
 
-def _run_candidate(cfg, args: dict, q, k, v, scale: float, timed: bool):
+def _run_candidate_padded(cfg, args: dict, q, k, v, scale: float, timed: bool, mask: torch.Tensor):
+    """``_run_candidate`` under a text key-padding ``mask``, through the op's own padding path
+    (``passes/keypad.py``): per batch element, padded text tokens dropped."""
+    from ..passes.keypad import run_key_padded
+
+    acc: dict = {}
+
+    def fn():
+        acc.update(flops=0, density=[])
+
+        def call(qq, kk, vv, tb, ta):
+            o, f, d, _ = _run_candidate(cfg, {**args, "text_before": tb, "text_after": ta}, qq, kk, vv, scale, False)
+            acc["flops"] += f
+            if d is not None:
+                acc["density"].append(d)
+            return o
+        out = run_key_padded(q, k, v, mask, args["text_before"], args["text_after"], scale, call)
+        if out is None:  # the planner only keeps key-padding masks; anything else runs dense
+            raise ValueError("calibration: the site's mask is not a text key-padding mask")
+        return out
+
+    out, ms = _timed(fn, timed)
+    dens = acc["density"]
+    return out, int(acc["flops"]), (sum(dens) / len(dens) if dens else None), ms
+
+
+def masked_reference(q, k, v, scale: float, mask: torch.Tensor) -> torch.Tensor:
+    """The model's dense attention under a text key-padding mask."""
+    from ..passes.keypad import valid_keys
+
+    valid = valid_keys(mask, q.shape[0])
+    if valid is None:
+        raise ValueError("calibration: the site's mask is not a text key-padding mask")
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=scale)
+
+
+def _run_candidate(cfg, args: dict, q, k, v, scale: float, timed: bool, mask: Optional[torch.Tensor] = None):
     """(out, flops, density, time_ms) of one candidate on one site's q/k/v."""
+    if mask is not None:
+        return _run_candidate_padded(cfg, args, q, k, v, scale, timed, mask)
     B, H, N, D = q.shape
     if cfg.method == "monarch":
         from ..kernels.monarch_reference import monarch_flops
@@ -185,11 +225,13 @@ class _SiteRecord:
         self.dense_ms = None
         self.seconds = 0.0
 
-    def observe(self, q, k, v, scale: float) -> None:
+    def observe(self, q, k, v, scale: float, mask: Optional[torch.Tensor] = None) -> None:
         t_site = time.perf_counter()
         s = self.site
         timed = q.is_cuda and self.batches == 0
         ref, _, ent = dense_with_stats(q, k, v, scale)
+        if mask is not None:  # what the model computes: its masked dense attention
+            ref = masked_reference(q, k, v, scale, mask)
         if timed:  # the dense baseline is what the dense op runs: torch SDPA (cuDNN / FlashAttention)
             _, self.dense_ms = _timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale), True)
         B, H, N, D = q.shape
@@ -200,7 +242,7 @@ class _SiteRecord:
         self._accumulate(st)
         for res, (_, cfg, args) in zip(self.results, self.cands):
             t0 = time.perf_counter()
-            out, flops, density, ms = _run_candidate(cfg, args, q, k, v, scale, timed)
+            out, flops, density, ms = _run_candidate(cfg, args, q, k, v, scale, timed, mask)
             if q.is_cuda:
                 torch.cuda.synchronize(q.device)
             # wall time of the measurement (kernel compilation and tuning on first use included)
@@ -353,7 +395,7 @@ def calibrate_sites(model, batches: list, detected: list, plans: dict, forwards:
 
     bar = _bar(len(records) * len(batches))
 
-    def callback(site, plan, q, k, v, scale):
+    def callback(site, plan, q, k, v, scale, mask=None):
         rec = records.get(site.site_id)
         if rec is None:
             return
@@ -362,7 +404,7 @@ def calibrate_sites(model, batches: list, detected: list, plans: dict, forwards:
         # tile config for every candidate variant (minutes on a cold machine); the chosen method is
         # tuned when the optimized model first runs. cost="time" needs real times: tuned.
         with untuned(budget.cost != "time"):
-            rec.observe(q, k, v, scale)
+            rec.observe(q, k, v, scale, mask)
         bar.update(1)
 
     try:
