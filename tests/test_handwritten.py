@@ -31,6 +31,12 @@ def test_handwritten_forms_are_detected_and_rewritten(cls):
     assert all(r["plan"]["method"] == "monarch" for r in opt1.report.rows)
     with torch.no_grad():
         assert rel_err(opt1(X), ref) < 1e-4
+    # without a grid a 3-D block means a 1D block of as many tokens: (2, 3, 4) -> 24, one block
+    opt3 = vmonarch_opt.optimize(model, (X,), overrides={"*": MonarchConfig(block=(2, 3, 4))}, min_seq_len=0,
+                                 budget=None)
+    assert [r["plan"]["args"]["block"] for r in opt3.report.rows] == [[1, 1, 24]] * 2
+    with torch.no_grad():
+        assert rel_err(opt3(X), ref) < 1e-4
     # real Monarch blocks (1D, no grid) change the output but keep it finite
     opt2 = vmonarch_opt.optimize(model, (X,), methods=("monarch",), min_seq_len=0, budget=None)
     with torch.no_grad():

@@ -73,6 +73,31 @@ def test_monarch_with_one_block_is_exact(name):
     assert rel_err(_out(opt, batch), ref) < 1e-4
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_latte_factorised_space_time_attention(batch):
+    """Spatial attention per frame (frames in the batch) and temporal attention per position
+    (positions in the batch) get the per-frame / per-position grids of the patch embedding."""
+    model, b = models.latte(batch=batch)
+    ref = _out(model, b)
+    opt = vmonarch_opt.optimize(model, b, methods=("dense",), min_seq_len=0)
+    assert rel_err(_out(opt, b), ref) < 1e-5
+    grids = {r["site"]["site_id"]: tuple(r["site"]["grid"]) for r in _video_self_sites(opt.report)}
+    assert grids == {"transformer_blocks.0.attn1": (1, 4, 5), "transformer_blocks.1.attn1": (1, 4, 5),
+                     "temporal_transformer_blocks.0.attn1": (3, 1, 1),
+                     "temporal_transformer_blocks.1.attn1": (3, 1, 1)}
+    assert "spatial attention per frame" in opt.report.site("transformer_blocks.0.attn1")["site"]["grid_source"]
+    one_block = vmonarch_opt.optimize(model, b, overrides={"*": MonarchConfig(block=(3, 4, 5))}, min_seq_len=0,
+                                      budget=None)
+    assert [r["plan"]["args"]["block"] for r in _video_self_sites(one_block.report)] == \
+        [[1, 4, 5], [3, 1, 1], [1, 4, 5], [3, 1, 1]]
+    assert rel_err(_out(one_block, b), ref) < 1e-4
+    structured = vmonarch_opt.optimize(model, b, methods=("monarch",), min_seq_len=0, budget=None)
+    blocks = {r["site"]["site_id"]: r["plan"]["args"]["block"] for r in _video_self_sites(structured.report)}
+    assert blocks["temporal_transformer_blocks.0.attn1"] == [2, 1, 1]  # ~√T frames, not 1×1×1 blocks
+    out = _out(structured, b)
+    assert torch.isfinite(out).all() and 0 < rel_err(out, ref) < 0.5
+
+
 def test_hunyuan_text_padding_mask_is_handled_exactly():
     model, batch = models.hunyuan(batch=2)
     batch["encoder_attention_mask"][0, 4:] = 0  # prompt 0 has 4 real tokens, prompt 1 has 7

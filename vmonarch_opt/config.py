@@ -55,8 +55,11 @@ def parse_config(spec) -> Config:
 
 
 def default_monarch_block(grid: tuple) -> tuple:
-    """Frame blocks for videos; for a single frame, groups of rows of about √N tokens."""
+    """Frame blocks for videos; for a single frame, groups of rows of about √N tokens; for a
+    single position over time (factorised temporal attention), runs of about √T frames."""
     t, h, w = grid
+    if t > 1 and h * w == 1:  # temporal attention over one position: ~√T frames per block
+        return (max(1, math.isqrt(max(t - 1, 0)) + 1), 1, 1)
     if t > 1:
         return (1, h, w)
     n = h * w
@@ -102,6 +105,8 @@ def resolve_args(cfg: Config, site, layer_index: int) -> dict:
             block = tuple(cfg.block)
             if len(block) == 1:
                 block = (1, 1, block[0])
+            elif site.grid is None and len(block) == 3:  # no grid: 1D blocks of as many tokens
+                block = (1, 1, math.prod(block))
         elif site.grid:
             block = default_monarch_block(grid)
         else:

@@ -90,6 +90,25 @@ def ltx(frames: int = 3, height: int = 4, width: int = 5, layers: int = 2, heads
     return m, _to(b, device, dtype)
 
 
+def latte(frames: int = 3, height: int = 4, width: int = 5, layers: int = 2, heads: int = 2, head_dim: int = 16,
+          text: int = 7, batch: int = 1, seed: int = 0, dtype=torch.float32, device="cpu"):
+    """LatteTransformer3DModel: factorised attention — spatial blocks attend within each frame
+    (frames folded into the batch), temporal blocks across frames at each position."""
+    _need_diffusers()
+    from diffusers import LatteTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = LatteTransformer3DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=4,
+                                num_layers=layers, cross_attention_dim=32, sample_size=2 * height, patch_size=2,
+                                norm_type="ada_norm_single", num_embeds_ada_norm=1000, caption_channels=32,
+                                video_length=frames).to(device, dtype).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    b = dict(hidden_states=torch.randn(batch, 4, frames, 2 * height, 2 * width, generator=g),
+             timestep=torch.tensor([500] * batch), encoder_hidden_states=torch.randn(batch, text, 32, generator=g),
+             return_dict=False)
+    return m, _to(b, device, dtype)
+
+
 def wan_1_3b(frames: int = 21, height: int = 30, width: int = 52, dtype=torch.bfloat16, device="cuda", seed: int = 0):
     """Wan2.1-T2V-1.3B architecture at full size with random weights; 480p/81f = 21×30×52 tokens."""
     _need_diffusers()

@@ -9,6 +9,11 @@ row-major order. Candidate grids come from (in order of trust):
 4. integer ``num_frames/height/width`` arguments of the batch divided by the config's patch sizes;
 5. 5-D video tensors of the batch divided by the config's patch sizes.
 
+Factorised space/time attention (Latte-style: spatial attention over each frame with the frames
+folded into the batch, temporal attention over each position with the positions folded in) gets
+the per-frame grid ``(1, H, W)`` or the per-position grid ``(T, 1, 1)`` of a candidate when the
+site's sequence length and batch say so.
+
 Text tokens (joint attention) are located by finding the ``cat`` that builds the sequence in the
 graph; if the grid is known but the text position is not, the site gets no grid (1D blocks) and
 the report says so. Nothing is guessed silently: every site records where its grid came from.
@@ -151,17 +156,35 @@ def check_grid_spec(user_grid: GridSpec) -> None:
                              f"e.g. grid=(21, 30, 52), or {{'blocks.*': (21, 30, 52)}}")
 
 
+def _factorised(options: list[GridCandidate], site, batch_size: Optional[int]) -> list[GridCandidate]:
+    """Per-frame ``(1, H, W)`` / per-position ``(T, 1, 1)`` grids of the candidates that fit a
+    self-attention site whose batch holds the frames / the spatial positions."""
+    if site.seq_q != site.seq_k or not batch_size:
+        return []
+    out = []
+    for c in options:
+        T, H, W = c.grid
+        if T > 1 and site.seq_q == H * W and site.batch == batch_size * T:
+            out.append(GridCandidate((1, H, W), f"spatial attention per frame of the {c.grid} grid from {c.source}"))
+        if H * W > 1 and site.seq_q == T and site.batch == batch_size * H * W:
+            out.append(GridCandidate((T, 1, 1), f"temporal attention per position of the {c.grid} grid from {c.source}"))
+    return out
+
+
 def assign_grids(sites: list[DetectedSite], graphs: list[CapturedGraph], model, batch,
                  user_grid: GridSpec = None) -> None:
     """Fill ``grid``, ``text_before``, ``text_after``, ``grid_source`` and ``kind`` of each site."""
     check_grid_spec(user_grid)
-    cands = _conv_candidates(graphs, _batch_size(batch)) + _batch_candidates(model, batch)
+    bsz = _batch_size(batch)
+    cands = _conv_candidates(graphs, bsz) + _batch_candidates(model, batch)
     for ds in sites:
         s = ds.site
         n = s.seq_q
         user = _lookup_user(user_grid, s.site_id)
         options = ([GridCandidate(user, "grid= given by the user")] if user else []) + cands
         chosen, why_not = None, ""
+        if not any(math.prod(c.grid) <= n for c in options):  # factorised space/time attention?
+            options = options + _factorised(options, s, bsz)
         for c in options:
             nv = math.prod(c.grid)
             if nv == n:
