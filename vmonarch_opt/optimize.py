@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -12,6 +13,7 @@ from .batch import as_batches, run_calibration_call
 from .config import METHODS, SitePlan
 from .errors import VMonarchError
 from .passes.capture import capture as capture_graphs
+from .passes.census import attention_census, uncaptured
 from .passes.detect import DetectedSite, detect
 from .passes.grid import assign_grids, check_grid_spec
 from .passes.normalize import NormalizeError, normalize_module
@@ -195,6 +197,13 @@ def _validate(model, runtime: dict, forwards: dict, batch, reference) -> tuple[d
     return errors, _rel_error(out, reference)
 
 
+def _uncaptured_text(missed: dict) -> str:
+    where = ", ".join(f"{p or '<root>'} ({n} call{'s' if n > 1 else ''})" for p, n in missed.items())
+    return (f"attention ran outside the captured graphs in {where} — Dynamo skipped that code (a graph "
+            f"break in a loop or data-dependent Python), so it keeps the model's own attention. "
+            f"Try capture='fx', or rewrite the loop so that torch.compile can trace it.")
+
+
 def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=METHODS,
              budget="auto", grid=None, inplace: bool = False, overrides: Optional[dict] = None,
              min_seq_len: Optional[int] = None, capture: str = "auto", validate: bool = True) -> torch.nn.Module:
@@ -236,12 +245,15 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
     target = model if inplace else copy.deepcopy(model)
     if getattr(target, "vmonarch", None) is not None:
         raise VMonarchError("this model is already optimized; call optimize() on the original model")
-    with torch.no_grad():
+    with torch.no_grad(), attention_census(target) as calls:
         reference = run_calibration_call(target, batches[0])
     graphs = capture_graphs(target, batches[0], capture)
     detected = detect(graphs, target)
     assign_grids(detected, graphs, target, batches[0], grid)
     sites = [d.site for d in detected]
+    missed = uncaptured(calls, sites)
+    if missed:
+        warnings.warn(f"vmonarch_opt: {_uncaptured_text(missed)}", RuntimeWarning, stacklevel=2)
 
     # Eligibility and default choices first: hand-written attention that may be rewritten is
     # normalised to SDPA before calibration, so calibration observes every candidate site.
@@ -276,6 +288,8 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
             "methods": list(methods), "min_seq_len": min_seq_len,
             "optimize_seconds": round(time.perf_counter() - t0, 3),
             "torch": torch.__version__}
+    if missed:
+        meta["uncaptured"] = {"calls": missed, "note": _uncaptured_text(missed)}
     report = Report.build(type(model).__name__, sites, plans, meta=meta, site_errors=site_errors,
                           output_error=out_error)
     state = OptimizationState(sites=sites, plans=plans, report=report, modules=sorted(runtime),

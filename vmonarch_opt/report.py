@@ -109,17 +109,21 @@ class Report:
             line += f"; model output rel. error on the calibration batch {t['output_error']:.2e}"
         return line
 
+    def _notes(self) -> str:
+        un = (self.data.get("meta") or {}).get("uncaptured")
+        return f"\nnot optimized: {un['note']}" if un else ""
+
     def __str__(self) -> str:
         head = f"vmonarch_opt report — {self.data['model']}"
         table = tabulate(self.table_rows(), headers=_HEADERS, tablefmt="simple", disable_numparse=True)
-        return f"{head}\n{table}\n{self._totals_line()}"
+        return f"{head}\n{table}\n{self._totals_line()}{self._notes()}"
 
     def __repr__(self) -> str:
         return str(self)
 
     def to_markdown(self) -> str:
         table = tabulate(self.table_rows(), headers=_HEADERS, tablefmt="github", disable_numparse=True)
-        return f"### vmonarch_opt report — {self.data['model']}\n\n{table}\n\n{self._totals_line()}\n"
+        return f"### vmonarch_opt report — {self.data['model']}\n\n{table}\n\n{self._totals_line()}{self._notes()}\n"
 
     def to_json(self, path=None) -> str:
         text = json.dumps(self.data, indent=2, default=str)

@@ -32,18 +32,38 @@ def capture_dynamo(model: torch.nn.Module, batch: Any) -> list[CapturedGraph]:
 
     def record(gm: torch.fx.GraphModule, example_inputs):
         graphs.append(CapturedGraph(gm, len(graphs), "dynamo"))
-        return gm.forward
+        first = [True]
+
+        def run(*args):  # the graph's first real run also records every node's concrete shape
+            if first[0]:
+                first[0] = False
+                return _ShapeRecorder(gm).run(*args)
+            return gm.forward(*args)
+        return run
 
     # A fresh Dynamo state: cached code from an earlier capture (or the recompile limit) would
-    # otherwise keep our backend from seeing the graphs.
+    # otherwise keep our backend from seeing the graphs. Data-dependent ops (nonzero, masked
+    # indexing: e.g. a per-prompt loop over text masks) are captured rather than making Dynamo
+    # skip the whole frame — which would hide the attention in it; their sizes are unbacked
+    # symbols in the graph, so detection reads the concrete shapes recorded on the first run.
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=record, dynamic=False)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
             call_model(compiled, batch)
     finally:
         torch._dynamo.reset()
     return graphs
+
+
+class _ShapeRecorder(torch.fx.Interpreter):
+    """Runs a captured graph once, storing each tensor node's real shape in ``meta["concrete_shape"]``."""
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            n.meta["concrete_shape"] = tuple(out.shape)
+        return out
 
 
 def capture_fx(model: torch.nn.Module, batch: Any) -> list[CapturedGraph]:

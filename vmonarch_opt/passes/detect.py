@@ -65,8 +65,17 @@ def example_value(x) -> Optional[torch.Tensor]:
 
 
 def _shape(x) -> Optional[tuple]:
+    """Static shape of a node: the concrete shape of the captured run where recorded (sizes that
+    depend on data are symbols in the graph), else its example value's; None if unknown."""
+    if isinstance(x, torch.fx.Node) and x.meta.get("concrete_shape") is not None:
+        return tuple(int(s) for s in x.meta["concrete_shape"])
     v = example_value(x)
-    return tuple(int(s) for s in v.shape) if v is not None else None
+    if v is None:
+        return None
+    try:
+        return tuple(int(s) for s in v.shape)
+    except Exception:  # an unbacked (data-dependent) size without a recorded concrete shape
+        return None
 
 
 def _is_call(n, funcs=(), methods=()) -> bool:
@@ -339,7 +348,7 @@ def _sdpa_site(n, g, modules) -> DetectedSite:
         scale=float(scale) if isinstance(scale, (int, float)) else None,
         scale_is_tensor=isinstance(scale, torch.fx.Node),
         has_mask=mask is not None,
-        mask_shape=tuple(mv.shape) if mv is not None else None,
+        mask_shape=_shape(mask) if mv is not None else None,
         mask_kind=("" if mask is None else ("bool" if mv is not None and mv.dtype == torch.bool else "additive")),
         is_causal=bool(a.get("is_causal", False)) if not isinstance(a.get("is_causal"), torch.fx.Node) else True,
         dropout_p=float(dropout_p) if isinstance(dropout_p, (int, float)) else 1.0,
@@ -375,7 +384,7 @@ def _handwritten_site(sm, g, modules, gmods, training) -> Optional[DetectedSite]
         head_dim=qs[-1], head_dim_v=vs[-1],
         dtype=str(qv.dtype).replace("torch.", "") if qv is not None else "?", layout=layout,
         scale=factor, scale_is_tensor=bool(info["tensor_scale"]),
-        has_mask=mask is not None, mask_shape=tuple(mv.shape) if mv is not None else None,
+        has_mask=mask is not None, mask_shape=_shape(mask) if mv is not None else None,
         mask_kind=info["mask_kind"],
         dropout_p=info["dropout"]["p"], dropout_training=info["dropout"]["training"] and info["dropout"]["p"] > 0,
         probs_escape=bool(info.get("probs_escape")),

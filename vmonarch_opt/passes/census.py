@@ -1,0 +1,70 @@
+"""Count the attention calls a model really makes, to catch the ones capture did not see.
+
+Detection works on the graphs Dynamo (or FX) captured. Attention inside code that Dynamo skips
+(a graph break in a loop makes it run the whole frame eagerly, e.g. a per-prompt loop with
+``torch.nonzero``) is in no graph: it is never detected and silently keeps the model's own
+attention. The census runs alongside the eager reference call: a ``TorchFunctionMode`` counts
+every ``F.scaled_dot_product_attention`` call per innermost module (tracked with global forward
+hooks), and ``uncaptured()`` compares those counts with the detected sites so the report can say
+which attention was not optimized and why.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from typing import Iterator
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from .detect import SDPA_TARGETS
+
+__all__ = ["attention_census", "uncaptured"]
+
+
+class _CountSDPA(TorchFunctionMode):
+    def __init__(self, stack: list):
+        super().__init__()
+        self.stack = stack  # [[module path, SDPA calls so far in this invocation], ...]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in SDPA_TARGETS and self.stack:
+            self.stack[-1][1] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def attention_census(model: torch.nn.Module) -> Iterator[Counter]:
+    """Within this block, SDPA calls of ``model`` are counted per innermost module: the Counter
+    yielded (filled as the model runs) maps each module path (``""``: the root) to the most calls
+    one invocation of that module made — a module run twice (shared weights) still counts once."""
+    names = {id(m): name for name, m in model.named_modules()}
+    stack: list = []
+    counts: Counter = Counter()
+
+    def pre(mod, args):
+        name = names.get(id(mod))
+        if name is not None:
+            stack.append([name, 0])
+
+    def post(mod, args, out):
+        if names.get(id(mod)) is not None and stack:
+            name, calls = stack.pop()
+            if calls:
+                counts[name] = max(counts[name], calls)
+
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    handles = [register_module_forward_pre_hook(pre), register_module_forward_hook(post)]
+    try:
+        with _CountSDPA(stack):
+            yield counts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def uncaptured(counts: Counter, sites: list) -> dict[str, int]:
+    """``{module path: calls}``: SDPA calls per module invocation that no detected site accounts for."""
+    detected = Counter(s.module_path for s in sites if s.form == "sdpa")
+    return {path: n - detected[path] for path, n in sorted(counts.items()) if n > detected[path]}
