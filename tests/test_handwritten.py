@@ -98,3 +98,28 @@ def test_dropout_in_training_mode_is_left_dense():
 
     opt = vmonarch_opt.optimize(Drop().train(), (X,), min_seq_len=0)
     assert "dropout" in opt.report.rows[0]["plan"]["reason"]
+
+
+def test_site_that_validation_never_reaches_is_not_claimed():
+    """A site seen during capture but not taken when the optimized model runs (here: attention
+    only on the model's 2nd call, which is the capture run) must not be reported as rewritten."""
+    import torch.nn.functional as F
+
+    class SecondCallOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+            self.attn = torch.nn.Identity()
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == 2:
+                q = x.view(2, 24, 2, 16).transpose(1, 2)
+                return self.attn(F.scaled_dot_product_attention(q, q, q).transpose(1, 2).reshape(2, 24, 32))
+            return x
+
+    opt = vmonarch_opt.optimize(SecondCallOnly(), (X,), methods=("monarch",), min_seq_len=0, budget=None)
+    (row,) = opt.report.rows
+    assert row["plan"]["method"] == "original"
+    assert "never reached this site" in row["plan"]["reason"]
+    assert opt.report.totals["flops_after"] == opt.report.totals["flops_before"]

@@ -98,6 +98,57 @@ def test_latte_factorised_space_time_attention(batch):
     assert torch.isfinite(out).all() and 0 < rel_err(out, ref) < 0.5
 
 
+def test_mochi_attention_in_a_per_prompt_loop_is_found():
+    """Mochi computes its joint attention in a Python loop over prompts (``torch.nonzero`` on the
+    text mask): capture keeps that data-dependent code in the graph instead of skipping the frame."""
+    model, b = models.mochi()
+    ref = _out(model, b)
+    opt = vmonarch_opt.optimize(model, b, methods=("dense",), min_seq_len=0)
+    video = _video_self_sites(opt.report)
+    assert [r["site"]["site_id"] for r in video] == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+    assert all(r["site"]["kind"] == "joint" and tuple(r["site"]["grid"]) == (3, 4, 5)
+               and r["site"]["text_after"] == 7 for r in video)
+    assert "uncaptured" not in opt.report.data["meta"]
+    assert rel_err(_out(opt, b), ref) < 1e-5
+    one_block = vmonarch_opt.optimize(model, b, overrides={"*": MonarchConfig(block=(3, 4, 5))}, min_seq_len=0,
+                                      budget=None)
+    assert one_block.report.totals["by_method"]["monarch"] == 2
+    assert rel_err(_out(one_block, b), ref) < 1e-4
+
+
+def test_attention_outside_the_captured_graphs_is_reported(monkeypatch):
+    """If capture misses an attention (here: capture forced to skip Mochi's attention processor),
+    the census of the reference run says so in a warning and in the report."""
+    model, b = models.mochi()
+    import diffusers.models.transformers.transformer_mochi as tm
+
+    monkeypatch.setattr(tm.MochiAttnProcessor2_0, "__call__",
+                        torch._dynamo.disable(tm.MochiAttnProcessor2_0.__call__))
+    with pytest.warns(RuntimeWarning, match="attention ran outside the captured graphs in transformer_blocks.0.attn1"):
+        opt = vmonarch_opt.optimize(model, b, methods=("dense",), min_seq_len=0)
+    assert opt.report.data["meta"]["uncaptured"]["calls"] == {"transformer_blocks.0.attn1": 1,
+                                                              "transformer_blocks.1.attn1": 1}
+    assert "not optimized: attention ran outside the captured graphs" in str(opt.report)
+
+
+def test_framepack_blocks_captured_below_a_graph_break_keep_their_modules():
+    """Framepack's forward breaks the graph (``.item()``): its blocks are traced in frames of their
+    own, where Dynamo names the attention module relative to the block ("attn"); sites must still
+    be routed to the right modules, and the report's errors are the real ones."""
+    model, b = models.framepack()
+    ref = _out(model, b)
+    opt = vmonarch_opt.optimize(model, b, methods=("monarch",), min_seq_len=0, budget=None)
+    ids = {r["site"]["site_id"]: r["plan"]["method"] for r in opt.report.rows}
+    assert ids["transformer_blocks.0.attn"] == ids["single_transformer_blocks.0.attn"] == "monarch"
+    assert ids["context_embedder.token_refiner.refiner_blocks.0.attn"] == "original"
+    assert rel_err(_out(opt, b), ref) == pytest.approx(opt.report.totals["output_error"], rel=1e-4)
+    assert opt.report.totals["output_error"] > 0
+    exact = vmonarch_opt.optimize(model, b, overrides={"*attn": MonarchConfig(block=(1, 1, 118))}, min_seq_len=0,
+                                  budget=None)
+    assert exact.report.totals["by_method"].get("monarch") == 2
+    assert rel_err(_out(exact, b), ref) < 1e-4
+
+
 def test_hunyuan_text_padding_mask_is_handled_exactly():
     model, batch = models.hunyuan(batch=2)
     batch["encoder_attention_mask"][0, 4:] = 0  # prompt 0 has 4 real tokens, prompt 1 has 7

@@ -109,6 +109,54 @@ def latte(frames: int = 3, height: int = 4, width: int = 5, layers: int = 2, hea
     return m, _to(b, device, dtype)
 
 
+def mochi(frames: int = 3, height: int = 4, width: int = 5, layers: int = 2, heads: int = 2, head_dim: int = 16,
+          text: int = 7, batch: int = 1, seed: int = 0, dtype=torch.float32, device="cpu"):
+    """MochiTransformer3DModel: joint attention computed in a per-prompt Python loop over the text
+    mask (``torch.nonzero``), text after video."""
+    _need_diffusers()
+    from diffusers import MochiTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = MochiTransformer3DModel(patch_size=2, num_attention_heads=heads, attention_head_dim=head_dim,
+                                num_layers=layers, pooled_projection_dim=16, in_channels=4, out_channels=4,
+                                text_embed_dim=32, time_embed_dim=32, max_sequence_length=text).eval()
+    with torch.no_grad():  # zero-initialised RoPE frequencies would make RoPE the identity
+        m.pos_frequencies.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed + 7))
+    m = m.to(device, dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    b = dict(hidden_states=torch.randn(batch, 4, frames, 2 * height, 2 * width, generator=g),
+             encoder_hidden_states=torch.randn(batch, text, 32, generator=g), timestep=torch.tensor([500] * batch),
+             encoder_attention_mask=torch.ones(batch, text), return_dict=False)
+    return m, _to(b, device, dtype)
+
+
+def framepack(frames: int = 3, height: int = 4, width: int = 5, heads: int = 2, head_dim: int = 16, text: int = 7,
+              batch: int = 1, seed: int = 0, dtype=torch.float32, device="cpu"):
+    """HunyuanVideoFramepackTransformer3DModel with clean/2×/4× history latents and image tokens; its
+    forward breaks the Dynamo graph (``.item()``), so the blocks are captured in frames of their own."""
+    _need_diffusers()
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = HunyuanVideoFramepackTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=heads, attention_head_dim=head_dim, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32,
+        pooled_projection_dim=16, rope_axes_dim=(4, 6, 6), image_condition_type=None, has_image_proj=True,
+        image_proj_dim=16, has_clean_x_embedder=True).to(device, dtype).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    lat = (4, 2 * height, 2 * width)
+    b = dict(hidden_states=torch.randn(batch, 4, frames, *lat[1:], generator=g), timestep=torch.tensor([500] * batch),
+             encoder_hidden_states=torch.randn(batch, text, 32, generator=g), encoder_attention_mask=torch.ones(batch, text),
+             pooled_projections=torch.randn(batch, 16, generator=g), image_embeds=torch.randn(batch, 3, 16, generator=g),
+             indices_latents=torch.arange(frames), guidance=torch.tensor([3000.0] * batch),
+             latents_clean=torch.randn(batch, 4, 2, *lat[1:], generator=g), indices_latents_clean=torch.tensor([0, 4]),
+             latents_history_2x=torch.randn(batch, 4, 2, *lat[1:], generator=g),
+             indices_latents_history_2x=torch.tensor([5, 6]),
+             latents_history_4x=torch.randn(batch, 4, 4, *lat[1:], generator=g),
+             indices_latents_history_4x=torch.tensor([7, 8, 9, 10]), return_dict=False)
+    return m, _to(b, device, dtype)
+
+
 def wan_1_3b(frames: int = 21, height: int = 30, width: int = 52, dtype=torch.bfloat16, device="cuda", seed: int = 0):
     """Wan2.1-T2V-1.3B architecture at full size with random weights; 480p/81f = 21×30×52 tokens."""
     _need_diffusers()

@@ -175,14 +175,18 @@ def _measure_vmoba(plan: SitePlan, q, k, v, scale: float) -> None:
     plan.flops_after = int(vmoba_flops(sel, q.shape[-1]))
 
 
-def _validate(model, runtime: dict, forwards: dict, batch, reference) -> tuple[dict, Optional[float]]:
-    """Run the optimized model once, measuring each site's error vs dense and the output error."""
+def _validate(model, runtime: dict, forwards: dict, batch, reference) -> tuple[dict, Optional[float], set]:
+    """Run the optimized model once, measuring each site's error vs dense and the output error;
+    also returns the ids of the sites whose planned method really ran."""
     errors: dict[str, float] = {}
+    ran: set = set()
 
     def measuring(plan):
         def handler(a, original):
             out = run_site(plan, a, original)
             if plan.method != "original":
+                if runtime_mismatch(plan, a) is None:
+                    ran.add(plan.site_id)
                 ref = original()
                 errors[plan.site_id] = max(errors.get(plan.site_id, 0.0), _rel_error(out, ref) or 0.0)
                 if plan.method == "vmoba" and plan.density is None and a["attn_mask"] is None:
@@ -194,7 +198,17 @@ def _validate(model, runtime: dict, forwards: dict, batch, reference) -> tuple[d
         install(_owning_module(model, path), [measuring(p) for p in plans], forward=forwards.get(path))
     with torch.no_grad():
         out = run_calibration_call(model, batch)
-    return errors, _rel_error(out, reference)
+    return errors, _rel_error(out, reference), ran
+
+
+def _never_ran(plans: dict, ran: set) -> None:
+    """Sites planned for a kernel that the validation run never routed to it: the report must not
+    claim them. They keep the model's own attention."""
+    for sid, p in plans.items():
+        if p.method != "original" and sid not in ran:
+            p.reason = (f"planned {p.method}, but the validation run never reached this site with the detected "
+                        f"shape and module: kept the model's own attention")
+            p.method, p.args, p.flops_after = "original", {}, p.flops_before
 
 
 def _uncaptured_text(missed: dict) -> str:
@@ -280,7 +294,8 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
 
     site_errors, out_error = {}, None
     if validate:
-        site_errors, out_error = _validate(target, runtime, fwd_by_path, batches[0], reference)
+        site_errors, out_error, ran = _validate(target, runtime, fwd_by_path, batches[0], reference)
+        _never_ran(plans, ran)
     for path, plist in runtime.items():
         install(_owning_module(target, path), [plan_handler(p) for p in plist], forward=fwd_by_path.get(path))
 

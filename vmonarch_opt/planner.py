@@ -13,6 +13,9 @@ SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 
 def unsupported_reason(site: AttentionSite, min_seq_len: int, forced: bool) -> Optional[str]:
     """Why ``site`` must stay exactly as the model wrote it, or None if it can be rewritten."""
+    if not site.module_resolved:
+        return (f"the captured graph names its module '{site.module_path}', which matches no single module of "
+                f"the model (graph break inside a submodule): cannot route it")
     if site.kind == "cross":
         return f"cross-attention ({site.seq_q} queries × {site.seq_k} keys): few keys, not worth restructuring"
     if site.is_causal:

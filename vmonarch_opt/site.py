@@ -44,6 +44,7 @@ class AttentionSite:
     graph_index: int = 0
     node_name: str = ""
     notes: list = field(default_factory=list)
+    module_resolved: bool = True  # False: the captured graph did not say which module runs it
 
     @property
     def gqa(self) -> bool:

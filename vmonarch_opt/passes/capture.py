@@ -150,12 +150,16 @@ def node_module_path(node: torch.fx.Node, modules: Optional[dict] = None) -> str
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
-    raw = list(stack.values())[-1]
+    key, raw = list(stack.items())[-1]
     raw = raw[0] if isinstance(raw, tuple) else raw
     path = normalize_module_path(str(raw))
-    if modules is not None and path not in modules:
-        # Older/newer Dynamo spellings: fall back to the longest known suffix match.
-        cands = [p for p in modules if p and (path.endswith(p) or p.endswith(path))]
-        if cands:
-            path = max(cands, key=len)
-    return path
+    if modules is None or path in modules:
+        return path
+    # A frame Dynamo entered below the root (after a graph break) names modules relative to its
+    # own ``self`` ("attn"): resolve by identity where the key is the module's id, else by a
+    # unique suffix on "." boundaries; an ambiguous path stays unresolved (not in ``modules``).
+    for p, m in modules.items():
+        if str(id(m)) == str(key):
+            return p
+    cands = [p for p in modules if p and (p.endswith("." + path) or path.endswith("." + p))]
+    return cands[0] if len(cands) == 1 else path

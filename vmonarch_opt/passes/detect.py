@@ -310,6 +310,8 @@ def detect(graphs: list[CapturedGraph], model: torch.nn.Module) -> list[Detected
                 ds = _handwritten_site(n, g, modules, gmods, model.training)
                 if ds is not None:
                     found.append(ds)
+    for ds in found:
+        ds.site.module_resolved = ds.site.module_path in modules
     counts: dict[str, int] = {}
     for ds in found:
         path = ds.site.module_path
