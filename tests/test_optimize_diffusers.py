@@ -98,6 +98,17 @@ def test_latte_factorised_space_time_attention(batch):
     assert torch.isfinite(out).all() and 0 < rel_err(out, ref) < 0.5
 
 
+def test_cross_attention_as_long_as_the_video_stays_cross():
+    """A prompt exactly as long as the video (60 text tokens, 3×4×5 grid): the length no longer
+    makes attn2 look like self-attention — q and k come from different projections' inputs."""
+    model, b = models.wan(text=60)
+    opt = vmonarch_opt.optimize(model, b, methods=("monarch",), min_seq_len=0, budget=None)
+    kinds = {r["site"]["site_id"]: (r["site"]["kind"], r["plan"]["method"]) for r in opt.report.rows}
+    assert kinds["blocks.0.attn1"] == ("self", "monarch") and kinds["blocks.1.attn1"] == ("self", "monarch")
+    assert kinds["blocks.0.attn2"] == ("cross", "original") and kinds["blocks.1.attn2"] == ("cross", "original")
+    assert "another sequence" in opt.report.site("blocks.0.attn2")["plan"]["reason"]
+
+
 def test_mochi_attention_in_a_per_prompt_loop_is_found():
     """Mochi computes its joint attention in a Python loop over prompts (``torch.nonzero`` on the
     text mask): capture keeps that data-dependent code in the graph instead of skipping the frame."""

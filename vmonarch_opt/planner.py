@@ -17,7 +17,10 @@ def unsupported_reason(site: AttentionSite, min_seq_len: int, forced: bool) -> O
         return (f"the captured graph names its module '{site.module_path}', which matches no single module of "
                 f"the model (graph break inside a submodule): cannot route it")
     if site.kind == "cross":
-        return f"cross-attention ({site.seq_q} queries × {site.seq_k} keys): few keys, not worth restructuring"
+        if site.seq_k < site.seq_q:
+            return f"cross-attention ({site.seq_q} queries × {site.seq_k} keys): few keys, not worth restructuring"
+        return (f"cross-attention ({site.seq_q} queries × {site.seq_k} keys of another sequence): our structured "
+                f"kernels are for a token sequence attending to itself")
     if site.is_causal:
         return "causal mask (is_causal=True): our structured kernels are bidirectional"
     if site.has_mask and not key_padding_ok(site):

@@ -41,6 +41,48 @@ _TRANSPOSE_METHODS = {"transpose", "permute", "mT", "t"}
 _DROPOUT_FUNCS = {F.dropout, torch.dropout, torch.nn.functional.dropout}
 
 
+_LINEAR_FUNCS = {F.linear, torch._C._nn.linear}
+_CAT_FUNCS = {torch.cat, torch.concat, torch.concatenate, torch.stack}
+
+
+def _projection_inputs(node, gmods: dict, limit: int = 400) -> Optional[frozenset]:
+    """The inputs of the linear projections that ``node`` (a q or k) was computed from, following
+    its data path back through reshapes, RoPE, norms, indexing and concatenation (the first tensor
+    argument of an op; every part of a ``cat``). None when the path reaches a graph input, a
+    constant or anything else without passing a projection."""
+    found, todo, seen = set(), [node], set()
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, torch.fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if len(seen) > limit:
+            return None
+        if n.op == "call_function" and n.target in _LINEAR_FUNCS or (
+                n.op == "call_module" and isinstance(gmods.get(n.target), torch.nn.Linear)):
+            found.add(n.args[0])
+        elif n.op == "call_function" and n.target in _CAT_FUNCS:
+            parts = n.args[0] if n.args else n.kwargs.get("tensors", ())
+            todo.extend(parts)
+        elif n.op in ("call_function", "call_method", "call_module") and n.args and isinstance(n.args[0], torch.fx.Node):
+            todo.append(n.args[0])
+        else:
+            return None  # placeholder, get_attr, or an op without a tensor first argument
+    return frozenset(found) if found else None
+
+
+def _attention_kind(q, k, seq_q: int, seq_k: int, gmods: dict) -> str:
+    """"self" when q and k are projections of the same tokens, else "cross". Equal lengths alone
+    do not make self-attention (audio↔video, or text as long as the video); where the projections
+    cannot be traced, equal lengths decide."""
+    if seq_q != seq_k:
+        return "cross"
+    qs, ks = _projection_inputs(q, gmods), _projection_inputs(k, gmods)
+    if qs is None or ks is None:
+        return "self"
+    return "self" if qs == ks else "cross"
+
+
 @dataclass
 class DetectedSite:
     """An ``AttentionSite`` plus the graph handles the later passes need (not serialised)."""
@@ -357,7 +399,7 @@ def _sdpa_site(n, g, modules) -> DetectedSite:
         graph_index=g.index, node_name=n.name,
     )
     site.dropout_training = site.dropout_p > 0
-    site.kind = "self" if site.seq_q == site.seq_k else "cross"
+    site.kind = _attention_kind(a["query"], a["key"], site.seq_q, site.seq_k, dict(g.gm.named_modules()))
     return DetectedSite(site, g, n, q=a["query"], k=a["key"], v=a["value"], mask=mask)
 
 
@@ -392,7 +434,7 @@ def _handwritten_site(sm, g, modules, gmods, training) -> Optional[DetectedSite]
         probs_escape=bool(info.get("probs_escape")),
         graph_index=g.index, node_name=info["pv"].name,
     )
-    site.kind = "self" if site.seq_q == site.seq_k else "cross"
+    site.kind = _attention_kind(q, info["k"] if info["k"] is not None else info["k_t"], site.seq_q, site.seq_k, gmods)
     site.notes.append(f"hand-written ({info['how']})")
     return DetectedSite(site, g, info["pv"], q=q, k=info["k"], k_t=info["k_t"], v=v, mask=mask,
                         extra={"softmax": sm, "factor": factor})
