@@ -43,6 +43,7 @@ _CAT = {torch.cat, torch.concat, torch.concatenate}
 class GridCandidate:
     grid: tuple
     source: str
+    text: Optional[tuple] = None  # (text_before, text_after) when given with the grid
 
 
 def _conv_candidates(graphs: list[CapturedGraph], batch_size: Optional[int]) -> list[GridCandidate]:
@@ -135,25 +136,40 @@ def _find_text_split(ds: DetectedSite, n_video: int, max_nodes: int = 400) -> Op
     return None
 
 
-def _lookup_user(grid: GridSpec, site_id: str) -> Optional[tuple]:
+def _spec_entries(grid: GridSpec) -> list:
+    """``grid=`` as [(site glob, spec)]; a spec is (T, H, W) or {"grid": (T, H, W), "text_before": n, "text_after": m}."""
     if grid is None:
-        return None
-    if isinstance(grid, dict):
-        for pat, g in grid.items():
-            if fnmatch.fnmatchcase(site_id, pat):
-                return tuple(g)
-        return None
-    return tuple(grid)
+        return []
+    if isinstance(grid, dict) and "grid" not in grid:
+        return list(grid.items())
+    return [("*", grid)]
+
+
+def _lookup_user(grid: GridSpec, site_id: str) -> Optional[GridCandidate]:
+    for pat, spec in _spec_entries(grid):
+        if fnmatch.fnmatchcase(site_id, pat):
+            if isinstance(spec, dict):
+                text = (int(spec.get("text_before", 0)), int(spec.get("text_after", 0)))
+                return GridCandidate(tuple(spec["grid"]), "grid= given by the user, with its text placement", text)
+            return GridCandidate(tuple(spec), "grid= given by the user")
+    return None
 
 
 def check_grid_spec(user_grid: GridSpec) -> None:
     """Raise a ValueError naming the fix if ``grid=`` is malformed."""
-    grids = user_grid.values() if isinstance(user_grid, dict) else ([] if user_grid is None else [user_grid])
-    for g in grids:
-        g = tuple(g) if isinstance(g, (tuple, list)) else (g,)
+    fix = (f"grid={user_grid!r}: give (frames, height, width) in latent tokens, e.g. grid=(21, 30, 52), "
+           f"{{'blocks.*': (21, 30, 52)}}, or with the text placement of joint attention "
+           f"{{'blocks.*': {{'grid': (21, 30, 52), 'text_before': 0, 'text_after': 226}}}}")
+    for _, spec in _spec_entries(user_grid):
+        if isinstance(spec, dict):
+            if set(spec) - {"grid", "text_before", "text_after"} or "grid" not in spec:
+                raise ValueError(fix)
+            if not all(isinstance(spec.get(k, 0), int) and spec.get(k, 0) >= 0 for k in ("text_before", "text_after")):
+                raise ValueError(fix)
+            spec = spec["grid"]
+        g = tuple(spec) if isinstance(spec, (tuple, list)) else (spec,)
         if len(g) != 3 or not all(isinstance(x, int) and x > 0 for x in g):
-            raise ValueError(f"grid={user_grid!r}: give (frames, height, width) in latent tokens, "
-                             f"e.g. grid=(21, 30, 52), or {{'blocks.*': (21, 30, 52)}}")
+            raise ValueError(fix)
 
 
 def _factorised(options: list[GridCandidate], site, batch_size: Optional[int]) -> list[GridCandidate]:
@@ -181,12 +197,19 @@ def assign_grids(sites: list[DetectedSite], graphs: list[CapturedGraph], model, 
         s = ds.site
         n = s.seq_q
         user = _lookup_user(user_grid, s.site_id)
-        options = ([GridCandidate(user, "grid= given by the user")] if user else []) + cands
+        options = ([user] if user else []) + cands
         chosen, why_not = None, ""
         if not any(math.prod(c.grid) <= n for c in options):  # factorised space/time attention?
             options = options + _factorised(options, s, bsz)
         for c in options:
             nv = math.prod(c.grid)
+            if c.text is not None:  # the user placed the text: it must add up exactly
+                if sum(c.text) + nv == s.seq_q == s.seq_k:
+                    chosen = (c, *c.text)
+                    break
+                why_not = why_not or (f"grid= {c.grid} with {c.text[0]} text tokens before and {c.text[1]} after "
+                                      f"is {nv + sum(c.text)} tokens, but this self-attention has {n}")
+                continue
             if nv == n:
                 chosen = (c, 0, 0)
                 break
@@ -195,8 +218,9 @@ def assign_grids(sites: list[DetectedSite], graphs: list[CapturedGraph], model, 
                 if split is not None:
                     chosen = (c, *split)
                     break
-                why_not = (f"grid {c.grid} from {c.source} covers {nv} of {n} tokens but the text "
-                           f"tokens' position could not be found")
+                why_not = why_not or (f"grid {c.grid} from {c.source} covers {nv} of {n} tokens but the text "
+                                      f"tokens' position could not be found (pass grid={{'<site>': {{'grid': "
+                                      f"{c.grid}, 'text_before': ..., 'text_after': ...}}}})")
         if chosen is None:
             s.grid = None
             s.grid_source = why_not or ("no video grid found for this sequence length: 1D blocks"
