@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -43,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 import vmonarch_opt  # noqa: E402
 from vmonarch_opt import MonarchConfig, VMoBAConfig  # noqa: E402
 from vmonarch_opt.tiny_dit import calib_batch, load_tiny_video_dit, sample  # noqa: E402
-from benchmarks.publish import command_line, now  # noqa: E402
+from benchmarks.publish import command_line, now, out_dir, publish  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -252,9 +251,7 @@ def main(argv=None) -> int:
         args.seeds, args.steps, args.frames, args.size = 2, 4, 4, 16
         args.min_seq_len = 0 if args.min_seq_len is None else args.min_seq_len
     t_all = time.perf_counter()
-    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
+    out = out_dir()
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     devname = torch.cuda.get_device_name(dev) if cuda else "cpu"
@@ -413,12 +410,9 @@ def main(argv=None) -> int:
     if dense_fwd_ms is not None:
         head += f"Dense forward {dense_fwd_ms:.2f} ms, dense sampling {dense_sample_s:.2f} s.\n"
     section = f"{head}\n{table}\n"
-    print("\n" + section, flush=True)
-    if out:
-        (out / "fidelity.json").write_text(json.dumps(dict(device=devname, command=cmd, date=when, kernels=kernels,
-                                                           seeds=seeds, steps=args.steps, frames=args.frames,
-                                                           size=args.size, results=results), indent=1, default=str))
-        (out / "fidelity_section.md").write_text(section)
+    publish("fidelity", section, dict(device=devname, command=cmd, date=when, kernels=kernels, seeds=seeds,
+                                      steps=args.steps, frames=args.frames, size=args.size, results=results),
+            append=not args.no_append)
     if strip_pick is not None:
         (_, mp), name, vid, cut = strip_pick
         title = f"tiny video DiT: dense vs {name} ({100 * cut:.0f}% fewer attention FLOPs, PSNR {mp:.1f} dB)"
@@ -426,9 +420,6 @@ def main(argv=None) -> int:
             if target:
                 save_strip(dense32, vid, target, title)
                 print(f"[fidelity] wrote {target}", flush=True)
-    if not args.no_append:
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write("\n" + section)
     return 0
 
 

@@ -237,11 +237,11 @@ def _pick_config(q, k, v, out, lse, ent, scale, stats):
         hit = _TUNED.get(key[:3] + (False,) + key[4:])
     if hit is not None:
         return hit
+    if not tuning_enabled():  # small tiles, no TMA: compiles for every head_dim, dtype and CUDA device
+        return (64, 32, 4, 2, False)
     cands = [c for c in _CUDA_CANDIDATES if tma or not c[4]]
     if D > 128 or q.dtype == torch.float32:
         cands = [(64, 32, 4, 2, False), (64, 64, 4, 2, False)]
-    if not tuning_enabled():  # small tiles, no TMA: compiles for every head_dim, dtype and CUDA device
-        return (64, 32, 4, 2, False)
     best, best_t = None, float("inf")
     for cfg in cands:
         try:

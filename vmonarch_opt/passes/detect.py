@@ -42,7 +42,7 @@ _DROPOUT_FUNCS = {F.dropout, torch.dropout, torch.nn.functional.dropout}
 
 
 _LINEAR_FUNCS = {F.linear, torch._C._nn.linear}
-_CAT_FUNCS = {torch.cat, torch.concat, torch.concatenate, torch.stack}
+_CAT = {torch.cat, torch.concat, torch.concatenate}
 
 
 def _projection_inputs(node, gmods: dict, limit: int = 400) -> Optional[frozenset]:
@@ -61,7 +61,7 @@ def _projection_inputs(node, gmods: dict, limit: int = 400) -> Optional[frozense
         if n.op == "call_function" and n.target in _LINEAR_FUNCS or (
                 n.op == "call_module" and isinstance(gmods.get(n.target), torch.nn.Linear)):
             found.add(n.args[0])
-        elif n.op == "call_function" and n.target in _CAT_FUNCS:
+        elif n.op == "call_function" and (n.target in _CAT or n.target is torch.stack):
             parts = n.args[0] if n.args else n.kwargs.get("tensors", ())
             todo.extend(parts)
         elif n.op in ("call_function", "call_method", "call_module") and n.args and isinstance(n.args[0], torch.fx.Node):
@@ -347,7 +347,7 @@ def detect(graphs: list[CapturedGraph], model: torch.nn.Module) -> list[Detected
         gmods = dict(g.gm.named_modules())
         for n in g.gm.graph.nodes:
             if n.op == "call_function" and n.target in SDPA_TARGETS:
-                found.append(_sdpa_site(n, g, modules))
+                found.append(_sdpa_site(n, g, modules, gmods))
             elif _is_softmax(n, gmods):
                 ds = _handwritten_site(n, g, modules, gmods, model.training)
                 if ds is not None:
@@ -375,7 +375,7 @@ def _dims(qs, ks, vs):
     return 1, 1, 1, "[N,D]"
 
 
-def _sdpa_site(n, g, modules) -> DetectedSite:
+def _sdpa_site(n, g, modules, gmods) -> DetectedSite:
     a = _sdpa_args(n)
     qs, ks, vs = _shape(a["query"]), _shape(a["key"]), _shape(a["value"])
     qv = example_value(a["query"])
@@ -399,7 +399,7 @@ def _sdpa_site(n, g, modules) -> DetectedSite:
         graph_index=g.index, node_name=n.name,
     )
     site.dropout_training = site.dropout_p > 0
-    site.kind = _attention_kind(a["query"], a["key"], site.seq_q, site.seq_k, dict(g.gm.named_modules()))
+    site.kind = _attention_kind(a["query"], a["key"], site.seq_q, site.seq_k, gmods)
     return DetectedSite(site, g, n, q=a["query"], k=a["key"], v=a["value"], mask=mask)
 
 

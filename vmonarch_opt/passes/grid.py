@@ -31,12 +31,11 @@ import torch.fx
 
 from ..batch import iter_tensors
 from .capture import CapturedGraph, node_module_path
-from .detect import DetectedSite, _shape
+from .detect import _CAT, DetectedSite, _shape
 
 GridSpec = Union[tuple, dict, None]
 _CONV3D = {torch.conv3d, torch.nn.functional.conv3d}
 _CONV2D = {torch.conv2d, torch.nn.functional.conv2d}
-_CAT = {torch.cat, torch.concat, torch.concatenate}
 
 
 @dataclass(frozen=True)
