@@ -241,10 +241,10 @@ def test_kernel_selection_own_block_and_structure():
         assert ((s.kv_idx >= 0).sum(-1) == s.kv_cnt).all()
 
 
-@pytest.mark.parametrize("mode", [1, 2, 3])
+@pytest.mark.parametrize("mode", [0, 1, 2])
 def test_kernel_kv_modes_and_poisoned_output(monkeypatch, mode):
-    """Pre-permuted (1), TMA-descriptor (2, 3: preloaded block list) key/value paths; every
-    output element written."""
+    """Gathered (0) and block-order tile-list (1 pointer loads, 2 TMA descriptors) key/value
+    paths; every output element written."""
     monkeypatch.setattr(vmoba_mod, "_FORCED", (32, 16, 4, 1, mode))
     tb, ta, grid = 4, 3, (3, 5, 6)
     q, k, v = _qkv(1, 2, tb + 90 + ta, 64)
@@ -254,3 +254,28 @@ def test_kernel_kv_modes_and_poisoned_output(monkeypatch, mode):
     vmoba_attention_with_selection(q, k, v, sel, 0.125, out=out)
     assert torch.isfinite(out).all()
     assert rel_err(out, vmoba_attention_from_selection(q, k, v, sel, 0.125)) < 2e-5
+
+
+def test_block_order_copy_and_tile_lists():
+    """The selection's fused block-order copy equals a gather through the permutation, and the
+    tile lists of kv_mode 1/2 cover exactly the tokens of each row's selected blocks, once."""
+    tb, ta, grid = 3, 2, (3, 5, 7)
+    q, k, v = _qkv(2, 2, tb + 105 + ta, 64)
+    lay = vmoba_layout(grid, (2, 2, 4), "3d", tb, ta)
+    sel = vmoba_select_triton(q, k, layout=lay, threshold=0.5, topk=0, scale=0.125, v=v)
+    perm = lay.perm.long() + tb
+    kp, vp = sel.block_kv
+    assert torch.equal(kp, k[:, :, perm]) and torch.equal(vp, v[:, :, perm])
+    dl = vmoba_mod._device_layout(lay, q.device)
+    for BN in (16, 32):
+        plan = vmoba_mod._sparse_plan(sel, dl, (32, BN, 4, 1, 1))
+        idx, cnt = sel.kv_idx.reshape(-1, lay.num_blocks), sel.kv_cnt.reshape(-1)
+        for r in range(cnt.numel()):
+            want = sorted(p for c in idx[r, :cnt[r]].tolist()
+                          for p in range(int(lay.block_off[c]), int(lay.block_off[c] + lay.block_len[c])))
+            got = [p for s in plan["full"][r, :plan["nfull"][r]].tolist() for p in range(s, s + BN)]
+            got += [p for s, n in zip(plan["tail"][r, :plan["ntail"][r]].tolist(),
+                                      plan["tlen"][r, :plan["ntail"][r]].tolist())
+                    for p in range(s, s + n)]
+            assert sorted(got) == want, f"row {r}: tiles do not cover the selected blocks"
+        assert sorted(plan["order"].tolist()) == list(range(cnt.numel()))

@@ -2,29 +2,31 @@
 
 Two stages, nothing of size N x N anywhere:
 
-1. Selection (:func:`vmoba_select_triton`), four small kernels per (batch, head):
-   ``_group_mean_q`` (mean query of each query group), ``_block_mean_k`` (mean key of each key
-   block), ``_group_probs`` (softmax over key blocks of ``scale * qbar . kbar``, G x C floats
-   per head) and ``_cut_search``, which finds the global cut value ``v*`` of the threshold /
-   top-k rule exactly: the probabilities are >= 0, so their float bit patterns are ordered
-   like the values and ``v* = max{v : F(v) >= target}`` is found by a 16-way search over the
-   bit pattern (8 passes over the head's G x C probabilities, 16 candidate cuts per pass).
-   ``_compact`` then writes each group's selected key blocks (own block always, plus the
+1. Selection (:func:`vmoba_select_triton`), small kernels per (batch, head): ``_group_sums``
+   (mean query and key sum of each query group; given ``v`` it also copies the video keys and
+   values into block order, so that every key block is a contiguous run of rows),
+   ``_block_means`` (mean key of each key block), ``_group_scores`` (softmax over key blocks of
+   ``scale * qbar . kbar``, G x C floats per head), then the global cut value ``v*`` of the
+   threshold / top-k rule, exactly: ``v* = max{v : F(v) >= target}`` where F(v) is the weight
+   of the other pairs with probability >= v. ``_cut_search`` finds it with a 16-way search over
+   the float bit pattern, which orders like the value for probabilities >= 0 (8 passes over the
+   head's G x C entries, one program per head; a torch segmented sort + cumsum measured no
+   faster on the GPU and costs ten launches). ``_compact`` then writes each group's selected key blocks (own block always, plus the
    others with ``P >= v*``) as an ascending index list ``kv_idx`` with count ``kv_cnt``.
 2. Attention (``_vmoba_fwd``): one program per (query tile of a group, batch*head). It loads
-   its query rows through the block-order permutation, walks the group's selected key blocks
-   tile by tile (a flat loop over ``kv_cnt * tiles_per_block`` iterations, block tails and
-   short edge blocks masked), then the text keys, with the online softmax of ``flash.py``
-   (fp32 accumulation), and scatters the normalised rows back to token order. Text query rows
-   (joint attention) attend to all keys through the dense flash kernel.
+   its query rows through the block-order permutation, runs the online softmax of ``flash.py``
+   (fp32 accumulation) over the group's selected key blocks, then the text keys, and scatters
+   the normalised rows back to token order. Text query rows (joint attention) attend to all
+   keys through the dense flash kernel.
 
-Key/value tiles are read in one of four ways (``kv_mode``): 0 gathers rows of the original
-k/v through the permutation; 1 first copies the video keys/values into block order (one
-gather pass) and then reads contiguous rows; 2 is 1 with TMA tensor-descriptor loads (Hopper);
-3 is 2 with the group's selected-block list held in registers, so that no memory load sits
-between the loop counter and the tile address (deeper software pipelining). Programs visit
-the (batch*head, group) rows with the most selected blocks first. The launch configuration is
-picked once per (device, dtype, head_dim, grid, chunk, text, batch*heads) by timing candidates.
+Key/value tiles are read in one of three ways (``kv_mode``): 0 walks each selected block in
+``ceil(longest block / BLOCK_N)`` tiles, gathering rows of the original k/v through the
+permutation, every tile masked (no copy; the fallback for fp32 and wide heads); 1 and 2 read the
+block-order copy through exact per-row tile lists built by ``_tile_lists`` (the full BLOCK_N-row
+tiles of every selected block, run without a mask, then each block's partial last tile, masked),
+with pointer loads (1) or TMA tensor-descriptor loads (2, Hopper). Programs visit the
+(batch*head, group) rows with the most tiles first. The launch configuration is picked once
+per (device, dtype, head_dim, grid, chunk, text, batch*heads) by timing candidates.
 """
 from __future__ import annotations
 
@@ -43,10 +45,11 @@ __all__ = ["vmoba_attention_triton", "vmoba_select_triton", "vmoba_attention_wit
 
 # ----------------------------------------------------------------------------- selection kernels
 @triton.jit
-def _group_sums(Q, K, QBAR, KSUM, perm, block_off, group_block, group_start, group_len,
-                sqb, sqh, sqn, skb, skh, skn, H, G, D, tb,
-                HEAD_DIM: tl.constexpr, QG: tl.constexpr):
-    """Per (query group, batch*head): mean query and sum of keys over the group's tokens."""
+def _group_sums(Q, K, V, QBAR, KSUM, KP, VP, perm, block_off, group_block, group_start, group_len,
+                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, spb, sph, spn, H, G, D, tb,
+                HEAD_DIM: tl.constexpr, QG: tl.constexpr, COPY_KV: tl.constexpr):
+    """Per (query group, batch*head): mean query and sum of keys over the group's tokens; with
+    COPY_KV also the group's key/value rows copied to their block-order positions in KP/VP."""
     g = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -64,6 +67,12 @@ def _group_sums(Q, K, QBAR, KSUM, perm, block_off, group_block, group_start, gro
     dst = (bh.to(tl.int64) * G + g) * HEAD_DIM + offs_d
     tl.store(QBAR + dst, tl.sum(x.to(tl.float32), 0) / n.to(tl.float32))
     tl.store(KSUM + dst, tl.sum(y.to(tl.float32), 0))
+    if COPY_KV:
+        pos = (start + offs).to(tl.int64)
+        tl.store(KP + b * spb + h * sph + pos[:, None] * spn + offs_d[None, :], y, mask=msk)
+        z = tl.load(V + b * svb + h * svh + tok[:, None] * svn + offs_d[None, :], mask=msk,
+                    other=0.0)
+        tl.store(VP + b * spb + h * sph + pos[:, None] * spn + offs_d[None, :], z, mask=msk)
 
 
 @triton.jit
@@ -194,16 +203,61 @@ def _compact(KEY, CUT, KV_IDX, KV_CNT, group_block, G, C, BLOCK_C: tl.constexpr)
     tl.store(KV_CNT + bh * G + g, cnt)
 
 
+@triton.jit
+def _tile_lists(KV_IDX, KV_CNT, block_off, block_len, FULL, NFULL, TAIL, TLEN, NTAIL, C, MAXT,
+                BLOCK_N: tl.constexpr, TPB: tl.constexpr):
+    """Per (batch*head, group) row: the key tiles of its selected blocks in block order, as
+    start positions of the full BLOCK_N-row tiles (FULL, NFULL of them) and of the partial last
+    tile of each block whose length is not a multiple of BLOCK_N (TAIL, TLEN rows; NTAIL)."""
+    row = tl.program_id(0).to(tl.int64)
+    cnt = tl.load(KV_CNT + row)
+    offs = tl.arange(0, TPB)
+    nf = tl.zeros([], dtype=tl.int32)
+    nt = tl.zeros([], dtype=tl.int32)
+    for i in range(0, cnt):
+        c = tl.load(KV_IDX + row * C + i)
+        off = tl.load(block_off + c)
+        ln = tl.load(block_len + c)
+        full = ln // BLOCK_N
+        tl.store(FULL + row * MAXT + nf + offs, off + offs * BLOCK_N, mask=offs < full)
+        nf += full
+        rem = ln - full * BLOCK_N
+        has = rem > 0
+        tl.store(TAIL + row * C + nt, off + full * BLOCK_N, mask=has)
+        tl.store(TLEN + row * C + nt, rem, mask=has)
+        nt += has.to(tl.int32)
+    tl.store(NFULL + row, nf)
+    tl.store(NTAIL + row, nt)
+
+
+@triton.jit
+def _kv_tile(kpb, vpb, desc_k, desc_v, b, h, pos, offs_n, offs_d, col_ok, d_ok, spn,
+             TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Key/value rows [pos, pos + BLOCK_N) of the block-order copy."""
+    if TMA:
+        # rows past col_ok belong to the next block (or are TMA zero-fill); the caller masks
+        # their logits, so they add nothing (v is finite)
+        k = desc_k.load([b, h, pos, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = desc_v.load([b, h, pos, 0]).reshape(BLOCK_N, HEAD_DIM)
+    else:
+        p = (pos + offs_n).to(tl.int64)
+        m = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(kpb + p[:, None] * spn + offs_d[None, :], mask=m, other=0.0)
+        v = tl.load(vpb + p[:, None] * spn + offs_d[None, :], mask=m, other=0.0)
+    return k, v
+
+
 # ----------------------------------------------------------------------------- attention kernel
-@triton.jit(do_not_specialize=["H", "G", "C", "D", "tb", "nv", "N", "TPB"])
+@triton.jit(do_not_specialize=["H", "G", "C", "D", "tb", "nv", "N", "TPB", "MAXT"])
 def _vmoba_fwd(Q, K, V, KP, VP, O, desc_k, desc_v,
                perm, group_block, group_start, group_len, block_off, ORDER, KV_OFF, KV_LEN, KV_CNT,
+               FULL, NFULL, TAIL, TLEN, NTAIL,
                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                spb, sph, spn,
-               H, G, C, D, tb, nv, N, TPB, qk_scale,
+               H, G, C, D, tb, nv, N, TPB, MAXT, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                TPG: tl.constexpr, KV_MODE: tl.constexpr, EVEN_D: tl.constexpr,
-               DOT_PREC: tl.constexpr, PRELOAD_C: tl.constexpr):
+               DOT_PREC: tl.constexpr):
     # programs visit the (batch*head, group) rows heaviest first (ORDER: sorted by block count)
     pid = tl.program_id(0)
     row = tl.load(ORDER + pid // TPG)
@@ -233,46 +287,41 @@ def _vmoba_fwd(Q, K, V, KP, VP, O, desc_k, desc_v,
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         w_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        cnt = tl.load(KV_CNT + row)
-        n_iter = cnt * TPB
-        off_base = KV_OFF + row.to(tl.int64) * C
-        len_base = KV_LEN + row.to(tl.int64) * C
-        if PRELOAD_C > 0:  # the group's block list in registers: no load feeds the tile address
-            offs_c = tl.arange(0, PRELOAD_C)
-            off_vec = tl.load(off_base + offs_c, mask=offs_c < cnt, other=0)
-            len_vec = tl.load(len_base + offs_c, mask=offs_c < cnt, other=0)
-        for it in range(0, n_iter):
-            # selected block it // TPB starts at position boff of the block order; tile it % TPB
-            i = it // TPB
-            if PRELOAD_C > 0:
-                pick = offs_c == i
-                boff = tl.sum(tl.where(pick, off_vec, 0), 0)
-                blen = tl.sum(tl.where(pick, len_vec, 0), 0)
-            else:
+        if KV_MODE >= 1:  # exact tile lists over the block-order copy: 1 pointer loads, 2 TMA
+            rl = row.to(tl.int64)
+            n_full = tl.load(NFULL + rl)
+            all_ok = offs_n < BLOCK_N
+            for it in range(0, n_full):  # full tiles: no mask
+                pos = tl.load(FULL + rl * MAXT + it)
+                k, v = _kv_tile(kpb, vpb, desc_k, desc_v, b, h, pos, offs_n, offs_d, all_ok,
+                                d_ok, spn, KV_MODE == 2, BLOCK_N, HEAD_DIM)
+                acc, m_i, l_i, w_i = _online_tile(q, k, v, acc, m_i, l_i, w_i, qk_scale, all_ok,
+                                                  False, False, DOT_PREC)
+            n_tail = tl.load(NTAIL + rl)
+            for it in range(0, n_tail):  # the partial last tile of each block: masked
+                pos = tl.load(TAIL + rl * C + it)
+                col_ok = offs_n < tl.load(TLEN + rl * C + it)
+                k, v = _kv_tile(kpb, vpb, desc_k, desc_v, b, h, pos, offs_n, offs_d, col_ok,
+                                d_ok, spn, KV_MODE == 2, BLOCK_N, HEAD_DIM)
+                acc, m_i, l_i, w_i = _online_tile(q, k, v, acc, m_i, l_i, w_i, qk_scale, col_ok,
+                                                  True, False, DOT_PREC)
+        else:  # 0: walk the selected blocks tile by tile, rows gathered through the permutation
+            cnt = tl.load(KV_CNT + row)
+            off_base = KV_OFF + row.to(tl.int64) * C
+            len_base = KV_LEN + row.to(tl.int64) * C
+            for it in range(0, cnt * TPB):
+                i = it // TPB  # selected block i starts at position boff of the block order
                 boff = tl.load(off_base + i)
                 blen = tl.load(len_base + i)
-            j0 = (it - i * TPB) * BLOCK_N
-            cols = j0 + offs_n
-            col_ok = cols < blen
-            if KV_MODE == 0:
+                cols = (it - i * TPB) * BLOCK_N + offs_n
+                col_ok = cols < blen
                 tok = (tl.load(perm + boff + cols, mask=col_ok, other=0) + tb).to(tl.int64)
                 k = tl.load(kb + tok[:, None] * skn + offs_d[None, :],
                             mask=col_ok[:, None] & d_ok[None, :], other=0.0)
                 v = tl.load(vb + tok[:, None] * svn + offs_d[None, :],
                             mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            elif KV_MODE == 1:
-                pos = (boff + cols).to(tl.int64)
-                k = tl.load(kpb + pos[:, None] * spn + offs_d[None, :],
-                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                v = tl.load(vpb + pos[:, None] * spn + offs_d[None, :],
-                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            else:  # 2, 3: TMA (3 = mode 2 with the block list preloaded)
-                # rows past the block's end belong to the next block (or are TMA zero-fill):
-                # their p is exactly 0, so they add nothing (v is finite)
-                k = desc_k.load([b, h, boff + j0, 0]).reshape(BLOCK_N, HEAD_DIM)
-                v = desc_v.load([b, h, boff + j0, 0]).reshape(BLOCK_N, HEAD_DIM)
-            acc, m_i, l_i, w_i = _online_tile(q, k, v, acc, m_i, l_i, w_i, qk_scale, col_ok,
-                                              True, False, DOT_PREC)
+                acc, m_i, l_i, w_i = _online_tile(q, k, v, acc, m_i, l_i, w_i, qk_scale, col_ok,
+                                                  True, False, DOT_PREC)
         # text keys (joint attention): every query attends to all of them
         for t0 in range(0, tb, BLOCK_N):
             cols = t0 + offs_n
@@ -325,9 +374,39 @@ def _head_pad(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
+# _cut_search on CUDA: (BLOCK_E, num_warps) candidates, the first is the untuned default; one
+# program per head walks its G x C entries 8 times, so wider blocks and more warps keep more
+# loads in flight
+_CUT_CANDIDATES = [(512, 8), (1024, 16), (2048, 16), (1024, 8)]
+_CUT_TUNED: dict = {}
+
+
+def _cut_config(launch, E: int, device) -> tuple:
+    if not tuning_enabled():
+        return _CUT_CANDIDATES[0]
+    key = (device.index, _bucket(E))
+    hit = _CUT_TUNED.get(key)
+    if hit is None:
+        best_t = float("inf")
+        for cfg in _CUT_CANDIDATES:
+            try:
+                t = triton.testing.do_bench(lambda: launch(cfg), warmup=3, rep=10,
+                                            return_mode="median")
+            except Exception:
+                continue
+            if t < best_t:
+                hit, best_t = cfg, t
+        _CUT_TUNED[key] = hit = hit or _CUT_CANDIDATES[0]
+    return hit
+
+
 def vmoba_select_triton(q: torch.Tensor, k: torch.Tensor, *, layout: VMoBALayout,
-                        threshold: float, topk: int, scale: float) -> VMoBASelection:
-    """Selection with the Triton kernels (arguments already validated; see module docstring)."""
+                        threshold: float, topk: int, scale: float,
+                        v: Optional[torch.Tensor] = None) -> VMoBASelection:
+    """Selection with the Triton kernels (arguments already validated; see module docstring).
+
+    Given ``v``, the pass that reads the keys also copies the video keys/values into block
+    order (``selection.block_kv``), which the attention kernel then reads contiguously."""
     lay = layout
     B, H, N, D = q.shape
     C, G = lay.num_blocks, lay.num_groups
@@ -354,10 +433,20 @@ def vmoba_select_triton(q: torch.Tensor, k: torch.Tensor, *, layout: VMoBALayout
     own_w = torch.empty(BH, G, **f32)
     cut = torch.empty(BH, dtype=torch.int32, device=dev)
     interp = interpreting() or not q.is_cuda
-    _group_sums[(G, BH)](q, k, qbar, ksum, dl["perm"], dl["block_off"], dl["group_block"],
-                         dl["group_start"], dl["group_len"], q.stride(0), q.stride(1), q.stride(2),
-                         k.stride(0), k.stride(1), k.stride(2), H, G, D, lay.text_before,
-                         HEAD_DIM=HD, QG=QUERY_GROUP, num_warps=4)
+    if v is not None:
+        if v.stride(-1) != 1:
+            v = v.contiguous()
+        kp = torch.empty(B, H, lay.n_video, D, dtype=k.dtype, device=dev)
+        vp = torch.empty(B, H, lay.n_video, D, dtype=v.dtype, device=dev)
+        vv = v
+    else:
+        kp = vp = vv = k  # placeholders, not touched
+    _group_sums[(G, BH)](q, k, vv, qbar, ksum, kp, vp, dl["perm"], dl["block_off"],
+                         dl["group_block"], dl["group_start"], dl["group_len"],
+                         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                         k.stride(2), vv.stride(0), vv.stride(1), vv.stride(2),
+                         kp.stride(0), kp.stride(1), kp.stride(2), H, G, D, lay.text_before,
+                         HEAD_DIM=HD, QG=QUERY_GROUP, COPY_KV=v is not None, num_warps=4)
     _block_means[(C, BH)](ksum, kbar, dl["block_len"], dl["block_g0"], dl["block_gn"], G, C,
                           HEAD_DIM=HD, num_warps=1 if interp else 2)
     block_c = min(128, max(16, triton.next_power_of_2(C)))
@@ -365,19 +454,23 @@ def vmoba_select_triton(q: torch.Tensor, k: torch.Tensor, *, layout: VMoBALayout
                            float(scale), TOPK=topk > 0, HEAD_DIM=HD, BLOCK_C=block_c,
                            num_warps=4)
     topk_target = float((min(topk, C) - 1) * G) if topk > 0 else 0.0
-    _cut_search[(BH,)](key, wgt, own_w, cut, G, C, float(threshold), float(lay.n_video),
-                       topk_target, TOPK=topk > 0, BLOCK_E=256 if interp else 512,
-                       BLOCK_G=256, num_warps=4 if interp else 8)
+    def cut_launch(cfg):
+        _cut_search[(BH,)](key, wgt, own_w, cut, G, C, float(threshold), float(lay.n_video),
+                           topk_target, TOPK=topk > 0, BLOCK_E=cfg[0], BLOCK_G=256,
+                           num_warps=cfg[1])
+
+    cut_launch((256, 4) if interp else _cut_config(cut_launch, G * C, dev))
     _compact[(G, BH)](key, cut, kv_idx, kv_cnt, dl["group_block"], G, C, BLOCK_C=block_c,
                       num_warps=4)
-    return VMoBASelection(lay, kv_idx, kv_cnt, float(threshold), int(topk))
+    return VMoBASelection(lay, kv_idx, kv_cnt, float(threshold), int(topk),
+                          block_kv=(kp, vp) if v is not None else None)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, kv_mode)
-_CUDA_CANDIDATES = [(128, 64, 4, 3, 0), (128, 128, 8, 3, 1),
-                    (128, 128, 8, 3, 2), (128, 128, 8, 5, 2), (128, 64, 8, 5, 2),
-                    (128, 128, 8, 3, 3), (128, 128, 8, 2, 3), (128, 64, 8, 4, 3)]
-_MAX_PRELOAD = 256  # mode 3 keeps up to this many block offsets per group in registers
+_CUDA_CANDIDATES = [(128, 64, 4, 3, 0), (128, 128, 8, 3, 1), (128, 64, 4, 3, 1),
+                    (128, 128, 8, 3, 2), (128, 128, 8, 2, 2), (128, 64, 8, 3, 2),
+                    (128, 64, 4, 4, 2), (128, 64, 8, 2, 2), (128, 64, 4, 2, 2),
+                    (64, 64, 4, 3, 2), (64, 128, 4, 2, 2)]
 _TUNED: dict = {}
 _FORCED: Optional[tuple] = None  # benchmarks/tests may pin a config (tuple as above)
 
@@ -390,14 +483,46 @@ def _tma_ok(t: torch.Tensor) -> bool:
     return all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
 
 
-def _sparse_plan(sel: VMoBASelection, dl: dict):
-    """Per-selection launch data: row visiting order (most selected blocks first) and, for
-    every selected block, its start position in block order and its length."""
-    idx = sel.kv_idx.long().clamp_min(0)
-    kv_off = dl["block_off"][idx].contiguous()
-    kv_len = dl["block_len"][idx].contiguous()
-    order = torch.argsort(sel.kv_cnt.reshape(-1), descending=True).to(torch.int32)
-    return order, kv_off, kv_len
+def _sparse_plan(sel: VMoBASelection, dl: dict, cfg) -> dict:
+    """Per-selection launch data for one launch configuration: the row visiting order (most
+    work first) and either, per selected block, its start in block order and its length
+    (kv_mode 0) or the exact key-tile lists of every row (kv_mode 1, 2)."""
+    BN, mode = cfg[1], cfg[4]
+    lay = sel.layout
+    dev = sel.kv_cnt.device
+    i32 = dict(dtype=torch.int32, device=dev)
+    kv_idx, kv_cnt = sel.kv_idx.contiguous(), sel.kv_cnt.contiguous()
+    rows, C = kv_cnt.numel(), lay.num_blocks
+    if mode >= 1:
+        per_block = max(1, lay.max_block_len // BN)  # full tiles of the longest block
+        maxt = C * per_block
+        plan = dict(full=torch.empty(rows, maxt, **i32), nfull=torch.empty(rows, **i32),
+                    tail=torch.empty(rows, C, **i32), tlen=torch.empty(rows, C, **i32),
+                    ntail=torch.empty(rows, **i32), maxt=maxt)
+        _tile_lists[(rows,)](kv_idx, kv_cnt, dl["block_off"], dl["block_len"], plan["full"],
+                             plan["nfull"], plan["tail"], plan["tlen"], plan["ntail"], C, maxt,
+                             BLOCK_N=BN, TPB=max(16, triton.next_power_of_2(per_block)),
+                             num_warps=1)
+        plan["order"] = torch.argsort(plan["nfull"] + plan["ntail"],
+                                      descending=True).to(torch.int32)
+        plan["kv_off"] = plan["kv_len"] = plan["nfull"]  # unused placeholders
+        return plan
+    idx = kv_idx.long().clamp_min(0)
+    z = torch.zeros(1, **i32)  # placeholders for the tile-list arguments
+    return dict(kv_off=dl["block_off"][idx].contiguous(), kv_len=dl["block_len"][idx].contiguous(),
+                order=torch.argsort(kv_cnt.reshape(-1), descending=True).to(torch.int32),
+                full=z, nfull=z, tail=z, tlen=z, ntail=z, maxt=1)
+
+
+def _block_order_kv(k, v, sel: VMoBASelection, dl: dict):
+    """(k, v) video rows in block order: the selection's copy if it made one, else a gather."""
+    if sel.block_kv is not None:
+        kp, vp = sel.block_kv
+        if kp.shape[:2] == k.shape[:2] and kp.dtype == k.dtype and vp.dtype == v.dtype \
+                and kp.device == k.device:
+            return kp, vp
+    perm = dl["perm"].long() + sel.layout.text_before
+    return k.index_select(2, perm), v.index_select(2, perm)
 
 
 def _launch_sparse(cfg, q, k, v, out, sel: VMoBASelection, scale: float, kvp=None, plan=None):
@@ -407,75 +532,99 @@ def _launch_sparse(cfg, q, k, v, out, sel: VMoBASelection, scale: float, kvp=Non
     dl = _device_layout(lay, q.device)
     HD = _head_pad(D)
     tb, nv = lay.text_before, lay.n_video
-    if mode in (1, 2, 3):
-        if kvp is None:
-            perm = dl["perm"].long() + tb
-            kvp = (k.index_select(2, perm), v.index_select(2, perm))
-        kp, vp = kvp
+    if mode >= 1:
+        kp, vp = kvp if kvp is not None else _block_order_kv(k, v, sel, dl)
     else:
         kp, vp = k, v
-    if mode in (2, 3):
+    if mode == 2:
         dk = TensorDescriptor(kp, list(kp.shape), list(kp.stride()), [1, 1, BN, HD])
         dv = TensorDescriptor(vp, list(vp.shape), list(vp.stride()), [1, 1, BN, HD])
     else:
         dk = dv = kp  # unused placeholders
-    order, kv_off, kv_len = plan if plan is not None else _sparse_plan(sel, dl)
+    if plan is None:
+        plan = _sparse_plan(sel, dl, cfg)
     tpb = triton.cdiv(lay.max_block_len, BN)
     tpg = triton.cdiv(int(lay.group_len.max()), BM)  # query tiles per group
-    preload = max(16, triton.next_power_of_2(lay.num_blocks)) if mode == 3 else 0
     grid = (lay.num_groups * tpg * B * H,)
     _vmoba_fwd[grid](q, k, v, kp, vp, out, dk, dv,
                      dl["perm"], dl["group_block"], dl["group_start"], dl["group_len"],
-                     dl["block_off"], order, kv_off, kv_len, sel.kv_cnt,
+                     dl["block_off"], plan["order"], plan["kv_off"], plan["kv_len"], sel.kv_cnt,
+                     plan["full"], plan["nfull"], plan["tail"], plan["tlen"], plan["ntail"],
                      q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                      v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
                      out.stride(2), kp.stride(0), kp.stride(1), kp.stride(2),
-                     H, lay.num_groups, lay.num_blocks, D, tb, nv, N, tpb, scale * _LOG2E,
+                     H, lay.num_groups, lay.num_blocks, D, tb, nv, N, tpb, plan["maxt"],
+                     scale * _LOG2E,
                      HEAD_DIM=HD, BLOCK_M=BM, BLOCK_N=BN, TPG=tpg, KV_MODE=mode,
                      EVEN_D=(HD == D), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-                     PRELOAD_C=preload, num_warps=warps, num_stages=stages)
+                     num_warps=warps, num_stages=stages)
 
 
 def _bucket(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _pick_config(q, k, v, out, sel, scale):
+def _config_key(q, lay):
+    return (q.device.index, q.dtype, q.shape[-1], lay.grid, lay.chunk, lay.text_before,
+            lay.text_after, _bucket(q.shape[0] * q.shape[1]))
+
+
+def _fixed_config(q) -> Optional[tuple]:
+    """The configuration used without tuning, or None where tuning decides."""
     if _FORCED is not None:
         return _FORCED
     if interpreting() or not q.is_cuda:
-        return (32, 16, 4, 1, 0)
-    D = q.shape[-1]
-    if D > 128 or q.dtype == torch.float32:
+        return (32, 16, 4, 1, 1)
+    if q.shape[-1] > 128 or q.dtype == torch.float32:
         return (64, 32, 4, 2, 0)
-    lay = sel.layout
-    key = (q.device.index, q.dtype, D, lay.grid, lay.chunk, lay.text_before, lay.text_after,
-           _bucket(q.shape[0] * q.shape[1]))
-    hit = _TUNED.get(key)
+    return None
+
+
+_UNTUNED = (64, 64, 4, 2, 1)  # without tuning: exact tile lists, plain loads, any CUDA device
+
+
+def _known_config(q, lay) -> Optional[tuple]:
+    """The configuration a launch will use, if known before selecting (None: to be tuned)."""
+    fixed = _fixed_config(q)
+    if fixed is not None:
+        return fixed
+    hit = _TUNED.get(_config_key(q, lay))
     if hit is not None:
         return hit
-    if not tuning_enabled():
-        return (64, 32, 4, 2, 0)  # the fp32 / wide-head config: small tiles, plain loads, any CUDA device
+    return None if tuning_enabled() else _UNTUNED
+
+
+def _pick_config(q, k, v, out, sel, scale):
+    lay = sel.layout
+    known = _known_config(q, lay)
+    if known is not None:
+        return known
+    key = _config_key(q, lay)
     tma = _tma_ok(k) and _tma_ok(v)
     best, best_t = None, float("inf")
     dl = _device_layout(lay, q.device)
     perm = dl["perm"].long() + lay.text_before
     kvp = (k.index_select(2, perm), v.index_select(2, perm))
-    plan = _sparse_plan(sel, dl)
+    # the block-order copy is made by the selection pass (a fused extra write of k and v):
+    # charge the block-order modes about half a separate gather
+    t_copy = 0.5 * triton.testing.do_bench(
+        lambda: (k.index_select(2, perm), v.index_select(2, perm)), warmup=2, rep=10,
+        return_mode="median")
     for cfg in _CUDA_CANDIDATES:
-        if cfg[4] >= 2 and not tma:
-            continue
-        if cfg[4] == 3 and lay.num_blocks > _MAX_PRELOAD:
+        if cfg[4] == 2 and not tma:
             continue
         try:
+            plan = _sparse_plan(sel, dl, cfg)
             t = triton.testing.do_bench(lambda: _launch_sparse(cfg, q, k, v, out, sel, scale, kvp,
                                                                        plan),
                                         warmup=5, rep=20, return_mode="median")
+            if cfg[4] >= 1:  # the tile lists are built per call
+                t += triton.testing.do_bench(lambda: _sparse_plan(sel, dl, cfg), warmup=2,
+                                             rep=10, return_mode="median")
         except Exception:
             continue
-        if cfg[4] in (1, 2, 3):  # the permutation copy is part of the cost
-            t += triton.testing.do_bench(lambda: (k.index_select(2, perm), v.index_select(2, perm)),
-                                         warmup=2, rep=10, return_mode="median")
+        if cfg[4] >= 1:
+            t += t_copy
         if t < best_t:
             best, best_t = cfg, t
     if best is None:
@@ -494,8 +643,7 @@ def vmoba_attention_with_selection(q, k, v, selection: VMoBASelection, scale: fl
     if out is None:
         out = torch.empty_like(q)
     cfg = _pick_config(q, k, v, out, selection, scale)
-    _launch_sparse(cfg, q, k, v, out, selection, scale,
-                   plan=_sparse_plan(selection, _device_layout(lay, q.device)))
+    _launch_sparse(cfg, q, k, v, out, selection, scale)
     tb, nv = lay.text_before, lay.n_video
     if tb:
         _flash_into(q[:, :, :tb], k, v, out[:, :, :tb], scale)
@@ -521,5 +669,9 @@ def vmoba_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         # every block selected: exactly dense attention, run by the dense flash kernel
         from .flash import flash_attention_triton
         return flash_attention_triton(q, k, v, scale=s)
-    sel = vmoba_select_triton(q, k, layout=lay, threshold=threshold, topk=topk, scale=s)
+    # the selection pass also copies k/v into block order unless the kernel will gather
+    cfg = _known_config(q, lay)
+    copy = cfg is None or cfg[4] >= 1
+    sel = vmoba_select_triton(q, k, layout=lay, threshold=threshold, topk=topk, scale=s,
+                              v=v if copy else None)
     return vmoba_attention_with_selection(q, k, v, sel, s)

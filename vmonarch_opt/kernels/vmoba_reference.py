@@ -53,7 +53,7 @@ float32 (float64 for float64 inputs) and returned in ``q.dtype``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -226,6 +226,9 @@ class VMoBASelection:
     kv_cnt: torch.Tensor
     threshold: float
     topk: int
+    # (k, v) video rows copied into block order by the Triton selection when it was given v;
+    # the attention kernel reads them instead of copying again (None: not made)
+    block_kv: Optional[tuple] = field(default=None, repr=False, compare=False)
 
     @property
     def batch(self) -> int:
