@@ -209,7 +209,7 @@ def layer_errors(model, frames: int, size: int, t: float = 0.5) -> str:
                  dict(block=blk, steps=st)) for blk, st in
                 [((1, grid[1], grid[2]), 1), ((1, grid[1], grid[2]), 2), ((2, grid[1], grid[2]), 1),
                  ((1, max(1, grid[1] // 2), grid[2]), 1), ((grid[0], 2, 2), 1), ((max(1, grid[0] // 4), 8, 8), 1)]]
-    heads, D = recs[0][0].shape[1], recs[0][0].shape[-1]
+    D = recs[0][0].shape[-1]
     dense_fl = dense_attention_flops(1, 1, N, N, D)
     cuts = [1 - monarch_flops(1, 1, N, D, grid=grid, block=kw["block"], steps=kw["steps"]) / dense_fl
             for _, kw in variants]

@@ -91,7 +91,7 @@ def test_entropy_term_equals_dense_neg_entropy():
     grid, block = (2, 3, 4), (1, 2, 3)
     q, k, v = _qkv(2, 2, 24, 16, torch.float64, scale=2.0)
     det = monarch_reference_details(q, k, v, grid=grid, block=block)
-    lay, idx, valid = det["layout"], det["idx"], det["valid"]
+    idx, valid = det["idx"], det["valid"]
     qb = q.reshape(4, 24, 16)[:, idx] * valid[None, :, :, None]
     kb = k.reshape(4, 24, 16)[:, idx]
     s = det["scale"] * torch.einsum("cmjd,cmld->cmjl", qb, kb).masked_fill(~valid[None, :, None, :], -torch.inf)

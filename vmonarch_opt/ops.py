@@ -14,7 +14,6 @@ runs torch's SDPA (cuDNN / FlashAttention on CUDA) unless ``VMONARCH_DENSE_KERNE
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -4,8 +4,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Optional
 
-from .config import (METHODS, Config, DenseConfig, MonarchConfig, SitePlan, VMoBAConfig,
-                     parse_config, resolve_args)
+from .config import METHODS, Config, DenseConfig, SitePlan, parse_config, resolve_args
 from .site import AttentionSite
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")

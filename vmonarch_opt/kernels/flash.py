@@ -20,7 +20,6 @@ once per (device, dtype, head_dim, stats, size bucket) by timing a few candidate
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 

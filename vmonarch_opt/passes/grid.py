@@ -24,7 +24,7 @@ import fnmatch
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.fx

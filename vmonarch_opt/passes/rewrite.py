@@ -21,12 +21,10 @@ from dataclasses import replace
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .. import ops  # noqa: F401  (registers torch.ops.vmonarch.*)
 from ..config import SitePlan
-from ..site import AttentionSite
 from .detect import SDPA_TARGETS, _SDPA_ARGS
 from .keypad import run_key_padded
 
