@@ -11,8 +11,9 @@ Two stages, nothing of size N x N anywhere:
    of the other pairs with probability >= v. ``_cut_search`` finds it with a 16-way search over
    the float bit pattern, which orders like the value for probabilities >= 0 (8 passes over the
    head's G x C entries, one program per head; a torch segmented sort + cumsum measured no
-   faster on the GPU and costs ten launches). ``_compact`` then writes each group's selected key blocks (own block always, plus the
-   others with ``P >= v*``) as an ascending index list ``kv_idx`` with count ``kv_cnt``.
+   faster on the GPU and costs ten launches). ``_compact`` then writes each group's selected
+   key blocks (own block always, plus the others with ``P >= v*``) as an ascending index list
+   ``kv_idx`` with count ``kv_cnt``.
 2. Attention (``_vmoba_fwd``): one program per (query tile of a group, batch*head). It loads
    its query rows through the block-order permutation, runs the online softmax of ``flash.py``
    (fp32 accumulation) over the group's selected key blocks, then the text keys, and scatters
