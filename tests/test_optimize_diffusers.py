@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vmonarch_opt
-from vmonarch_opt import MonarchConfig, models
+from vmonarch_opt import MonarchConfig, VMoBAConfig, models
 from conftest import rel_err
 
 pytest.importorskip("diffusers")
@@ -199,6 +199,8 @@ def test_inplace_modifies_and_restore_undoes():
     vmonarch_opt.restore(model)
     assert torch.equal(_out(model, batch), ref)
     assert not hasattr(model, "report")
+    hooks = [h for m in model.modules() for h in (m._forward_hooks, m._forward_pre_hooks) if h]
+    assert not hooks, "restore() must remove the token-grid hooks too"
 
 
 def test_short_sequences_stay_dense_by_default():
@@ -218,10 +220,41 @@ def test_grid_override_and_batch_of_two():
     assert torch.isfinite(_out(opt, batch)).all()
 
 
-def test_other_shape_at_run_time_falls_back_to_dense():
-    model, batch = models.wan()
+@pytest.mark.parametrize("name", list(CASES))
+def test_other_video_size_follows_the_token_grid(name):
+    """Called at another frame count and resolution, the sites run their method re-derived for
+    the new token grid (from the patch embedding, or the batch for LTX): the very plans optimize()
+    makes at that shape, with a warning that the error was measured at the other one."""
+    factory = CASES[name][0]
+    model, batch = factory()
     opt = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0, budget=None)
-    _, other = models.wan(frames=2)
-    with pytest.warns(RuntimeWarning, match="differs from the calibrated"):
+    _, other = factory(frames=2, height=5)
+    with pytest.warns(RuntimeWarning, match=r"token grid is now \(2, 5, 5\).*block \(1, 5, 5\)"):
         out = _out(opt, other)
-    assert rel_err(out, _out(model, other)) < 1e-5
+    direct = vmonarch_opt.optimize(model, other, methods=("monarch",), min_seq_len=0, budget=None)
+    assert rel_err(out, _out(direct, other)) < 1e-6
+    assert rel_err(out, _out(model, other)) > 1e-4  # Monarch ran, not the model's own attention
+
+
+def test_other_video_size_keeps_exact_configurations_exact():
+    model, batch = models.wan()
+    _, other = models.wan(frames=2, height=5)
+    ref = _out(model, other)
+    for cfg in (MonarchConfig(block=(3, 4, 5)), VMoBAConfig(threshold=1.0)):  # one block / every block
+        opt = vmonarch_opt.optimize(model, batch, overrides={"*": cfg}, min_seq_len=0, budget=None)
+        with pytest.warns(RuntimeWarning, match="token grid is now"):
+            out = _out(opt, other)
+        assert rel_err(out, ref) < 1e-5
+
+
+def test_other_shape_without_a_grid_source_falls_back_to_dense():
+    from handwritten_models import SdpaForms, Stack
+
+    torch.manual_seed(0)
+    model = Stack(SdpaForms).eval()
+    x, y = torch.randn(1, 60, 32), torch.randn(1, 40, 32)
+    opt = vmonarch_opt.optimize(model, x, methods=("monarch",), grid=(3, 4, 5), min_seq_len=0, budget=None)
+    with pytest.warns(RuntimeWarning, match="differs from the calibrated"):
+        out = opt(y)
+    with torch.no_grad():
+        assert rel_err(out, model(y)) < 1e-5

@@ -15,8 +15,9 @@ from .errors import VMonarchError
 from .passes.capture import capture as capture_graphs
 from .passes.census import attention_census, uncaptured
 from .passes.detect import DetectedSite, detect
-from .passes.grid import assign_grids, check_grid_spec
+from .passes.grid import assign_grids, check_grid_spec, grid_modules
 from .passes.normalize import NormalizeError, normalize_module
+from .passes.regrid import GridTracker
 from .passes.rewrite import install, plan_handler, prepare_qkv, run_site, runtime_mismatch, uninstall
 from .planner import plan_sites
 from .report import Report
@@ -33,6 +34,7 @@ class OptimizationState:
     modules: list[str] = field(default_factory=list)
     profile: Any = None
     normalized: dict = field(default_factory=dict)  # module path -> fx.GraphModule
+    tracker: Any = None  # passes.regrid.GridTracker: the input's token grid, for other video sizes
 
 
 def _owning_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -298,6 +300,11 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
         _never_ran(plans, ran)
     for path, plist in runtime.items():
         install(_owning_module(target, path), [plan_handler(p) for p in plist], forward=fwd_by_path.get(path))
+    tracker = None
+    if any(p.method in ("monarch", "vmoba", "dense") for p in plans.values()):
+        tracker = GridTracker(target, grid_modules(graphs, target))
+        for p in plans.values():
+            p.__dict__["_tracker"] = tracker  # not a dataclass field: never serialised
 
     meta = {"capture": graphs[0].source if graphs else "none", "graphs": len(graphs),
             "methods": list(methods), "min_seq_len": min_seq_len,
@@ -308,7 +315,8 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
     report = Report.build(type(model).__name__, sites, plans, meta=meta, site_errors=site_errors,
                           output_error=out_error)
     state = OptimizationState(sites=sites, plans=plans, report=report, modules=sorted(runtime),
-                              profile=profile, normalized={p: g for p, (_, g) in forwards.items()})
+                              profile=profile, normalized={p: g for p, (_, g) in forwards.items()},
+                              tracker=tracker)
     target.__dict__["vmonarch"] = state
     target.__dict__["report"] = report
     return target
@@ -322,4 +330,6 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
         return model
     for path in state.modules:
         uninstall(_owning_module(model, path))
+    if state.tracker is not None:
+        state.tracker.remove()
     return model

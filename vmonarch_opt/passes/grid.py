@@ -66,6 +66,24 @@ def _conv_candidates(graphs: list[CapturedGraph], batch_size: Optional[int]) -> 
     return out
 
 
+def grid_modules(graphs: list[CapturedGraph], model: torch.nn.Module) -> list[tuple[str, str]]:
+    """(module path, "3d" | "2d") of the model's Conv3d / Conv2d modules that ran in the captured
+    graphs: the patch embeddings whose output shapes give token grids (watched again at run time)."""
+    real = dict(model.named_modules())
+    out = []
+    for g in graphs:
+        mods = dict(g.gm.named_modules())
+        for n in g.gm.graph.nodes:
+            conv = (n.op == "call_function" and n.target in _CONV3D | _CONV2D) or (
+                n.op == "call_module" and isinstance(mods.get(n.target), (torch.nn.Conv3d, torch.nn.Conv2d)))
+            if not conv:
+                continue
+            m = real.get(node_module_path(n, real))
+            if isinstance(m, (torch.nn.Conv3d, torch.nn.Conv2d)):
+                out.append((node_module_path(n, real), "3d" if isinstance(m, torch.nn.Conv3d) else "2d"))
+    return list(dict.fromkeys(out))
+
+
 def _patch_sizes(model) -> Optional[tuple]:
     cfg = getattr(model, "config", None)
     if cfg is None:

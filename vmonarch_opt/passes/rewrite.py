@@ -27,6 +27,7 @@ from .. import ops  # noqa: F401  (registers torch.ops.vmonarch.*)
 from ..config import SitePlan
 from .detect import SDPA_TARGETS, _SDPA_ARGS
 from .keypad import run_key_padded
+from .regrid import adapt_plan
 
 _WRAPPED_ATTR = "_vmonarch_original_forward"
 
@@ -82,6 +83,26 @@ def runtime_mismatch(plan: SitePlan, a: dict) -> Optional[str]:
     return None
 
 
+def _follow_grid(plan: SitePlan, a: dict) -> Optional[SitePlan]:
+    """The plan re-derived for this call's token grid when only the video size changed (see
+    ``regrid.py``), or None."""
+    tracker = plan.__dict__.get("_tracker")  # set by optimize(); not a dataclass field
+    q, k = a["query"], a["key"]
+    if tracker is None or (q.shape[-2] == plan.seq_q and k.shape[-2] == plan.seq_k):
+        return None
+    adapted = adapt_plan(plan, q.shape[-2], k.shape[-2], q.shape[-1], tracker.grids)
+    if adapted is None or runtime_mismatch(adapted, a) is not None:
+        return None
+    if plan.method != "dense":
+        g, p = tuple(adapted.args["grid"]), adapted.args
+        params = (f"block {tuple(p['block'])}" if plan.method == "monarch" else f"chunk {tuple(p['chunk'])}")
+        _warn_once(plan, f"grid {g}", f"vmonarch_opt: site {plan.site_id}: the input's token grid is now {g}, "
+                   f"not the {tuple(plan.args['grid'])} it was optimized for; running {plan.method} with {params} "
+                   f"re-derived from its plan (its error was measured at the optimize() shape: call optimize() "
+                   f"with a batch of this shape for a calibrated plan)")
+    return adapted
+
+
 def _warn_once(plan: SitePlan, key: str, msg: str) -> None:
     """Warn the first time this site (of this optimized model) falls back for this reason."""
     seen = plan.__dict__.setdefault("_warned", set())  # not a dataclass field: never serialised
@@ -125,8 +146,11 @@ def run_site(plan: SitePlan, a: dict, original: Callable) -> torch.Tensor:
         return _lowering(plan, a, original)
     why = runtime_mismatch(plan, a)
     if why is not None:
-        _warn_once(plan, why, f"vmonarch_opt: site {plan.site_id} ran dense attention: {why}")
-        return original()
+        adapted = _follow_grid(plan, a)
+        if adapted is None:
+            _warn_once(plan, why, f"vmonarch_opt: site {plan.site_id} ran dense attention: {why}")
+            return original()
+        plan = adapted
     q, v = a["query"], a["value"]
     q4, k4, v4, scale = prepare_qkv(a)
     if a["attn_mask"] is not None:  # a text key-padding mask (plan.args["key_padding"])
