@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import _LOG2E, _NEG, TensorDescriptor, _flash_into, _online_tile, interpreting
+from .flash import _LOG2E, _NEG, TensorDescriptor, _bucket, _flash_into, _online_tile, interpreting
 from .tuning import tuning_enabled
 from .vmoba_reference import (QUERY_GROUP, VMoBALayout, VMoBASelection, _check_args)
 
@@ -559,10 +559,6 @@ def _launch_sparse(cfg, q, k, v, out, sel: VMoBASelection, scale: float, kvp=Non
                      HEAD_DIM=HD, BLOCK_M=BM, BLOCK_N=BN, TPG=tpg, KV_MODE=mode,
                      EVEN_D=(HD == D), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
                      num_warps=warps, num_stages=stages)
-
-
-def _bucket(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def _config_key(q, lay):

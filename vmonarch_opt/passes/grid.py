@@ -45,24 +45,41 @@ class GridCandidate:
     text: Optional[tuple] = None  # (text_before, text_after) when given with the grid
 
 
-def _conv_candidates(graphs: list[CapturedGraph], batch_size: Optional[int]) -> list[GridCandidate]:
-    out = []
+def _conv_nodes(graphs: list[CapturedGraph]):
+    """(node, "3d" | "2d") for every Conv3d / Conv2d call in the captured graphs."""
     for g in graphs:
         mods = dict(g.gm.named_modules())
         for n in g.gm.graph.nodes:
-            is3 = (n.op == "call_function" and n.target in _CONV3D) or (
-                n.op == "call_module" and isinstance(mods.get(n.target), torch.nn.Conv3d))
-            is2 = (n.op == "call_function" and n.target in _CONV2D) or (
-                n.op == "call_module" and isinstance(mods.get(n.target), torch.nn.Conv2d))
-            shp = _shape(n)
-            where = node_module_path(n) or n.name
-            if is3 and shp and len(shp) == 5:
-                out.append(GridCandidate(tuple(shp[2:]), f"Conv3d patch embedding '{where}'"))
-            elif is2 and shp and len(shp) == 4 and batch_size:
-                if shp[0] % batch_size == 0:
-                    t = shp[0] // batch_size
-                    what = "Conv2d patch embedding per frame" if t > 1 else "Conv2d patch embedding"
-                    out.append(GridCandidate((t, shp[2], shp[3]), f"{what} '{where}'"))
+            m = mods.get(n.target) if n.op == "call_module" else None
+            if (n.op == "call_function" and n.target in _CONV3D) or isinstance(m, torch.nn.Conv3d):
+                yield n, "3d"
+            elif (n.op == "call_function" and n.target in _CONV2D) or isinstance(m, torch.nn.Conv2d):
+                yield n, "2d"
+
+
+def conv_grid(shape, kind: str, batch_size: Optional[int]) -> Optional[tuple]:
+    """The token grid a patch-embedding convolution's output shape gives: ``[B, C, T, H, W]``
+    (Conv3d), or ``[B·T, C, H, W]`` (Conv2d applied per frame; needs the batch size)."""
+    if kind == "3d" and len(shape) == 5:
+        return tuple(int(x) for x in shape[2:])
+    if kind == "2d" and len(shape) == 4 and batch_size and shape[0] % batch_size == 0:
+        return (int(shape[0]) // batch_size, int(shape[2]), int(shape[3]))
+    return None
+
+
+def _conv_candidates(graphs: list[CapturedGraph], batch_size: Optional[int]) -> list[GridCandidate]:
+    out = []
+    for n, kind in _conv_nodes(graphs):
+        shp = _shape(n)
+        grid = conv_grid(shp, kind, batch_size) if shp else None
+        if grid is None:
+            continue
+        where = node_module_path(n) or n.name
+        if kind == "3d":
+            what = "Conv3d patch embedding"
+        else:
+            what = "Conv2d patch embedding per frame" if grid[0] > 1 else "Conv2d patch embedding"
+        out.append(GridCandidate(grid, f"{what} '{where}'"))
     return out
 
 
@@ -71,16 +88,11 @@ def grid_modules(graphs: list[CapturedGraph], model: torch.nn.Module) -> list[tu
     graphs: the patch embeddings whose output shapes give token grids (watched again at run time)."""
     real = dict(model.named_modules())
     out = []
-    for g in graphs:
-        mods = dict(g.gm.named_modules())
-        for n in g.gm.graph.nodes:
-            conv = (n.op == "call_function" and n.target in _CONV3D | _CONV2D) or (
-                n.op == "call_module" and isinstance(mods.get(n.target), (torch.nn.Conv3d, torch.nn.Conv2d)))
-            if not conv:
-                continue
-            m = real.get(node_module_path(n, real))
-            if isinstance(m, (torch.nn.Conv3d, torch.nn.Conv2d)):
-                out.append((node_module_path(n, real), "3d" if isinstance(m, torch.nn.Conv3d) else "2d"))
+    for n, _ in _conv_nodes(graphs):
+        path = node_module_path(n, real)
+        m = real.get(path)
+        if isinstance(m, (torch.nn.Conv3d, torch.nn.Conv2d)):
+            out.append((path, "3d" if isinstance(m, torch.nn.Conv3d) else "2d"))
     return list(dict.fromkeys(out))
 
 

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from ..config import SitePlan
+from .grid import _batch_candidates, _batch_size, conv_grid
 
 
 def _tracing() -> bool:
@@ -40,26 +41,21 @@ def _tracing() -> bool:
 class GridTracker:
     """Records the token grids implied by the current forward's input (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, conv_paths: list):
+    def __init__(self, model: torch.nn.Module, conv_modules: list):
         self.grids: list[tuple] = []
         self._batch = 1
         self._hooks = []
         self._model = model
         self._hooks.append(model.register_forward_pre_hook(self._on_call, with_kwargs=True))
         self._hooks.append(model.register_forward_hook(self._on_return, always_call=True))
-        for path, kind in conv_paths:
-            try:
-                mod = model.get_submodule(path) if path else model
-            except AttributeError:
-                continue
-            if isinstance(mod, (torch.nn.Conv3d, torch.nn.Conv2d)):
-                self._hooks.append(mod.register_forward_hook(self._on_conv))
+        for path, kind in conv_modules:  # grid.grid_modules(): paths of Conv3d/Conv2d modules
+            mod = model.get_submodule(path)
+            self._hooks.append(mod.register_forward_hook(
+                lambda m, args, out, kind=kind: self._on_conv(kind, out)))
 
     def _on_call(self, module, args, kwargs):
         if _tracing():
             return None
-        from .grid import _batch_candidates, _batch_size
-
         batch = {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}
         self._batch = _batch_size(batch) or 1
         self.grids = [c.grid for c in _batch_candidates(self._model, batch)]
@@ -69,13 +65,12 @@ class GridTracker:
         self.grids = []  # nothing outlives the forward that implied it
         return None
 
-    def _on_conv(self, module, args, out):
+    def _on_conv(self, kind: str, out):
         if _tracing() or not isinstance(out, torch.Tensor):
             return None
-        if out.dim() == 5:
-            self.grids.append(tuple(int(x) for x in out.shape[2:]))
-        elif out.dim() == 4 and out.shape[0] % self._batch == 0:  # per-frame 2-D patch embedding
-            self.grids.append((int(out.shape[0]) // self._batch, int(out.shape[2]), int(out.shape[3])))
+        grid = conv_grid(out.shape, kind, self._batch)
+        if grid is not None:
+            self.grids.append(grid)
         return None
 
     def remove(self) -> None:
