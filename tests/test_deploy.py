@@ -141,6 +141,10 @@ def test_op_fake_strides_match_real_on_transposed_inputs(which):
     with FakeTensorMode() as mode:
         fake = op(*(mode.from_tensor(t) for t in (q, k, v)), *args)
     assert fake.shape == real.shape and fake.stride() == real.stride(), (fake.stride(), real.stride())
+    # q's layout, as torch's SDPA returns: the model's transpose back to [B, N, H, D] is free
+    assert real.transpose(1, 2).is_contiguous()
+    qc = q.contiguous()
+    assert op(qc, k, v, *args).is_contiguous()
 
 
 def test_compile_fullgraph_diffusers_wan_keeps_our_ops(wan_monarch):

@@ -4,8 +4,12 @@ Every op takes q, k, v in the SDPA layout ``[batch, heads, seq, head_dim]`` (k/v
 to q's head count for GQA) plus its per-site config as plain arguments, so a rewritten model
 stays traceable by ``torch.compile``, ``torch.export`` and CUDA-graph capture.
 
-Every op returns a contiguous ``[batch, heads, seq, head_dim]`` tensor whatever the strides of
-its inputs, and the fake implementations say so: compiled graphs trust the fake strides.
+Every op returns its ``[batch, heads, seq, head_dim]`` output in q's memory layout (the strides
+``torch.empty_like(q)`` has), as torch's SDPA kernels do: a model whose q is a transposed view
+of ``[batch, seq, heads, head_dim]`` gets an output whose transpose back is contiguous, so the
+following reshape into the output projection copies nothing. The fake implementations return
+``torch.empty_like(q)`` too: compiled graphs trust the fake strides, and every real path below
+returns exactly those strides (``_in_q_layout``).
 
 Dispatch: CUDA tensors run the Triton kernels; every other device (and CUDA when
 ``VMONARCH_FORCE_REFERENCE=1``) runs the pure-PyTorch reference next to the kernel. The dense op
@@ -19,6 +23,14 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["monarch_attention", "vmoba_attention", "dense_attention", "use_triton"]
+
+
+def _in_q_layout(q: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+    """``res`` with the strides of ``torch.empty_like(q)`` (copied only if they differ)."""
+    want = torch.empty_like(q, device="meta").stride()
+    if res.stride() == want:
+        return res
+    return torch.empty_like(q).copy_(res)
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -45,14 +57,14 @@ def monarch_attention(
               text_after=text_after, steps=steps, scale=scale, recompute=recompute)
     if use_triton(q):
         from .kernels.monarch import monarch_attention_triton
-        return monarch_attention_triton(q, k, v, **kw).contiguous()
+        return _in_q_layout(q, monarch_attention_triton(q, k, v, **kw))
     from .kernels.monarch_reference import monarch_attention_reference
-    return monarch_attention_reference(q, k, v, **kw).contiguous()
+    return _in_q_layout(q, monarch_attention_reference(q, k, v, **kw))
 
 
 @monarch_attention.register_fake
 def _(q, k, v, grid, block, text_before, text_after, steps, scale, recompute):
-    return q.new_empty(q.shape)  # contiguous, like every real path below
+    return torch.empty_like(q)  # q's layout, like every real path (_in_q_layout)
 
 
 @torch.library.custom_op("vmonarch::vmoba_attention", mutates_args=())
@@ -74,14 +86,14 @@ def vmoba_attention(
               topk=topk, scale=scale)
     if use_triton(q):
         from .kernels.vmoba import vmoba_attention_triton
-        return vmoba_attention_triton(q, k, v, **kw).contiguous()
+        return _in_q_layout(q, vmoba_attention_triton(q, k, v, **kw))
     from .kernels.vmoba_reference import vmoba_attention_reference
-    return vmoba_attention_reference(q, k, v, **kw).contiguous()
+    return _in_q_layout(q, vmoba_attention_reference(q, k, v, **kw))
 
 
 @vmoba_attention.register_fake
 def _(q, k, v, grid, chunk, text_before, text_after, partition, threshold, topk, scale):
-    return q.new_empty(q.shape)  # contiguous, like every real path below
+    return torch.empty_like(q)  # q's layout, like every real path (_in_q_layout)
 
 
 @torch.library.custom_op("vmonarch::dense_attention", mutates_args=())
@@ -95,13 +107,13 @@ def dense_attention(
     # CUDA; VMONARCH_DENSE_KERNEL=triton selects our own flash kernel instead.
     if use_triton(q) and os.environ.get("VMONARCH_DENSE_KERNEL", "sdpa") == "triton":
         from .kernels.flash import flash_attention_triton
-        return flash_attention_triton(q, k, v, scale=scale).contiguous()
-    return F.scaled_dot_product_attention(q, k, v, scale=scale).contiguous()
+        return _in_q_layout(q, flash_attention_triton(q, k, v, scale=scale))
+    return _in_q_layout(q, F.scaled_dot_product_attention(q, k, v, scale=scale))
 
 
 @dense_attention.register_fake
 def _(q, k, v, scale):
-    return q.new_empty(q.shape)  # contiguous, like every real path below
+    return torch.empty_like(q)  # q's layout, like every real path (_in_q_layout)
 
 
 # --- autograd -----------------------------------------------------------------------------------

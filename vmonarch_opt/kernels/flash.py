@@ -270,7 +270,7 @@ def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     B, H, Nq, D = q.shape
-    out = torch.empty(B, H, Nq, D, dtype=q.dtype, device=q.device)
+    out = torch.empty_like(q)  # q's layout, like torch's SDPA
     lse = ent = None
     if return_stats:
         lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)

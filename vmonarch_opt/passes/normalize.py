@@ -129,6 +129,9 @@ def normalize_module(module: torch.nn.Module, args: tuple, kwargs: dict, expecte
                 k = gm.graph.call_method("transpose", (m["k_t"], -2, -1))
             sdpa = gm.graph.call_function(F.scaled_dot_product_attention, (m["q"], k, m["v"]),
                                           {"scale": float(m["factor"])})
+            # the product it replaces was contiguous; SDPA (and our ops) return q's layout,
+            # which a later .view() of the model's code may not accept
+            sdpa = gm.graph.call_method("contiguous", (sdpa,))
         pv.replace_all_uses_with(sdpa)
         gm.graph.erase_node(pv)
     gm.graph.eliminate_dead_code()
