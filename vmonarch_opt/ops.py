@@ -25,6 +25,12 @@ import torch.nn.functional as F
 __all__ = ["monarch_attention", "vmoba_attention", "dense_attention", "use_triton"]
 
 
+# Inductor may hand a custom op inputs with other strides than the traced (fake) ones unless
+# told not to; our outputs follow q's layout, so the compiled graph must pass exactly those.
+_TAGS = ((torch.Tag.needs_exact_strides,) if hasattr(torch.Tag, "needs_exact_strides")
+         else (torch.Tag.needs_fixed_stride_order,))
+
+
 def _in_q_layout(q: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
     """``res`` with the strides of ``torch.empty_like(q)`` (copied only if they differ)."""
     want = torch.empty_like(q, device="meta").stride()
@@ -40,7 +46,7 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
-@torch.library.custom_op("vmonarch::monarch_attention", mutates_args=())
+@torch.library.custom_op("vmonarch::monarch_attention", mutates_args=(), tags=_TAGS)
 def monarch_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -67,7 +73,7 @@ def _(q, k, v, grid, block, text_before, text_after, steps, scale, recompute):
     return torch.empty_like(q)  # q's layout, like every real path (_in_q_layout)
 
 
-@torch.library.custom_op("vmonarch::vmoba_attention", mutates_args=())
+@torch.library.custom_op("vmonarch::vmoba_attention", mutates_args=(), tags=_TAGS)
 def vmoba_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -96,7 +102,7 @@ def _(q, k, v, grid, chunk, text_before, text_after, partition, threshold, topk,
     return torch.empty_like(q)  # q's layout, like every real path (_in_q_layout)
 
 
-@torch.library.custom_op("vmonarch::dense_attention", mutates_args=())
+@torch.library.custom_op("vmonarch::dense_attention", mutates_args=(), tags=_TAGS)
 def dense_attention(
     q: torch.Tensor,
     k: torch.Tensor,

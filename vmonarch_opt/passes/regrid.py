@@ -16,8 +16,11 @@ and ``adapt_plan`` re-derives the plan for the grid that matches the new token c
 
 The calibrated error was measured at the calibration shape; the first adapted call of each site
 warns and says so. Without a matching grid the site runs the model's own attention, as before.
-The hooks do nothing while torch.compile / torch.export trace the model: a compiled model runs
-the plans at the shape it was optimized for, and its own attention at others.
+Under torch.compile the hooks are traced with the model (shape arithmetic only, no graph break):
+each new input shape compiles with the plans for its grid, as in eager mode (the warning is not
+emitted inside a compiled region: it would break the graph). They do nothing while torch.export
+traces the model: an exported program runs the plans at the shape it was optimized for, and the
+model's own attention at others.
 """
 from __future__ import annotations
 
@@ -31,11 +34,8 @@ from ..config import SitePlan
 from .grid import _batch_candidates, _batch_size, conv_grid
 
 
-def _tracing() -> bool:
-    comp = getattr(torch, "compiler", None)
-    if comp is None:
-        return False
-    return bool(getattr(comp, "is_compiling", lambda: False)() or getattr(comp, "is_exporting", lambda: False)())
+def _exporting() -> bool:
+    return bool(getattr(torch.compiler, "is_exporting", lambda: False)())
 
 
 class GridTracker:
@@ -54,7 +54,7 @@ class GridTracker:
                 lambda m, args, out, kind=kind: self._on_conv(kind, out)))
 
     def _on_call(self, module, args, kwargs):
-        if _tracing():
+        if _exporting():
             return None
         batch = {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}
         self._batch = _batch_size(batch) or 1
@@ -66,7 +66,7 @@ class GridTracker:
         return None
 
     def _on_conv(self, kind: str, out):
-        if _tracing() or not isinstance(out, torch.Tensor):
+        if _exporting() or not isinstance(out, torch.Tensor):
             return None
         grid = conv_grid(out.shape, kind, self._batch)
         if grid is not None:

@@ -104,7 +104,10 @@ def _follow_grid(plan: SitePlan, a: dict) -> Optional[SitePlan]:
 
 
 def _warn_once(plan: SitePlan, key: str, msg: str) -> None:
-    """Warn the first time this site (of this optimized model) falls back for this reason."""
+    """Warn the first time this site (of this optimized model) falls back for this reason. Not
+    inside a torch.compile trace: warnings.warn would break the graph (an error with fullgraph)."""
+    if torch.compiler.is_compiling():
+        return
     seen = plan.__dict__.setdefault("_warned", set())  # not a dataclass field: never serialised
     if key not in seen:
         seen.add(key)
