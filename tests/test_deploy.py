@@ -130,7 +130,12 @@ def test_op_fake_strides_match_real_on_transposed_inputs(which):
     with them): with q/k/v transposed views, as models pass them, fake and real must agree."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    q, k, v = (torch.randn(1, 24, 2, 16).transpose(1, 2) for _ in range(3))  # [B, H, N, D], non-contiguous
+    # q as models pass it: a transposed [B, N, H, D] view; also a padded one (a slice of a wider
+    # projection, as inductor may pad buffers), a contiguous one and one head
+    layouts = [lambda: torch.randn(1, 24, 2, 16).transpose(1, 2),
+               lambda: torch.randn(1, 24, 2, 24)[..., :16].transpose(1, 2),
+               lambda: torch.randn(1, 2, 24, 16), lambda: torch.randn(1, 24, 1, 16).transpose(1, 2)]
+    q, k, v = (layouts[0]() for _ in range(3))
     if which == "monarch":
         op, args = torch.ops.vmonarch.monarch_attention, ([2, 3, 4], [1, 3, 4], 0, 0, 1, 0.25, False)
     elif which == "vmoba":
@@ -143,8 +148,13 @@ def test_op_fake_strides_match_real_on_transposed_inputs(which):
     assert fake.shape == real.shape and fake.stride() == real.stride(), (fake.stride(), real.stride())
     # q's layout, as torch's SDPA returns: the model's transpose back to [B, N, H, D] is free
     assert real.transpose(1, 2).is_contiguous()
-    qc = q.contiguous()
-    assert op(qc, k, v, *args).is_contiguous()
+    assert op(q.contiguous(), k, v, *args).is_contiguous()
+    for make in layouts[1:]:
+        q2, k2, v2 = make(), make(), make()
+        real = op(q2, k2, v2, *args)
+        with FakeTensorMode() as mode:
+            fake = op(*(mode.from_tensor(t) for t in (q2, k2, v2)), *args)
+        assert fake.stride() == real.stride(), (q2.stride(), fake.stride(), real.stride())
 
 
 def test_compile_fullgraph_diffusers_wan_keeps_our_ops(wan_monarch):

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .flash_reference import check_attention_inputs
+from .out_layout import empty_attention_out
 from .tuning import tuning_enabled
 
 try:  # host-side TMA descriptors (triton >= 3.3)
@@ -270,7 +271,7 @@ def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     B, H, Nq, D = q.shape
-    out = torch.empty_like(q)  # q's layout, like torch's SDPA
+    out = empty_attention_out(q)  # q's layout, like torch's SDPA (out_layout.py)
     lse = ent = None
     if return_stats:
         lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)

@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .out_layout import empty_attention_out
 from .monarch_layout import check_qkv, check_steps, make_layout, resolve_scale
 from .monarch_reference import PLAIN_CBAR_EPS, RESET_MASS
 from .tuning import tuning_enabled
@@ -503,7 +504,7 @@ def _plan(q, k, v, lay, steps, s, recompute):
     """Allocate the output and scratch, and return ``(out, [(phase name, launch fn), ...])``."""
     b, h, N, D = q.shape
     M, B = lay.M, lay.B
-    out = torch.empty_like(q)  # q's layout (the ops return outputs like torch's SDPA)
+    out = empty_attention_out(q)  # q's layout, like torch's SDPA (out_layout.py)
     ak = torch.empty(b * h, B, M, D, dtype=q.dtype, device=q.device)
     cl = torch.empty(b * h, B, M, dtype=torch.float32, device=q.device)
     y = torch.empty(b * h, B, M, D, dtype=q.dtype, device=q.device)

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from .flash import _LOG2E, _NEG, TensorDescriptor, _bucket, _flash_into, _online_tile, interpreting
+from .out_layout import empty_attention_out
 from .tuning import tuning_enabled
 from .vmoba_reference import (QUERY_GROUP, VMoBALayout, VMoBASelection, _check_args)
 
@@ -680,7 +681,7 @@ def vmoba_attention_with_selection(q, k, v, selection: VMoBASelection, scale: fl
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     lay = selection.layout
     if out is None:
-        out = torch.empty_like(q)
+        out = empty_attention_out(q)
     cfg = _pick_config(q, k, v, out, selection, scale)
     _launch_sparse(cfg, q, k, v, out, selection, scale)
     tb, nv = lay.text_before, lay.n_video
