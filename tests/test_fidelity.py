@@ -105,6 +105,12 @@ def test_monarch_videos_finite_and_close(model, dense_videos):
     assert not torch.equal(vids, dense_videos)
     # the original model is untouched
     torch.testing.assert_close(sample(model, SEEDS, **SMALL), dense_videos, rtol=0, atol=0)
+    # dense warm-up steps through the optimized model itself (set_original_attention): all steps
+    # dense is the dense video; one dense step is the same as with the original model as dense_model
+    torch.testing.assert_close(sample(opt, SEEDS, dense_steps=SMALL["steps"], **SMALL), dense_videos,
+                               rtol=0, atol=0)
+    torch.testing.assert_close(sample(opt, SEEDS, dense_steps=1, **SMALL),
+                               sample(opt, SEEDS, dense_steps=1, dense_model=model, **SMALL), rtol=0, atol=0)
 
 
 def test_psnr_ssim_metrics():

@@ -258,3 +258,28 @@ def test_other_shape_without_a_grid_source_falls_back_to_dense():
         out = opt(y)
     with torch.no_grad():
         assert rel_err(out, model(y)) < 1e-5
+
+def test_set_original_attention_switches_and_restores():
+    """set_original_attention: the model's own attention at every rewritten site (bit-identical to
+    the unoptimized model), as a context manager and as a call; also under torch.compile."""
+    model, batch = models.wan()
+    opt = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0, budget=None)
+    own, fast = _out(model, batch), _out(opt, batch)
+    assert rel_err(fast, own) > 1e-4
+    with vmonarch_opt.set_original_attention(opt):
+        assert torch.equal(_out(opt, batch), own)
+        with vmonarch_opt.set_original_attention(opt, False):  # nested: back to the kernels
+            assert torch.equal(_out(opt, batch), fast)
+        assert torch.equal(_out(opt, batch), own)
+    assert torch.equal(_out(opt, batch), fast)
+    vmonarch_opt.set_original_attention(opt)  # as a call: stays on
+    assert torch.equal(_out(opt, batch), own)
+    vmonarch_opt.set_original_attention(opt, False)
+    torch._dynamo.reset()
+    comp = torch.compile(opt, backend="aot_eager", fullgraph=True)
+    assert rel_err(_out(comp, batch), fast) < 1e-6
+    with vmonarch_opt.set_original_attention(opt):
+        assert rel_err(_out(comp, batch), own) < 1e-6  # the flag is guarded: recompiled, not stale
+    assert rel_err(_out(comp, batch), fast) < 1e-6
+    with pytest.raises(vmonarch_opt.VMonarchError, match="not optimized by vmonarch_opt.optimize"):
+        vmonarch_opt.set_original_attention(model)

@@ -11,9 +11,10 @@ from .optimize import optimize, restore
 from .deploy import export_onnx  # noqa: F401  (ONNX export; needs onnx + onnxscript at call time)
 from .profiles import Budget, Profile, calibrate, load_profile
 from .report import Report
+from .switch import set_original_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["optimize", "restore", "calibrate", "load_profile", "Budget", "Profile", "Report",
+__all__ = ["optimize", "restore", "set_original_attention", "calibrate", "load_profile", "Budget", "Profile", "Report",
            "MonarchConfig", "VMoBAConfig", "DenseConfig",
            "CalibrationBatchError", "CaptureError", "ProfileError", "VMonarchError"]

@@ -18,6 +18,7 @@ from .passes.detect import DetectedSite, detect
 from .passes.grid import assign_grids, check_grid_spec, grid_modules
 from .passes.normalize import NormalizeError, normalize_module
 from .passes.regrid import GridTracker
+from .switch import AttentionSwitch
 from .passes.rewrite import install, plan_handler, prepare_qkv, run_site, runtime_mismatch, uninstall
 from .planner import plan_sites
 from .report import Report
@@ -35,6 +36,7 @@ class OptimizationState:
     profile: Any = None
     normalized: dict = field(default_factory=dict)  # module path -> fx.GraphModule
     tracker: Any = None  # passes.regrid.GridTracker: the input's token grid, for other video sizes
+    switch: Any = None  # switch.AttentionSwitch: run the model's own attention (set_original_attention)
 
 
 def _owning_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -298,6 +300,9 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
     if validate:
         site_errors, out_error, ran = _validate(target, runtime, fwd_by_path, batches[0], reference)
         _never_ran(plans, ran)
+    switch = AttentionSwitch()
+    for p in plans.values():
+        p.__dict__["_switch"] = switch  # not a dataclass field: never serialised
     for path, plist in runtime.items():
         install(_owning_module(target, path), [plan_handler(p) for p in plist], forward=fwd_by_path.get(path))
     tracker = None
@@ -316,7 +321,7 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
                           output_error=out_error)
     state = OptimizationState(sites=sites, plans=plans, report=report, modules=sorted(runtime),
                               profile=profile, normalized={p: g for p, (_, g) in forwards.items()},
-                              tracker=tracker)
+                              tracker=tracker, switch=switch)
     target.__dict__["vmonarch"] = state
     target.__dict__["report"] = report
     return target

@@ -248,11 +248,14 @@ def sample(model: nn.Module, seeds: Sequence[int], classes: Optional[Sequence[in
     """Videos ``[len(seeds), C, frames, height, width]`` in about [-1, 1] by Euler steps of the
     rectified-flow ODE. Deterministic: the same seeds, classes and model give the same videos.
     ``classes=None`` takes ``seed % 3``; ``model`` may be any module with TinyVideoDiT's call
-    signature (an optimized copy, a compiled one). With ``dense_model`` (the original model),
-    the first ``dense_steps`` steps — the high-noise ones, which fix the video's layout — run it
-    instead of ``model`` (dense warm-up steps, as sparse-attention video samplers commonly do)."""
-    if dense_steps and dense_model is None:
-        raise ValueError("dense_steps > 0 needs dense_model= (the model with its own attention)")
+    signature (an optimized copy, a compiled one). The first ``dense_steps`` steps — the
+    high-noise ones, which fix the video's layout — run exact attention (dense warm-up steps, as
+    sparse-attention video samplers commonly do): ``dense_model`` (the original model) if given,
+    else ``model`` itself with ``vmonarch_opt.set_original_attention``."""
+    optimized = "vmonarch" in getattr(model, "__dict__", {})
+    if dense_steps and dense_model is None and not optimized:
+        raise ValueError("dense_steps > 0 needs dense_model= (the model with its own attention) or a model "
+                         "returned by vmonarch_opt.optimize")
     p = next(iter(model.parameters()), None)
     device = device if device is not None else (p.device if p is not None else "cpu")
     dtype = dtype if dtype is not None else (p.dtype if p is not None else torch.float32)
@@ -266,8 +269,14 @@ def sample(model: nn.Module, seeds: Sequence[int], classes: Optional[Sequence[in
     for i in range(steps):
         t, t_next = float(ts[i]), float(ts[i + 1])
         tt = torch.full((len(seeds),), t, device=device, dtype=dtype)
-        net = dense_model if i < dense_steps else model
-        v = net(x.to(dtype), tt, y).float()
+        if i < dense_steps and dense_model is None:
+            from .switch import set_original_attention
+
+            with set_original_attention(model):
+                v = model(x.to(dtype), tt, y).float()
+        else:
+            net = dense_model if i < dense_steps else model
+            v = net(x.to(dtype), tt, y).float()
         x = x + (t_next - t) * v
     return x
 

@@ -145,6 +145,9 @@ def run_site(plan: SitePlan, a: dict, original: Callable) -> torch.Tensor:
     """One intercepted SDPA call: the planned op, or the model's own attention if it does not fit."""
     if plan.method == "original":
         return original()
+    switch = plan.__dict__.get("_switch")  # set by optimize(): set_original_attention()
+    if switch is not None and switch.original:
+        return original()
     if _lowering is not None:
         return _lowering(plan, a, original)
     why = runtime_mismatch(plan, a)
