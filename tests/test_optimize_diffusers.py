@@ -283,3 +283,23 @@ def test_set_original_attention_switches_and_restores():
     assert rel_err(_out(comp, batch), fast) < 1e-6
     with pytest.raises(vmonarch_opt.VMonarchError, match="not optimized by vmonarch_opt.optimize"):
         vmonarch_opt.set_original_attention(model)
+
+
+def test_same_token_count_other_grid_follows_it():
+    """Portrait vs landscape: a 4x5 and a 5x4 latent have as many tokens, but VMoBA's spatial
+    chunks (and Monarch's tiles) must follow the grid the input really has; a grid the user gave
+    is kept."""
+    model, batch = models.wan(height=8, width=12)
+    _, other = models.wan(height=12, width=8)
+    opt = vmonarch_opt.optimize(model, batch, methods=("vmoba",), min_seq_len=0, budget=None)
+    with pytest.warns(RuntimeWarning, match=r"token grid is now \(3, 12, 8\)"):
+        out = _out(opt, other)
+    direct = vmonarch_opt.optimize(model, other, methods=("vmoba",), min_seq_len=0, budget=None)
+    assert rel_err(out, _out(direct, other)) < 1e-6
+    assert rel_err(_out(opt, batch), _out(vmonarch_opt.optimize(model, batch, methods=("vmoba",), min_seq_len=0,
+                                                                 budget=None), batch)) < 1e-6
+    pinned = vmonarch_opt.optimize(model, batch, methods=("vmoba",), min_seq_len=0, budget=None, grid=(3, 8, 12))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no re-derivation warning: the user's grid stands
+        _out(pinned, other)

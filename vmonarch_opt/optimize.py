@@ -15,7 +15,7 @@ from .errors import VMonarchError
 from .passes.capture import capture as capture_graphs
 from .passes.census import attention_census, uncaptured
 from .passes.detect import DetectedSite, detect
-from .passes.grid import assign_grids, check_grid_spec, grid_modules
+from .passes.grid import _lookup_user, assign_grids, check_grid_spec, grid_modules
 from .passes.normalize import NormalizeError, normalize_module
 from .passes.regrid import GridTracker
 from .switch import AttentionSwitch
@@ -308,8 +308,10 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
     tracker = None
     if any(p.method in ("monarch", "vmoba", "dense") for p in plans.values()):
         tracker = GridTracker(target, grid_modules(graphs, target))
+        user_grid = {s.site_id for s in sites if _lookup_user(grid, s.site_id) is not None}
         for p in plans.values():
-            p.__dict__["_tracker"] = tracker  # not a dataclass field: never serialised
+            p.__dict__["_tracker"] = tracker  # not dataclass fields: never serialised
+            p.__dict__["_grid_inferred"] = p.site_id not in user_grid
 
     meta = {"capture": graphs[0].source if graphs else "none", "graphs": len(graphs),
             "methods": list(methods), "min_seq_len": min_seq_len,

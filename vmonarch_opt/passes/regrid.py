@@ -14,7 +14,9 @@ and ``adapt_plan`` re-derives the plan for the grid that matches the new token c
   block count, top-k and threshold mean the same;
 * the dense kernel needs nothing.
 
-The calibrated error was measured at the calibration shape; the first adapted call of each site
+The same applies at the calibrated token count when the input's grid is another one (a 30x52
+and a 52x30 latent have as many tokens), for sites whose grid was inferred rather than given with
+``grid=``. The calibrated error was measured at the calibration shape; the first adapted call of each site
 warns and says so. Without a matching grid the site runs the model's own attention, as before.
 Under torch.compile the hooks are traced with the model (shape arithmetic only, no graph break):
 each new input shape compiles with the plans for its grid, as in eager mode (the warning is not

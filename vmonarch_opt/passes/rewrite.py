@@ -85,11 +85,18 @@ def runtime_mismatch(plan: SitePlan, a: dict) -> Optional[str]:
 
 def _follow_grid(plan: SitePlan, a: dict) -> Optional[SitePlan]:
     """The plan re-derived for this call's token grid when only the video size changed (see
-    ``regrid.py``), or None."""
+    ``regrid.py``), or None. At the calibrated token count too, when the input's grid is another
+    one (portrait vs landscape: 30x52 and 52x30 latents have as many tokens) and the plan's grid
+    was inferred, not given by the user."""
     tracker = plan.__dict__.get("_tracker")  # set by optimize(); not a dataclass field
     q, k = a["query"], a["key"]
-    if tracker is None or (q.shape[-2] == plan.seq_q and k.shape[-2] == plan.seq_k):
+    if tracker is None:
         return None
+    if q.shape[-2] == plan.seq_q and k.shape[-2] == plan.seq_k:
+        grids = tracker.grids
+        if (not grids or not plan.__dict__.get("_grid_inferred") or not plan.args.get("grid")
+                or tuple(plan.args["grid"]) in {tuple(g) for g in grids}):
+            return None
     adapted = adapt_plan(plan, q.shape[-2], k.shape[-2], q.shape[-1], tracker.grids)
     if adapted is None or runtime_mismatch(adapted, a) is not None:
         return None
@@ -151,12 +158,11 @@ def run_site(plan: SitePlan, a: dict, original: Callable) -> torch.Tensor:
     if _lowering is not None:
         return _lowering(plan, a, original)
     why = runtime_mismatch(plan, a)
-    if why is not None:
-        adapted = _follow_grid(plan, a)
-        if adapted is None:
-            _warn_once(plan, why, f"vmonarch_opt: site {plan.site_id} ran dense attention: {why}")
-            return original()
-        plan = adapted
+    adapted = _follow_grid(plan, a)
+    if why is not None and adapted is None:
+        _warn_once(plan, why, f"vmonarch_opt: site {plan.site_id} ran dense attention: {why}")
+        return original()
+    plan = adapted or plan
     q, v = a["query"], a["value"]
     q4, k4, v4, scale = prepare_qkv(a)
     if a["attn_mask"] is not None:  # a text key-padding mask (plan.args["key_padding"])
