@@ -15,14 +15,14 @@ from .errors import VMonarchError
 from .passes.capture import capture as capture_graphs
 from .passes.census import attention_census, uncaptured
 from .passes.detect import DetectedSite, detect
-from .passes.grid import _lookup_user, assign_grids, check_grid_spec, grid_modules
+from .passes.grid import assign_grids, check_grid_spec, grid_modules, lookup_user_grid
 from .passes.normalize import NormalizeError, normalize_module
 from .passes.regrid import GridTracker
-from .switch import AttentionSwitch
 from .passes.rewrite import install, plan_handler, prepare_qkv, run_site, runtime_mismatch, uninstall
 from .planner import plan_sites
 from .report import Report
 from .site import AttentionSite
+from .switch import AttentionSwitch
 
 
 @dataclass
@@ -308,7 +308,7 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
     tracker = None
     if any(p.method in ("monarch", "vmoba", "dense") for p in plans.values()):
         tracker = GridTracker(target, grid_modules(graphs, target))
-        user_grid = {s.site_id for s in sites if _lookup_user(grid, s.site_id) is not None}
+        user_grid = {s.site_id for s in sites if lookup_user_grid(grid, s.site_id) is not None}
         for p in plans.values():
             p.__dict__["_tracker"] = tracker  # not dataclass fields: never serialised
             p.__dict__["_grid_inferred"] = p.site_id not in user_grid

@@ -174,7 +174,8 @@ def _spec_entries(grid: GridSpec) -> list:
     return [("*", grid)]
 
 
-def _lookup_user(grid: GridSpec, site_id: str) -> Optional[GridCandidate]:
+def lookup_user_grid(grid: GridSpec, site_id: str) -> Optional[GridCandidate]:
+    """The grid ``grid=`` gives this site (first matching pattern), or None."""
     for pat, spec in _spec_entries(grid):
         if fnmatch.fnmatchcase(site_id, pat):
             if isinstance(spec, dict):
@@ -225,7 +226,7 @@ def assign_grids(sites: list[DetectedSite], graphs: list[CapturedGraph], model, 
     for ds in sites:
         s = ds.site
         n = s.seq_q
-        user = _lookup_user(user_grid, s.site_id)
+        user = lookup_user_grid(user_grid, s.site_id)
         options = ([user] if user else []) + cands
         chosen, why_not = None, ""
         if not any(math.prod(c.grid) <= n for c in options):  # factorised space/time attention?
