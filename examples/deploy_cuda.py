@@ -79,11 +79,11 @@ def main(argv=None) -> int:
     counters.clear()
     compiled = torch.compile(opt, backend=counting, fullgraph=True)
 
-    def run_compiled():
+    def run_compiled(inputs=batch):
         if cuda:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad():
-            return compiled(**batch)[0]
+            return compiled(**inputs)[0]
 
     for _ in range(3):
         out = run_compiled().clone()
@@ -101,15 +101,8 @@ def main(argv=None) -> int:
     # 4. another video size through the compiled model: plans follow the token grid
     _, other = models.wan(frames=args.frames + 1, height=args.height, width=args.width + 2, layers=args.layers,
                           heads=args.heads, head_dim=args.head_dim, dtype=dtype, device=args.device)
-
-    def run_compiled_other():
-        if cuda:
-            torch.compiler.cudagraph_mark_step_begin()
-        with torch.no_grad():
-            return compiled(**other)[0]
-
     for _ in range(2):
-        out_other = run_compiled_other().clone()
+        out_other = run_compiled(other).clone()
     with torch.no_grad():
         want_other = opt(**other)[0]
         dense_other = model(**other)[0]  # the model itself (optimize copied it)

@@ -21,6 +21,7 @@ or HunyuanVideo, at a size a CPU can run.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -29,6 +30,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .switch import set_original_attention
 
 __all__ = ["TinyVideoDiT", "load_tiny_video_dit", "sample", "procedural_videos", "attention_stats",
            "calib_batch", "FIXTURE", "CLASS_NAMES"]
@@ -269,13 +272,9 @@ def sample(model: nn.Module, seeds: Sequence[int], classes: Optional[Sequence[in
     for i in range(steps):
         t, t_next = float(ts[i]), float(ts[i + 1])
         tt = torch.full((len(seeds),), t, device=device, dtype=dtype)
-        if i < dense_steps and dense_model is None:
-            from .switch import set_original_attention
-
-            with set_original_attention(model):
-                v = model(x.to(dtype), tt, y).float()
-        else:
-            net = dense_model if i < dense_steps else model
+        dense = i < dense_steps
+        net = dense_model if dense and dense_model is not None else model
+        with set_original_attention(model) if dense and net is model else contextlib.nullcontext():
             v = net(x.to(dtype), tt, y).float()
         x = x + (t_next - t) * v
     return x

@@ -23,13 +23,12 @@ def _seq_major(q: torch.Tensor) -> bool:
     return q.dim() == 4 and q.shape[1] > 1 and q.shape[2] > 1 and q.stride(1) < q.stride(2)
 
 
-def empty_attention_out(q: torch.Tensor, dtype=None) -> torch.Tensor:
+def empty_attention_out(q: torch.Tensor) -> torch.Tensor:
     """Uninitialised output for attention with queries ``q`` (see the module docstring)."""
-    dtype = dtype or q.dtype
     if _seq_major(q):
         b, h, n, d = q.shape
-        return torch.empty(b, n, h, d, dtype=dtype, device=q.device).transpose(1, 2)
-    return torch.empty(q.shape, dtype=dtype, device=q.device)
+        return q.new_empty(b, n, h, d).transpose(1, 2)
+    return q.new_empty(q.shape)
 
 
 def attention_out_strides(q: torch.Tensor) -> tuple:

@@ -296,45 +296,29 @@ def _vmoba_fwd(Q, K, V, KP, VP, O, desc_k, desc_v,
             rl = row.to(tl.int64)
             n_full = tl.load(NFULL + rl)
             all_ok = offs_n < BLOCK_N
-            if TCH > 0:
-                # tile starts read TCH at a time into registers: no global load inside the
-                # tile loop, so the pipeliner can issue the next tiles' loads early
-                offs_t = tl.arange(0, TCH)
-                for c0 in range(0, n_full, TCH):
-                    posv = tl.load(FULL + rl * MAXT + c0 + offs_t, mask=c0 + offs_t < n_full,
-                                   other=0)
-                    for it in range(0, tl.minimum(TCH, n_full - c0)):
-                        pos = tl.sum(tl.where(offs_t == it, posv, 0), 0)
-                        k, v = _kv_tile(kpb, vpb, desc_k, desc_v, b, h, pos, offs_n, offs_d,
-                                        all_ok, d_ok, spn, KV_MODE == 2, BLOCK_N, HEAD_DIM)
-                        acc, m_i, l_i, w_i = _online_tile(q, k, v, acc, m_i, l_i, w_i, qk_scale,
-                                                          all_ok, False, False, DOT_PREC)
-                n_tail = tl.load(NTAIL + rl)
-                for c0 in range(0, n_tail, TCH):
-                    tm = c0 + offs_t < n_tail
-                    posv = tl.load(TAIL + rl * C + c0 + offs_t, mask=tm, other=0)
-                    lenv = tl.load(TLEN + rl * C + c0 + offs_t, mask=tm, other=0)
-                    for it in range(0, tl.minimum(TCH, n_tail - c0)):
-                        sel_t = offs_t == it
-                        pos = tl.sum(tl.where(sel_t, posv, 0), 0)
-                        col_ok = offs_n < tl.sum(tl.where(sel_t, lenv, 0), 0)
-                        k, v = _kv_tile(kpb, vpb, desc_k, desc_v, b, h, pos, offs_n, offs_d,
-                                        col_ok, d_ok, spn, KV_MODE == 2, BLOCK_N, HEAD_DIM)
-                        acc, m_i, l_i, w_i = _online_tile(q, k, v, acc, m_i, l_i, w_i, qk_scale,
-                                                          col_ok, True, False, DOT_PREC)
-            else:
-                for it in range(0, n_full):  # full tiles: no mask
-                    pos = tl.load(FULL + rl * MAXT + it)
-                    k, v = _kv_tile(kpb, vpb, desc_k, desc_v, b, h, pos, offs_n, offs_d, all_ok,
-                                    d_ok, spn, KV_MODE == 2, BLOCK_N, HEAD_DIM)
+            # tile starts read TCH at a time into registers: no global load inside the
+            # tile loop, so the pipeliner can issue the next tiles' loads early
+            offs_t = tl.arange(0, TCH)
+            for c0 in range(0, n_full, TCH):
+                posv = tl.load(FULL + rl * MAXT + c0 + offs_t, mask=c0 + offs_t < n_full,
+                               other=0)
+                for it in range(0, tl.minimum(TCH, n_full - c0)):
+                    pos = tl.sum(tl.where(offs_t == it, posv, 0), 0)
+                    k, v = _kv_tile(kpb, vpb, desc_k, desc_v, b, h, pos, offs_n, offs_d,
+                                    all_ok, d_ok, spn, KV_MODE == 2, BLOCK_N, HEAD_DIM)
                     acc, m_i, l_i, w_i = _online_tile(q, k, v, acc, m_i, l_i, w_i, qk_scale,
                                                       all_ok, False, False, DOT_PREC)
-                n_tail = tl.load(NTAIL + rl)
-                for it in range(0, n_tail):  # the partial last tile of each block: masked
-                    pos = tl.load(TAIL + rl * C + it)
-                    col_ok = offs_n < tl.load(TLEN + rl * C + it)
-                    k, v = _kv_tile(kpb, vpb, desc_k, desc_v, b, h, pos, offs_n, offs_d, col_ok,
-                                    d_ok, spn, KV_MODE == 2, BLOCK_N, HEAD_DIM)
+            n_tail = tl.load(NTAIL + rl)
+            for c0 in range(0, n_tail, TCH):
+                tm = c0 + offs_t < n_tail
+                posv = tl.load(TAIL + rl * C + c0 + offs_t, mask=tm, other=0)
+                lenv = tl.load(TLEN + rl * C + c0 + offs_t, mask=tm, other=0)
+                for it in range(0, tl.minimum(TCH, n_tail - c0)):
+                    sel_t = offs_t == it
+                    pos = tl.sum(tl.where(sel_t, posv, 0), 0)
+                    col_ok = offs_n < tl.sum(tl.where(sel_t, lenv, 0), 0)
+                    k, v = _kv_tile(kpb, vpb, desc_k, desc_v, b, h, pos, offs_n, offs_d,
+                                    col_ok, d_ok, spn, KV_MODE == 2, BLOCK_N, HEAD_DIM)
                     acc, m_i, l_i, w_i = _online_tile(q, k, v, acc, m_i, l_i, w_i, qk_scale,
                                                       col_ok, True, False, DOT_PREC)
         else:  # 0: walk the selected blocks tile by tile, rows gathered through the permutation
@@ -504,7 +488,7 @@ _CUDA_CANDIDATES = [(128, 64, 4, 3, 0), (128, 128, 8, 3, 1), (128, 64, 4, 3, 1),
                     (128, 128, 8, 3, 2), (128, 128, 8, 2, 2), (128, 64, 8, 3, 2),
                     (128, 64, 4, 3, 2), (64, 64, 4, 3, 2)]
 _TUNED: dict = {}
-_TCH = 32  # tile starts read per chunk in kv modes 1/2 (0: one global load per tile)
+_TCH = 32  # tile starts read into registers per chunk in kv modes 1/2
 _FORCED: Optional[tuple] = None  # benchmarks/tests may pin a config (tuple as above)
 
 
