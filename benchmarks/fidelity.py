@@ -191,7 +191,7 @@ def layer_errors(model, frames: int, size: int, t: float = 0.5) -> str:
     from vmonarch_opt.kernels.vmoba_reference import vmoba_attention_reference
 
     dev = next(model.parameters()).device
-    b = calib_batch(1, frames, size, t=t, seed=1234, device=dev)
+    b = calib_batch(1, frames, size, t=t, seed=1234, device=dev, detail=model.data_detail)
     attns = [blk.attn for blk in model.blocks]
     for a in attns:
         a.record = []
@@ -267,7 +267,7 @@ def main(argv=None) -> int:
         return 0
     seeds = list(range(args.seeds))
     skw = dict(steps=args.steps, frames=args.frames, height=args.size, width=args.size)
-    calib = calib_batch(1, args.frames, args.size, t=0.5, seed=1234, device=dev)
+    calib = calib_batch(1, args.frames, args.size, t=0.5, seed=1234, device=dev, detail=model.data_detail)
     dense32, _ = timed_sample(model, seeds, cuda, **skw)
     dense_u = to_unit(dense32)
     low = torch.bfloat16 if cuda or args.bf16 else None

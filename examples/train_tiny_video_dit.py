@@ -1,13 +1,16 @@
 """Train the tiny video DiT shipped in ``vmonarch_opt/fixtures/`` (GPU, a few minutes).
 
-    OUT=out python examples/train_tiny_video_dit.py --seconds 140
+    OUT=out python examples/train_tiny_video_dit.py            # the shipped fixture's settings
 
 Data: procedural videos generated on the fly on the GPU (``vmonarch_opt.tiny_dit.procedural_videos``:
-bouncing shapes, camera pans over smooth textures, shapes over a panning texture), 3×16×32×32 pixels,
+bouncing shapes, camera pans over textures, shapes over a panning texture, with fine moving
+patterns of amplitude ``--detail``), 3×16×32×32 pixels,
 cut by the model into 1×2×2 patches = a 16×16×16 token grid (4096 tokens). Objective: rectified
 flow (``x_t = (1-t)·x0 + t·noise``, the model predicts ``noise - x0``), logit-normal t, 10% class
 dropout. AdamW, bf16 autocast, EMA of the weights; training stops after ``--seconds`` of wall
-time. Writes under ``--out`` (default ``$OUT`` or ``out/``):
+time. The q/k RMSNorm gains (the attention temperature under qk-norm) train at ``--qk-gain-lr``
+times the base rate: at 1× they barely move in a few thousand steps and the attention stays
+diffuse, unlike a long-trained video DiT. Writes under ``--out`` (default ``$OUT`` or ``out/``):
 
 * ``tiny_video_dit.safetensors`` — EMA weights in fp16 (the fixture);
 * ``train_log.json`` — losses, per-layer attention entropy of the trained model, settings;
@@ -71,7 +74,7 @@ def save_strip(videos: torch.Tensor, path, title: str = "", frames_shown: int = 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=140.0, help="wall-clock training budget")
+    ap.add_argument("--seconds", type=float, default=200.0, help="wall-clock training budget")
     ap.add_argument("--max-steps", type=int, default=1_000_000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-4)
@@ -81,6 +84,9 @@ def main(argv=None) -> int:
     ap.add_argument("--depth", type=int, default=6)
     ap.add_argument("--heads", type=int, default=3)
     ap.add_argument("--ema", type=float, default=0.997)
+    ap.add_argument("--detail", type=float, default=1.0, help="fine-pattern amplitude of the procedural videos")
+    ap.add_argument("--qk-gain-lr", type=float, default=20.0,
+                    help="learning-rate multiplier for the q/k RMSNorm gains (they set the attention temperature)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -97,7 +103,10 @@ def main(argv=None) -> int:
     nparams = sum(p.numel() for p in model.parameters())
     print(f"TinyVideoDiT: {nparams / 1e6:.2f} M parameters, grid {args.frames}×{args.size // 2}×{args.size // 2} "
           f"tokens, device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}", flush=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    gains = [p for n, p in model.named_parameters() if n.endswith(("q_norm.weight", "k_norm.weight"))]
+    rest = [p for n, p in model.named_parameters() if not n.endswith(("q_norm.weight", "k_norm.weight"))]
+    groups = [dict(params=rest, lr_mult=1.0), dict(params=gains, lr_mult=args.qk_gain_lr)]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     gen = torch.Generator(device=dev).manual_seed(args.seed)
     amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
     warmup = 100
@@ -109,9 +118,9 @@ def main(argv=None) -> int:
         frac = elapsed / args.seconds
         lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_mult"]
         with torch.no_grad():
-            x0, y = procedural_videos(args.batch, args.frames, args.size, generator=gen, device=dev)
+            x0, y = procedural_videos(args.batch, args.frames, args.size, generator=gen, device=dev, detail=args.detail)
             noise = torch.randn(x0.shape, generator=gen, device=dev)
             t = torch.sigmoid(torch.randn(args.batch, generator=gen, device=dev))
             xt = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * noise
@@ -139,7 +148,9 @@ def main(argv=None) -> int:
     train_s = time.perf_counter() - t_start
     print(f"trained {step} steps in {train_s:.0f} s ({step * args.batch / train_s:.0f} videos/s)", flush=True)
 
-    meta = dict(steps=step, batch=args.batch, seconds=round(train_s, 1), frames=args.frames, size=args.size,
+    qk_gain = [round(float((b.attn.q_norm.weight * b.attn.k_norm.weight).abs().mean()), 3) for b in ema.blocks]
+    print("mean |q-gain · k-gain| per layer (1.0 at init; scales the attention logits):", qk_gain, flush=True)
+    meta = dict(steps=step, qk_gain_lr=args.qk_gain_lr, detail=args.detail, qk_gain=qk_gain, batch=args.batch, seconds=round(train_s, 1), frames=args.frames, size=args.size,
                 device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", torch=torch.__version__,
                 script="examples/train_tiny_video_dit.py")
     path = out / "tiny_video_dit.safetensors"
@@ -148,7 +159,7 @@ def main(argv=None) -> int:
 
     # Evaluate the EMA model: held-out loss, attention structure, samples.
     evgen = torch.Generator(device=dev).manual_seed(12345)
-    x0, y = procedural_videos(16, args.frames, args.size, generator=evgen, device=dev)
+    x0, y = procedural_videos(16, args.frames, args.size, generator=evgen, device=dev, detail=args.detail)
     noise = torch.randn(x0.shape, generator=evgen, device=dev)
     val = {}
     with torch.no_grad():

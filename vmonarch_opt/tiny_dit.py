@@ -15,8 +15,9 @@ or HunyuanVideo, at a size a CPU can run.
 * :func:`sample` — a deterministic Euler sampler of the rectified-flow ODE
   ``dx/dt = v(x, t)`` from ``t = 1`` (noise) to ``t = 0``; one noise tensor per seed, so a video
   depends only on its seed and class, not on what else is in the batch.
-* :func:`procedural_videos` — the training distribution (bouncing shapes, camera pans over smooth
-  textures, both at once), also handy as a realistic calibration batch.
+* :func:`procedural_videos` — the training distribution (bouncing shapes, camera pans over
+  textures, both at once; ``detail=`` adds fine moving patterns — the shipped fixture was trained
+  with ``detail=1.0``, recorded as ``model.data_detail``), also handy as a realistic calibration batch.
 * :func:`attention_stats` — per-layer attention entropy and where the attention mass goes.
 """
 from __future__ import annotations
@@ -227,6 +228,7 @@ def load_tiny_video_dit(path=None, device="cpu", dtype=torch.float32) -> TinyVid
     model = TinyVideoDiT(**json.loads(meta["config"]))
     model.load_state_dict({k: v.float() for k, v in state.items()})
     model.metadata = meta
+    model.data_detail = float(meta.get("detail", 0.0))  # procedural_videos(detail=) it was trained on
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -289,7 +291,7 @@ def _bounce(p: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return lo + torch.where(q < span, q, 2 * span - q)
 
 
-def _texture(n, size_y, size_x, gen, device, oy, ox, k: int = 4):
+def _texture(n, size_y, size_x, gen, device, oy, ox, k: int = 4, detail: float = 0.0):
     """Smooth random colour textures: sums of ``k`` random plane waves per channel, sampled at
     pixel coordinates shifted by ``(oy, ox)`` ([n, T]) — a camera pan when the offset moves."""
     ys = torch.arange(size_y, device=device, dtype=torch.float32)
@@ -302,16 +304,38 @@ def _texture(n, size_y, size_x, gen, device, oy, ox, k: int = 4):
     arg = (freq[:, :, :, 0, None, None, None] * Y[:, None, None] + freq[:, :, :, 1, None, None, None] * X[:, None, None]
            + phase[..., None, None, None])  # [n, 3, k, T, H, W]
     base = torch.rand(n, 3, 1, 1, 1, generator=gen, device=device) * 1.2 - 0.6
-    return (base + (amp[..., None, None, None] * torch.sin(arg)).sum(2)).clamp(-1, 1)
+    tex = base + (amp[..., None, None, None] * torch.sin(arg)).sum(2)
+    if detail > 0:
+        tex = tex + detail * _waves(n, Y[:, None], X[:, None], gen, device)
+    return tex.clamp(-1, 1)
+
+
+def _waves(n, Y, X, gen, device, k: int = 12, periods: tuple = (2.5, 8.0)):
+    """Fine detail: ``k`` plane waves per channel with periods in ``periods`` pixels and random
+    directions, evaluated at coordinates ``Y``, ``X`` (broadcast to ``[n, 1, ...]``); unit-ish
+    amplitude. Moves with whatever moves the coordinates (a pan, a shape)."""
+    per = periods[0] + (periods[1] - periods[0]) * torch.rand(n, 3, k, generator=gen, device=device)
+    ang = torch.rand(n, 3, k, generator=gen, device=device) * 2 * math.pi
+    fy, fx = 2 * math.pi / per * torch.sin(ang), 2 * math.pi / per * torch.cos(ang)
+    phase = torch.rand(n, 3, k, generator=gen, device=device) * 2 * math.pi
+    extra = (None,) * (Y.dim() - 2)
+    idx = (slice(None), slice(None), slice(None)) + extra
+    arg = fy[idx] * Y[:, :, None] + fx[idx] * X[:, :, None] + phase[idx]
+    return torch.sin(arg).sum(2) * (0.6 / k ** 0.5)
 
 
 def procedural_videos(n: int, frames: int = 16, size: int = 32, *, classes: Optional[torch.Tensor] = None,
-                      generator: Optional[torch.Generator] = None, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+                      generator: Optional[torch.Generator] = None, device="cpu",
+                      detail: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` procedural videos ``[n, 3, frames, size, size]`` in [-1, 1] and their classes.
 
     Class 0: 1–3 discs/squares of random colours bouncing off the walls over a flat background
     with a gentle gradient. Class 1: a camera pan (random direction, 0.3–1.5 px/frame) over a smooth
     random texture. Class 2: bouncing shapes over a panning texture. Shapes are anti-aliased.
+    ``detail > 0`` adds fine patterns (periods 2.5–8 px) of that amplitude to the textures and
+    inside the shapes, moving with them: every token then carries content of its own that the
+    next frames carry at the moved position (closer to the latents of a real video VAE than
+    smooth colour fields). ``detail=0`` draws exactly the videos it always drew.
     """
     gen = generator if generator is not None else torch.Generator(device=device).manual_seed(0)
     dev = torch.device(device)
@@ -325,7 +349,7 @@ def procedural_videos(n: int, frames: int = 16, size: int = 32, *, classes: Opti
     speed = 0.3 + 1.2 * torch.rand(n, generator=gen, device=dev)
     oy = (torch.sin(ang) * speed)[:, None] * tt[None] + 100 * torch.rand(n, 1, generator=gen, device=dev)
     ox = (torch.cos(ang) * speed)[:, None] * tt[None] + 100 * torch.rand(n, 1, generator=gen, device=dev)
-    tex = _texture(n, size, size, gen, dev, oy, ox)
+    tex = _texture(n, size, size, gen, dev, oy, ox, detail=detail)
     flat = torch.rand(n, 3, 1, 1, 1, generator=gen, device=dev) * 1.6 - 0.8
     gdir = torch.randn(n, 2, generator=gen, device=dev) * 0.3
     coords = torch.arange(size, device=dev, dtype=torch.float32) / size - 0.5
@@ -352,15 +376,18 @@ def procedural_videos(n: int, frames: int = 16, size: int = 32, *, classes: Opti
         alpha = (r.view(n, 1, 1, 1) + 0.5 - dist).clamp(0, 1)  # 1-pixel anti-aliased edge
         on = ((s < count) & (classes != 1)).view(n, 1, 1, 1).float()
         a = (alpha * on)[:, None]  # [n, 1, T, H, W]
-        video = video * (1 - a) + col.view(n, 3, 1, 1, 1) * a
+        fill = col.view(n, 3, 1, 1, 1)
+        if detail > 0:
+            fill = fill + detail * _waves(n, dy[:, None], dx[:, None], gen, dev)
+        video = video * (1 - a) + fill * a
     return video.clamp(-1, 1), classes
 
 
 def calib_batch(n: int = 1, frames: int = 16, size: int = 32, t: float = 0.5, seed: int = 0, device="cpu",
-                dtype=torch.float32) -> dict:
+                dtype=torch.float32, detail: float = 0.0) -> dict:
     """A realistic ``optimize`` calibration batch: procedural videos noised to time ``t``."""
     gen = torch.Generator().manual_seed(seed)
-    x0, y = procedural_videos(n, frames, size, generator=gen)
+    x0, y = procedural_videos(n, frames, size, generator=gen, detail=detail)
     noise = torch.randn(x0.shape, generator=gen)
     xt = (1 - t) * x0 + t * noise
     return dict(x=xt.to(device, dtype), t=torch.full((n,), t, device=device, dtype=dtype), y=y.to(device))
