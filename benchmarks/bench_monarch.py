@@ -1,6 +1,6 @@
 """Benchmark: Triton Monarch attention vs torch SDPA (FLASH and CUDNN backends), same process.
 
-    PYTHONPATH=. python3 benchmarks/bench_monarch.py [--shapes wan13b,wan14b] [--append]
+    PYTHONPATH=. python3 benchmarks/bench_monarch.py [--shapes wan13b,wan14b] [--no-append]
 
 For each canonical shape (DESIGN.md §5 + issue 3) it times, on the same bf16 inputs, SDPA with the
 FLASH and CUDNN backends and our kernel (T=1 frame blocks unless stated), and reports the median
@@ -11,8 +11,9 @@ attention on (a) random Gaussian inputs and (b) video-structured inputs
 error, ~1e-3, is far below the Monarch approximation error). Before timing, the kernel is checked
 in bf16 against the fp32 reference at reduced head counts (``check`` rows).
 
-Writes ``$OUT/bench_monarch.json`` and ``$OUT/bench_monarch.md`` when OUT is set; ``--append``
-appends the markdown table to BENCHMARKS.md.
+Writes ``$OUT/bench_monarch.json`` (after every shape) and ``$OUT/bench_monarch_section.md`` when OUT
+is set, and appends the markdown section to BENCHMARKS.md unless ``--no-append``
+(``benchmarks/publish.py``).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from tabulate import tabulate
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.publish import command_line, out_dir, publish  # noqa: E402
 from benchmarks.video_inputs import make_video_qkv  # noqa: E402
 from vmonarch_opt.kernels import monarch as mk  # noqa: E402
 from vmonarch_opt.kernels.monarch_reference import (dense_attention_flops, monarch_attention_reference,  # noqa: E402
@@ -117,22 +119,22 @@ def run_shape(name, inputs_kind):
     return q, k, v, kw, err, finite
 
 
-def write_out(results, checks, dev, md=None):
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        cmd = "PYTHONPATH=. python3 benchmarks/bench_monarch.py " + " ".join(sys.argv[1:])
-        with open(os.path.join(out_dir, "bench_monarch.json"), "w") as f:
-            json.dump(dict(device=dev, results=results, checks=checks, command=cmd), f, indent=1)
-        if md is not None:
-            with open(os.path.join(out_dir, "bench_monarch.md"), "w") as f:
-                f.write(md)
+def payload(results, checks, dev) -> dict:
+    return dict(device=dev, results=results, checks=checks, command=command_line())
+
+
+def save_partial(results, checks, dev) -> None:
+    """The JSON so far (a run cut short by a time limit still brings back its finished shapes)."""
+    out = out_dir()
+    if out:
+        (out / "bench_monarch.json").write_text(json.dumps(payload(results, checks, dev), indent=1))
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=",".join(DEFAULT))
     ap.add_argument("--no-check", action="store_true")
-    ap.add_argument("--append", action="store_true", help="append the table to BENCHMARKS.md")
+    ap.add_argument("--no-append", action="store_true", help="do not append the section to BENCHMARKS.md")
     args = ap.parse_args()
     dev = torch.cuda.get_device_name()
     results, checks = [], []
@@ -166,7 +168,7 @@ def main():
                  r_cfg=" ".join(map(str, new_cfg)) if new_cfg else "(tuned earlier)")
         results.append(r)
         print(json.dumps(r), flush=True)
-        write_out(results, checks, dev)
+        save_partial(results, checks, dev)
         del q, k, v
         torch.cuda.empty_cache()
     cols = ["shape", "N", "hxd", "grid", "block", "text", "steps", "flash_ms", "cudnn_ms", "ours_ms", "vs_flash",
@@ -177,8 +179,8 @@ def main():
                           r["r_cfg"]] for r in results], headers=["shape", "ours_ms", "phases (ms, timed alone)",
                                                                    "R-step configs tuned here (BLOCK_M, BLOCK_N, warps, stages)"], tablefmt="github")
     ck_table = tabulate(checks, headers="keys", tablefmt="github", floatfmt=".2e") if checks else ""
-    cmd = "PYTHONPATH=. python3 benchmarks/bench_monarch.py " + " ".join(sys.argv[1:])
-    md = (f"\n## Monarch attention (Triton) vs SDPA — {datetime.date.today().isoformat()}, {dev}, "
+    cmd = command_line()
+    md = (f"## Monarch attention (Triton) vs SDPA — {datetime.date.today().isoformat()}, {dev}, "
           f"torch {torch.__version__}, triton {triton.__version__}\n\n"
           f"Command: `{cmd}`. bf16, batch 1, medians of `triton.testing.do_bench`; speed-ups = baseline ms / ours ms; "
           f"flop_cut = dense FLOPs / Monarch FLOPs; tflops on the Monarch FLOP count; err = ||ours - dense|| / ||dense|| "
@@ -186,11 +188,7 @@ def main():
           f"{table}\n\nPer-phase split:\n\n{ph_table}\n")
     if ck_table:
         md += f"\nbf16 / fp32 kernel vs fp32 reference (reduced heads):\n\n{ck_table}\n"
-    print(md, flush=True)
-    write_out(results, checks, dev, md)
-    if args.append:
-        with open(os.path.join(os.path.dirname(__file__), "..", "BENCHMARKS.md"), "a") as f:
-            f.write(md)
+    publish("bench_monarch", md, payload(results, checks, dev), append=not args.no_append)
 
 
 if __name__ == "__main__":

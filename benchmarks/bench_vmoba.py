@@ -29,21 +29,11 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
-try:
-    from tabulate import tabulate
-except ImportError:  # the GPU image may lack tabulate: plain github-style fallback
-    def tabulate(rows, headers=(), floatfmt=".3g", tablefmt="github"):
-        if headers == "keys":
-            headers = list(rows[0].keys()) if rows else []
-            rows = [[r.get(h, "") for h in headers] for r in rows]
-        cell = lambda x: format(x, floatfmt) if isinstance(x, float) else str(x)  # noqa: E731
-        lines = ["| " + " | ".join(map(str, headers)) + " |",
-                 "|" + "|".join("---" for _ in headers) + "|"]
-        lines += ["| " + " | ".join(cell(x) for x in r) + " |" for r in rows]
-        return "\n".join(lines)
+from tabulate import tabulate
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.publish import command_line, out_dir, publish  # noqa: E402
 from benchmarks.video_inputs import make_video_qkv  # noqa: E402
 from vmonarch_opt.kernels import flash as flash_mod  # noqa: E402
 from vmonarch_opt.kernels import vmoba as vmoba_mod  # noqa: E402
@@ -60,7 +50,6 @@ SHAPES = {
     "wan720": dict(grid=(21, 45, 80), heads=40, D=128),  # Wan2.1-14B 720p 81f
 }
 SPARSITIES = (0.50, 0.75, 0.90, 0.95)
-OUT = os.environ.get("OUT")
 RESULTS: dict = {"check": [], "dense": [], "vmoba": []}
 
 
@@ -69,9 +58,10 @@ def log(*a):
 
 
 def save():
-    if OUT:
-        with open(os.path.join(OUT, "bench_vmoba.json"), "w") as f:
-            json.dump(RESULTS, f, indent=1)
+    """The JSON so far (a run cut short by a time limit still brings back its finished shapes)."""
+    out = out_dir()
+    if out:
+        (out / "bench_vmoba.json").write_text(json.dumps(RESULTS, indent=1))
 
 
 def bench(fn, rep=60):
@@ -288,7 +278,7 @@ def main():
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
-    cmd = "PYTHONPATH=. python3 benchmarks/bench_vmoba.py " + " ".join(sys.argv[1:])
+    cmd = command_line()
     dev_name = torch.cuda.get_device_name()
     RESULTS["meta"] = dict(device=dev_name, torch=torch.__version__, triton=triton.__version__,
                            command=cmd, date=datetime.datetime.now().isoformat(timespec="seconds"))
@@ -327,7 +317,7 @@ def main():
         del q, k, v, dense_out
         torch.cuda.empty_cache()
     t1, t2 = fmt_tables()
-    section = (f"\n## VMoBA + dense flash kernel ({RESULTS['meta']['date'][:10]}, {dev_name}, "
+    section = (f"## VMoBA + dense flash kernel ({RESULTS['meta']['date'][:10]}, {dev_name}, "
                f"torch {torch.__version__}, triton {triton.__version__})\n\n"
                f"Command: `{cmd}`. bf16, batch 1, inputs from `benchmarks/video_inputs.py` "
                f"(seed 0). Medians of `triton.testing.do_bench`. Chunk = ceil(grid/4) per dim; "
@@ -340,19 +330,7 @@ def main():
                f"pre-permuted into block order, not timed). err = ||out - dense|| / ||dense||. "
                f"GPU checks: {'all passed' if ok else 'SOME FAILED (see JSON)'}.\n\n"
                f"Dense flash kernel:\n\n{t1}\n\nVMoBA:\n\n{t2}\n")
-    log(section)
-    if OUT:
-        with open(os.path.join(OUT, "bench_vmoba.md"), "w") as f:
-            f.write(section)
-    if not args.no_append:
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "BENCHMARKS.md")
-        if not os.path.exists(path):
-            with open(path, "w") as f:
-                f.write("# Benchmarks\n")
-        with open(path, "a") as f:
-            f.write(section)
-    save()
+    publish("bench_vmoba", section, RESULTS, append=not args.no_append)
 
 
 if __name__ == "__main__":
