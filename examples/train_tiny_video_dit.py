@@ -150,7 +150,8 @@ def main(argv=None) -> int:
 
     qk_gain = [round(float((b.attn.q_norm.weight * b.attn.k_norm.weight).abs().mean()), 3) for b in ema.blocks]
     print("mean |q-gain · k-gain| per layer (1.0 at init; scales the attention logits):", qk_gain, flush=True)
-    meta = dict(steps=step, qk_gain_lr=args.qk_gain_lr, detail=args.detail, qk_gain=qk_gain, batch=args.batch, seconds=round(train_s, 1), frames=args.frames, size=args.size,
+    meta = dict(steps=step, qk_gain_lr=args.qk_gain_lr, detail=args.detail, qk_gain=qk_gain, batch=args.batch,
+                seconds=round(train_s, 1), frames=args.frames, size=args.size,
                 device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", torch=torch.__version__,
                 script="examples/train_tiny_video_dit.py")
     path = out / "tiny_video_dit.safetensors"

@@ -93,8 +93,8 @@ def test_rope_is_a_rotation():
 
 
 def test_dense_method_reproduces_dense_video_exactly(model, dense_videos):
-    opt = vmonarch_opt.optimize(model, calib_batch(1, 4, 16, detail=model.data_detail), methods=("dense",), min_seq_len=0,
-                                budget=None)
+    opt = vmonarch_opt.optimize(model, calib_batch(1, 4, 16, detail=model.data_detail), methods=("dense",),
+                                min_seq_len=0, budget=None)
     assert opt.report.totals["by_method"] == {"dense": len(model.blocks)}
     vids = sample(opt, SEEDS, **SMALL)
     torch.testing.assert_close(vids, dense_videos, rtol=1e-5, atol=1e-5)
@@ -102,8 +102,8 @@ def test_dense_method_reproduces_dense_video_exactly(model, dense_videos):
 
 
 def test_monarch_videos_finite_and_close(model, dense_videos):
-    opt = vmonarch_opt.optimize(model, calib_batch(1, 4, 16, detail=model.data_detail), methods=("monarch",), min_seq_len=0,
-                                budget=None)
+    opt = vmonarch_opt.optimize(model, calib_batch(1, 4, 16, detail=model.data_detail), methods=("monarch",),
+                                min_seq_len=0, budget=None)
     tot = opt.report.totals
     assert tot["by_method"] == {"monarch": len(model.blocks)}
     assert tot["flops_after"] < tot["flops_before"]
@@ -113,7 +113,8 @@ def test_monarch_videos_finite_and_close(model, dense_videos):
     p, s = psnr(a, b), ssim(a, b)
     # Sane floor, not a quality target (benchmarks/fidelity.py measures that at full size): clearly
     # closer to the dense video than two unrelated videos of the model (~5 dB, SSIM ~0) or a flat
-    # grey video (~8 dB) are. Measured at this size: 19.1-20.6 dB, SSIM 0.90-0.95 (unrelated: 6.2 dB).
+    # grey video (~8 dB) are. Measured at this size: 19.1-20.6 dB, SSIM 0.90-0.95 (unrelated videos:
+    # 6.2 dB).
     unrelated = psnr(b[:1], b[1:2])[0]
     assert min(p) > max(9.0, unrelated + 3), (p, unrelated)
     assert min(s) > 0.25, s
