@@ -195,3 +195,31 @@ def test_untuned_block_nests_and_is_thread_local():
     assert tuning_enabled()
     with untuned(False):
         assert tuning_enabled()
+
+
+def test_masked_dense_is_the_models_masked_attention_with_its_entropy():
+    """Key-padding-masked sites: one dense pass gives the reference (torch SDPA with the mask) and
+    the entropy of the masked attention (explicit -Σ p log p), per batch element's visible keys."""
+    from vmonarch_opt.profiles.calibrate import masked_dense
+
+    g = _gen(7)
+    B, Hh, Nq, Dd = 3, 2, 45, 16
+    q, k, v = (torch.randn(B, Hh, Nq, Dd, generator=g) for _ in range(3))
+    valid = torch.ones(B, Nq, dtype=torch.bool)
+    valid[0, 40:] = False  # 5 padded text keys
+    valid[2, 30:] = False
+    for mask in (valid, torch.where(valid, 0.0, float("-inf"))):  # bool and additive forms
+        out, ent, n_keys = masked_dense(q, k, v, 0.25, mask)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=0.25)
+        assert rel_err(out, ref) < 1e-5
+        logits = (q @ k.transpose(-1, -2) * 0.25).masked_fill(~valid[:, None, None, :], float("-inf"))
+        p = logits.softmax(-1)
+        expect = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
+        torch.testing.assert_close(ent, expect, rtol=1e-4, atol=1e-4)
+        assert n_keys == round((40 + 45 + 30) / 3)
+    with pytest.raises(ValueError, match="key-padding"):
+        masked_dense(q, k, v, 0.25, torch.randn(B, Nq))  # a real additive bias is not padding
+    none_visible = valid.clone()
+    none_visible[1] = False
+    with pytest.raises(ValueError, match="hides every key"):
+        masked_dense(q, k, v, 0.25, none_visible)

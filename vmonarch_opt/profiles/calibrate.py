@@ -12,7 +12,8 @@ upstream attention); inside the optimized model later sites see slightly differe
 the report's re-measured error shows. Joint sites with a text key-padding mask (HunyuanVideo) are
 measured as they run: the reference is the model's masked dense attention and every candidate
 goes through the same key-padding path as the rewritten op (padded text tokens dropped); the
-entropy and block statistics are of the unmasked q/k.
+entropy is that of the masked attention (same dense pass), and the block statistics look at
+video keys only, which the text mask does not touch.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from ..config import METHODS, DenseConfig, MonarchConfig, VMoBAConfig, default_m
 from ..kernels.tuning import untuned
 from .budget import Budget, config_to_dict, describe_config
 from .profile import PROFILE_FORMAT, Profile, fingerprint
-from .stats import block_concentration, dense_with_stats, entropy_stats
+from .stats import block_concentration, dense_with_stats, entropy_stats, masked_dense_with_stats
 
 __all__ = ["calibrate", "calibrate_sites", "candidate_configs", "layout_config"]
 
@@ -150,14 +151,16 @@ def _run_candidate_padded(cfg, args: dict, q, k, v, scale: float, timed: bool, m
     return out, int(acc["flops"]), (sum(dens) / len(dens) if dens else None), ms
 
 
-def masked_reference(q, k, v, scale: float, mask: torch.Tensor) -> torch.Tensor:
-    """The model's dense attention under a text key-padding mask."""
+def masked_dense(q, k, v, scale: float, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The model's dense attention under a text key-padding mask, the entropy of that attention
+    (one dense pass) and the mean number of visible keys."""
     from ..passes.keypad import valid_keys
 
     valid = valid_keys(mask, q.shape[0])
     if valid is None:
         raise ValueError("calibration: the site's mask is not a text key-padding mask")
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=scale)
+    out, _, ent = masked_dense_with_stats(q, k, v, scale, valid.to(q.device))
+    return out, ent, max(1, round(valid.sum(-1).float().mean().item()))
 
 
 def _run_candidate(cfg, args: dict, q, k, v, scale: float, timed: bool, mask: Optional[torch.Tensor] = None):
@@ -229,14 +232,15 @@ class _SiteRecord:
         t_site = time.perf_counter()
         s = self.site
         timed = q.is_cuda and self.batches == 0
-        ref, _, ent = dense_with_stats(q, k, v, scale)
-        if mask is not None:  # what the model computes: its masked dense attention
-            ref = masked_reference(q, k, v, scale, mask)
+        if mask is None:
+            (ref, _, ent), n_keys = dense_with_stats(q, k, v, scale), k.shape[2]
+        else:  # what the model computes: its masked dense attention
+            ref, ent, n_keys = masked_dense(q, k, v, scale, mask)
         if timed:  # the dense baseline is what the dense op runs: torch SDPA (cuDNN / FlashAttention)
             _, self.dense_ms = _timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale), True)
         B, H, N, D = q.shape
         self.dense_flops = 4 * B * H * N * k.shape[2] * D
-        st = entropy_stats(ent, k.shape[2])
+        st = entropy_stats(ent, n_keys)
         st.update(block_concentration(q, k, scale, s.grid, s.text_before, s.text_after,
                                       top_fraction=self._budget.top_fraction, sample_rows=self._budget.sample_rows))
         self._accumulate(st)

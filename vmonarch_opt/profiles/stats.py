@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["dense_with_stats", "entropy_stats", "block_concentration", "stat_blocks"]
+__all__ = ["dense_with_stats", "masked_dense_with_stats", "entropy_stats", "block_concentration", "stat_blocks"]
 
 _CHUNK_ELEMS = 1 << 25  # cap on the largest [rows, keys] temporary per head chunk
 
@@ -34,6 +34,21 @@ def dense_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     from ..kernels.flash_reference import attention_stats_reference
 
     return attention_stats_reference(q, k, v, scale=scale)
+
+
+def masked_dense_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                            valid: torch.Tensor):
+    """``dense_with_stats`` under a key-padding mask ``valid`` ([B, N_keys] bool, True = visible):
+    the model's masked attention and the entropy of that attention, in one dense pass per batch
+    element over its visible keys (a batch element without visible keys raises)."""
+    outs, lses, ents = [], [], []
+    for b in range(q.shape[0]):
+        idx = valid[b].nonzero().squeeze(1)
+        if idx.numel() == 0:
+            raise ValueError("calibration: a key-padding mask hides every key of a batch element")
+        o, lse, ent = dense_with_stats(q[b:b + 1], k[b:b + 1, :, idx], v[b:b + 1, :, idx], scale)
+        outs.append(o), lses.append(lse), ents.append(ent)
+    return torch.cat(outs), torch.cat(lses), torch.cat(ents)
 
 
 def entropy_stats(entropy: torch.Tensor, n_keys: int) -> dict:
