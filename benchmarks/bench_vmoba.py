@@ -13,7 +13,8 @@ local / temporal / global heads, 3D RoPE). Sections:
    default threshold 0.25): selection time, sparse-attention time, total; speedups vs cuDNN;
    FlexAttention (compiled) on the *same* token-level mask (our blocks, tokens permuted into
    block order so that each block is contiguous; permutation and block-mask construction not
-   timed), and the relative error vs dense attention.
+   timed), and the relative error vs dense attention. Rows "+pooled" run the same selection
+   with ``pooled_rest=True`` (the unselected blocks as one pooled key each).
 
 Prints tables, appends them to BENCHMARKS.md (date, device, command) and writes JSON to $OUT.
 """
@@ -104,19 +105,22 @@ def run_checks():
     flash_mod._FORCED = None
     for mode in (0, 1, 2):
         vmoba_mod._FORCED = (128, 64, 4, 3, mode)
-        for (grid, chunk, tb, ta, D, part, th, topk) in [
-                ((5, 12, 20), (2, 5, 6), 7, 5, 128, "3d", 0.3, 0),
-                ((4, 9, 14), (3, 4, 4), 0, 0, 64, "2d", 0.5, 0),
-                ((6, 10, 12), (2, 4, 4), 0, 9, 128, "1d", 0.25, 3),
-                ((5, 12, 20), (2, 5, 6), 7, 0, 128, "3d", 1.0, 0)]:
+        for (grid, chunk, tb, ta, D, part, th, topk, pooled) in [
+                ((5, 12, 20), (2, 5, 6), 7, 5, 128, "3d", 0.3, 0, False),
+                ((4, 9, 14), (3, 4, 4), 0, 0, 64, "2d", 0.5, 0, False),
+                ((6, 10, 12), (2, 4, 4), 0, 9, 128, "1d", 0.25, 3, False),
+                ((5, 12, 20), (2, 5, 6), 7, 0, 128, "3d", 1.0, 0, False),
+                ((5, 12, 20), (2, 5, 6), 7, 5, 128, "3d", 0.3, 0, True),
+                ((4, 9, 14), (3, 4, 4), 0, 0, 64, "2d", 0.25, 4, True)]:
             if mode == 2 and D not in (64, 128):
                 continue
             N = tb + ta + grid[0] * grid[1] * grid[2]
             q, k, v = (torch.randn(2, 2, N, D, device=dev, dtype=torch.bfloat16) * 1.5
                        for _ in range(3))
             kw = dict(grid=grid, chunk=chunk, text_before=tb, text_after=ta, partition=part,
-                      threshold=th, topk=topk)
-            what = f"vmoba mode={mode} {part} grid={grid} th={th} topk={topk} text={tb}+{ta}"
+                      threshold=th, topk=topk, pooled_rest=pooled)
+            what = (f"vmoba mode={mode} {part} grid={grid} th={th} topk={topk} text={tb}+{ta}"
+                    + (" pooled" if pooled else ""))
             try:
                 rows.append(_check_vmoba(q, k, v, kw, what))
             except Exception as ex:
@@ -133,14 +137,14 @@ def _check_vmoba(q, k, v, kw, what):
     D = q.shape[-1]
     grid, chunk, part, tb, ta = kw["grid"], kw["chunk"], kw["partition"], \
         kw["text_before"], kw["text_after"]
-    th, topk = kw["threshold"], kw["topk"]
+    th, topk, pooled = kw["threshold"], kw["topk"], kw["pooled_rest"]
     lay = vmoba_layout(grid, chunk, part, tb, ta)
     sk = vmoba_select_triton(q, k, layout=lay, threshold=th, topk=topk, scale=D ** -0.5)
     sr = vmoba_select_reference(q, k, layout=lay, threshold=th, topk=topk,
                                 scale=D ** -0.5)
     same = bool(torch.equal(sk.kv_idx, sr.kv_idx) and torch.equal(sk.kv_cnt, sr.kv_cnt))
     out = torch.full_like(q, float("nan"))
-    vmoba_attention_with_selection(q, k, v, sk, D ** -0.5, out=out)
+    vmoba_attention_with_selection(q, k, v, sk, D ** -0.5, out=out, pooled_rest=pooled)
     ref = vmoba_attention_reference(q, k, v, **kw)
     e = rel(out, ref)
     dense_e = rel(out, sdpa(SDPBackend.MATH, q.float(), k.float(), v.float())) \
@@ -217,29 +221,34 @@ def run_vmoba(name, q, k, v, grid, cudnn_ms, fa2_ms, dense_out, partitions, flex
         lay = vmoba_layout(grid, chunk, part)
         perm = lay.perm.to(q.device)
         qp, kp, vp = (t[:, :, perm].contiguous() for t in (q, k, v))
-        modes = [("topk", topk_for_sparsity(lay, s), s) for s in SPARSITIES] if part == "3d" \
-            else [("topk", topk_for_sparsity(lay, 0.90), 0.90)]
+        modes = [("topk", topk_for_sparsity(lay, s), s, False) for s in SPARSITIES] if part == "3d" \
+            else [("topk", topk_for_sparsity(lay, 0.90), 0.90, False)]
         if part == "3d":
-            modes.append(("threshold", 0.25, None))
-            modes.append(("threshold", 1.0, 0.0))  # dense-equivalent: total_ms = flash route
-        for kind, val, target in modes:
+            modes.append(("threshold", 0.25, None, False))
+            modes.append(("threshold", 1.0, 0.0, False))  # dense-equivalent: total_ms = flash route
+            # the pooled rest: the unselected blocks as one pooled key each (cost of that branch)
+            modes.append(("topk", topk_for_sparsity(lay, 0.90), 0.90, True))
+            modes.append(("threshold", 0.25, None, True))
+        for kind, val, target, pooled in modes:
             th, topk = (0.25, val) if kind == "topk" else (val, 0)
             sel = vmoba_select_triton(q, k, layout=lay, threshold=th, topk=topk, scale=scale)
             t_sel = bench(lambda: vmoba_select_triton(q, k, layout=lay, threshold=th, topk=topk,
                                                       scale=scale))
-            out = vmoba_attention_with_selection(q, k, v, sel, scale)  # tunes on first call
-            t_att = bench(lambda: vmoba_attention_with_selection(q, k, v, sel, scale))
+            out = vmoba_attention_with_selection(q, k, v, sel, scale, pooled_rest=pooled)  # tunes
+            t_att = bench(lambda: vmoba_attention_with_selection(q, k, v, sel, scale,
+                                                                 pooled_rest=pooled))
             t_tot = bench(lambda: vmoba_attention_triton(q, k, v, grid=grid, chunk=chunk,
-                                                         partition=part, threshold=th, topk=topk))
+                                                         partition=part, threshold=th, topk=topk,
+                                                         pooled_rest=pooled))
             dens = sel.density
             cfg = [c for kk, c in vmoba_mod._TUNED.items() if kk[3] == lay.grid and kk[4] == lay.chunk]
             row = dict(shape=name, partition=part, chunk=str(lay.chunk), blocks=lay.num_blocks,
-                       rule=f"{kind}={val}", target_sparsity=target, sparsity=1 - dens,
+                       rule=f"{kind}={val}" + (" +pooled" if pooled else ""), target_sparsity=target, sparsity=1 - dens,
                        sel_ms=t_sel, attn_ms=t_att, total_ms=t_tot, cudnn_ms=cudnn_ms,
                        fa2_ms=fa2_ms, speed_vs_cudnn=cudnn_ms / t_tot,
                        speed_vs_cudnn_attn_only=cudnn_ms / t_att, speed_vs_fa2=fa2_ms / t_tot,
                        err_vs_dense=rel(out, dense_out), config=str(cfg[-1] if cfg else ""))
-            if flex is not None and part == "3d":
+            if flex is not None and part == "3d" and not pooled:
                 try:
                     bm = flex_block_mask(sel, N)
                     fo = flex(qp, kp, vp, block_mask=bm)

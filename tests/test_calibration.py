@@ -141,7 +141,12 @@ def test_candidate_lists():
     assert {(1, 6, 10), (2, 6, 10), (1, 3, 5)} <= blocks
     assert {cfg.steps for _, cfg in labels if cfg.method == "monarch"} == {1, 2}
     vm = [cfg for _, cfg in labels if cfg.method == "vmoba"]
-    assert [v.threshold for v in vm] == [0.25, 0.5, 0.75] and all(v.partition == "2d" for v in vm)
+    assert [(v.threshold, v.pooled_rest) for v in vm] == [(t, p) for t in (0.25, 0.5, 0.75) for p in (False, True)]
+    assert all(v.partition == "2d" for v in vm)
+    vm1 = [c for _, c in candidate_configs(_site((8, 6, 10)), Budget(vmoba_pooled=(True,))) if c.method == "vmoba"]
+    assert len(vm1) == 3 and all(c.pooled_rest for c in vm1)
+    with pytest.raises(ValueError, match="vmoba_pooled"):
+        Budget(vmoba_pooled=())
     # no grid: 1D blocks of ~sqrt(N)
     s = _site((8, 6, 10))
     s.grid = None

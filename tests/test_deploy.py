@@ -65,6 +65,8 @@ def test_vmoba_lowering_matches_reference(grid, chunk, tb, ta, partition, thresh
     kw = dict(grid=grid, chunk=chunk, text_before=tb, text_after=ta, partition=partition, threshold=threshold,
               topk=topk, scale=0.3)
     assert rel_err(vmoba_lowered(q, k, v, **kw), vmoba_attention_reference(q, k, v, **kw)) < 1e-5
+    kw["pooled_rest"] = True
+    assert rel_err(vmoba_lowered(q, k, v, **kw), vmoba_attention_reference(q, k, v, **kw)) < 1e-5
 
 
 @pytest.mark.parametrize("method", ["monarch", "vmoba", "dense"])
@@ -347,6 +349,24 @@ def test_onnx_unsupported_site_names_it(wan_monarch, handwritten_vmoba, tmp_path
         res = export_onnx(hw, x[:, :40], str(tmp_path / "fallback.onnx"), strict=False)
     assert [s["site"] for s in res.sites] == ["blocks.0.attn"]
     assert "model's own attention" in res.sites[0]["lowered"] and res.max_rel_error < 1e-5
+
+
+def test_onnx_vmoba_pooled_rest(tmp_path):
+    """VMoBA with the pooled rest lowers to ONNX: onnxruntime matches the optimized model."""
+    torch.manual_seed(1)
+    model = Stack(Einsum, depth=1).eval()
+    x = torch.randn(2, 48, 32)
+    cfg = vmonarch_opt.VMoBAConfig(topk=2, pooled_rest=True)
+    opt = vmonarch_opt.optimize(model, x, methods=("vmoba",), overrides={"*": cfg}, min_seq_len=0,
+                                grid=(3, 4, 4), budget=None)
+    assert "pooled" in str(opt.report)
+    path = str(tmp_path / "pooled.onnx")
+    res = export_onnx(opt, x, path)
+    assert [s["site"] for s in res.sites] == ["blocks.0.attn"] and res.max_rel_error < 1e-5
+    with torch.no_grad():
+        ref = opt(x)
+    (got,) = _ort_outputs(path, [x])
+    assert rel_err(torch.from_numpy(got), ref) < 1e-5
 
 
 def test_export_onnx_bad_arguments(tmp_path):

@@ -38,6 +38,26 @@ def test_vmoba_op_everything_selected_matches_sdpa_with_gradients():
         assert rel_err(a, b) < 1e-4
 
 
+def test_vmoba_op_pooled_rest_with_gradients():
+    """pooled_rest reaches the kernel through the op (default False), and its gradients are those
+    of the reference under autograd (selection constant)."""
+    from vmonarch_opt.kernels.vmoba_reference import vmoba_attention_reference
+
+    q, k, v = _qkv(n=2 + 3 * 4 * 2)
+    args = (q, k, v, [3, 4, 2], [1, 2, 2], 2, 0, "3d", 0.25, 2, 0.25)
+    out = torch.ops.vmonarch.vmoba_attention(*args, True)
+    kw = dict(grid=(3, 4, 2), chunk=(1, 2, 2), text_before=2, partition="3d", threshold=0.25, topk=2,
+              scale=0.25)
+    ref = vmoba_attention_reference(q, k, v, pooled_rest=True, **kw)
+    assert rel_err(out, ref) < 1e-6
+    assert rel_err(torch.ops.vmonarch.vmoba_attention(*args), vmoba_attention_reference(q, k, v, **kw)) < 1e-6
+    assert rel_err(out, torch.ops.vmonarch.vmoba_attention(*args)) > 1e-3
+    (gq, gk, gv), g = _grads(out, (q, k, v))
+    rq, rk, rv = torch.autograd.grad(ref, (q, k, v), g)
+    for a, b in ((gq, rq), (gk, rk), (gv, rv)):
+        assert rel_err(a, b) < 1e-5
+
+
 def test_monarch_op_one_block_matches_sdpa_with_gradients():
     q, k, v = _qkv(n=3 + 2 * 3 * 4)  # 3 text tokens after a 2×3×4 grid, one block
     out = torch.ops.vmonarch.monarch_attention(q, k, v, [2, 3, 4], [2, 3, 4], 0, 3, 1, 0.25, False)
@@ -56,7 +76,8 @@ def test_opcheck(which):
     if which == "dense":
         op, args = torch.ops.vmonarch.dense_attention.default, (q, k, v, 0.25)
     elif which == "vmoba":
-        op, args = torch.ops.vmonarch.vmoba_attention.default, (q, k, v, [2, 3, 2], [1, 2, 2], 0, 0, "2d", 0.5, 0, 0.25)
+        op, args = torch.ops.vmonarch.vmoba_attention.default, (q, k, v, [2, 3, 2], [1, 2, 2], 0, 0, "2d", 0.5, 0, 0.25,
+                                                                True)
     else:
         op, args = torch.ops.vmonarch.monarch_attention.default, (q, k, v, [2, 3, 2], [1, 3, 2], 0, 0, 1, 0.25, False)
     if which == "vmoba":

@@ -1,5 +1,6 @@
 """VMoBA block-sparse attention: reference semantics and the Triton kernels (TRITON_INTERPRET=1)."""
 import itertools
+import math
 
 import pytest
 import torch
@@ -188,22 +189,102 @@ def _same_selection(a, b):
     assert torch.equal(a.kv_idx, b.kv_idx)
 
 
+def _pooled_bruteforce(q, k, v, sel, scale):
+    """Pooled-rest VMoBA written token by token in float64: the oracle of the reference."""
+    lay = sel.layout
+    B, H, N, D = q.shape
+    tb, nv = lay.text_before, lay.n_video
+    out = torch.empty(B, H, N, D, dtype=torch.float64)
+    blocks = [lay.perm[int(o):int(o + n)] + tb for o, n in zip(lay.block_off, lay.block_len)]
+    text = list(range(tb)) + list(range(tb + nv, N))
+    group_of = torch.empty(nv, dtype=torch.long)
+    for g in range(lay.num_groups):
+        c = int(lay.group_block[g])
+        start = int(lay.block_off[c] + lay.group_start[g])
+        group_of[lay.perm[start:start + int(lay.group_len[g])]] = g
+    mask = sel.mask()
+    for b, h, i in itertools.product(range(B), range(H), range(N)):
+        qi = q[b, h, i].double()
+        if i < tb or i >= tb + nv:  # text query: dense
+            p = torch.softmax(scale * k[b, h].double() @ qi, 0)
+            out[b, h, i] = p @ v[b, h].double()
+            continue
+        g = int(group_of[i - tb])
+        keys, vals, logits = [], [], []
+        for c, idx in enumerate(blocks):
+            kc, vc = k[b, h, idx].double(), v[b, h, idx].double()
+            if mask[b, h, g, c]:
+                logits.append(scale * kc @ qi)
+                vals.append(vc)
+            else:  # one pooled key: mean key, + log(block size), mean value
+                logits.append((scale * kc.mean(0) @ qi + math.log(len(idx)))[None])
+                vals.append(vc.mean(0, keepdim=True))
+        if text:
+            logits.append(scale * k[b, h, text].double() @ qi)
+            vals.append(v[b, h, text].double())
+        p = torch.softmax(torch.cat(logits), 0)
+        out[b, h, i] = p @ torch.cat(vals)
+    return out
+
+
+@pytest.mark.parametrize("partition", PARTITIONS)
+def test_reference_pooled_rest_matches_bruteforce(partition):
+    tb, ta, grid = 3, 2, (3, 4, 5)
+    q, k, v = _qkv(2, 2, tb + 60 + ta, 8, dtype=torch.float64, spread=1.5)
+    sel = vmoba_select(q, k, grid=grid, chunk=(2, 3, 2), text_before=tb, text_after=ta,
+                       partition=partition, threshold=0.3)
+    assert 0 < sel.density < 1
+    out = vmoba_attention_from_selection(q, k, v, sel, 0.3, pooled_rest=True)
+    assert rel_err(out, _pooled_bruteforce(q, k, v, sel, 0.3)) < 1e-12
+    assert rel_err(out, vmoba_attention_from_selection(q, k, v, sel, 0.3)) > 1e-3  # it changes rows
+
+
+def test_reference_pooled_rest_exact_cases():
+    """Exact where the pooled keys are exact: every block selected (dense), uniform attention
+    (q = 0: the pooled rest restores the dropped mass exactly), identical keys in each block."""
+    tb, ta, grid, chunk = 2, 1, (2, 4, 6), (1, 2, 3)
+    N = tb + 48 + ta
+    q, k, v = _qkv(1, 2, N, 16, dtype=torch.float64)
+    kw = dict(grid=grid, chunk=chunk, text_before=tb, text_after=ta)
+    dense = F.scaled_dot_product_attention(q, k, v)
+    assert rel_err(vmoba_attention_reference(q, k, v, threshold=1.0, pooled_rest=True, **kw), dense) < 1e-12
+    z = torch.zeros_like(q)
+    sparse = vmoba_attention_reference(z, k, v, topk=1, pooled_rest=True, **kw)
+    assert rel_err(sparse, F.scaled_dot_product_attention(z, k, v)) < 1e-12
+    lay = vmoba_layout(grid, chunk, "3d", tb, ta)
+    kc = k.clone()
+    for o, n in zip(lay.block_off, lay.block_len):  # every key of a block equal to its first
+        idx = lay.perm[int(o):int(o + n)] + tb
+        kc[:, :, idx] = kc[:, :, idx[:1]]
+    dense_c = F.scaled_dot_product_attention(q, kc, v)
+    assert rel_err(vmoba_attention_reference(q, kc, v, topk=2, pooled_rest=True, **kw), dense_c) < 1e-12
+    assert rel_err(vmoba_attention_reference(q, kc, v, topk=2, **kw), dense_c) > 1e-2
+
+
+def test_pooled_rest_flops():
+    tb, ta, grid = 4, 2, (3, 4, 5)
+    q, k, v = _qkv(2, 3, tb + 60 + ta, 16)
+    sel = vmoba_select(q, k, grid=grid, chunk=(1, 2, 2), text_before=tb, text_after=ta, threshold=0.2)
+    C = sel.layout.num_blocks
+    assert vmoba_flops(sel, 16, pooled_rest=True) - vmoba_flops(sel, 16) == 4 * 16 * 2 * 3 * 60 * C
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
 @given(T=st.integers(1, 3), H=st.integers(2, 5), W=st.integers(2, 6),
        chunk=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4)),
        partition=st.sampled_from(PARTITIONS), tb=st.integers(0, 5), ta=st.integers(0, 3),
        D=st.sampled_from([64, 80, 96, 128]), B=st.integers(1, 2), heads=st.integers(1, 2),
        mode=st.sampled_from(["t0.2", "t0.5", "t0.8", "k2"]), half=st.booleans(),
-       seed=st.integers(0, 2**16))
+       pooled=st.booleans(), seed=st.integers(0, 2**16))
 def test_kernel_vs_reference_random(T, H, W, chunk, partition, tb, ta, D, B, heads, mode, half,
-                                    seed):
+                                    pooled, seed):
     torch.manual_seed(seed)
     dt = torch.float16 if half else torch.float32
     N = tb + T * H * W + ta
     q, k, v = _qkv(B, heads, N, D, dt, spread=1.5)
     threshold, topk = (float(mode[1:]), 0) if mode[0] == "t" else (0.25, int(mode[1:]))
     kw = dict(grid=(T, H, W), chunk=chunk, text_before=tb, text_after=ta, partition=partition,
-              threshold=threshold, topk=topk)
+              threshold=threshold, topk=topk, pooled_rest=pooled)
     lay = vmoba_layout((T, H, W), chunk, partition, tb, ta)
     s_k = vmoba_select_triton(q, k, layout=lay, threshold=threshold, topk=topk, scale=D ** -0.5)
     s_r = vmoba_select_reference(q, k, layout=lay, threshold=threshold, topk=topk, scale=D ** -0.5)
@@ -252,10 +333,12 @@ def test_kernel_kv_modes_and_poisoned_output(monkeypatch, mode, tch):
     q, k, v = _qkv(1, 2, tb + 90 + ta, 64)
     sel = vmoba_select(q, k, grid=grid, chunk=(2, 2, 4), text_before=tb, text_after=ta,
                        threshold=0.4)
-    out = torch.full_like(q, float("nan"))
-    vmoba_attention_with_selection(q, k, v, sel, 0.125, out=out)
-    assert torch.isfinite(out).all()
-    assert rel_err(out, vmoba_attention_from_selection(q, k, v, sel, 0.125)) < 2e-5
+    for pooled in (False, True):
+        out = torch.full_like(q, float("nan"))
+        vmoba_attention_with_selection(q, k, v, sel, 0.125, out=out, pooled_rest=pooled)
+        assert torch.isfinite(out).all()
+        ref = vmoba_attention_from_selection(q, k, v, sel, 0.125, pooled_rest=pooled)
+        assert rel_err(out, ref) < 2e-5
 
 
 def test_block_order_copy_and_tile_lists():

@@ -22,12 +22,16 @@ class MonarchConfig:
 @dataclass(frozen=True)
 class VMoBAConfig:
     """Block-sparse VMoBA. ``chunk=None`` picks ~4 blocks per grid dimension; ``partition=None``
-    follows the layer-wise 1D→2D→3D cycle."""
+    follows the layer-wise 1D→2D→3D cycle. ``pooled_rest=True`` keeps the blocks a query did
+    not select as one pooled key each (mean key + log block size, mean value) instead of
+    dropping them: it restores the attention mass that broad heads spread over the rest, for
+    ~1/block-size of dense attention's cost."""
 
     chunk: Optional[tuple] = None
     partition: Optional[str] = None
     threshold: float = 0.25
     topk: int = 0
+    pooled_rest: bool = False
     method = "vmoba"
 
 
@@ -127,5 +131,6 @@ def resolve_args(cfg: Config, site, layer_index: int) -> dict:
                 part = ("1d", "2d", "3d")[layer_index % 3]
         return dict(grid=list(grid), chunk=list(chunk), text_before=site.text_before,
                     text_after=site.text_after, partition=part,
-                    threshold=float(cfg.threshold), topk=int(cfg.topk))
+                    threshold=float(cfg.threshold), topk=int(cfg.topk),
+                    pooled_rest=bool(cfg.pooled_rest))
     return {}

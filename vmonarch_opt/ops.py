@@ -89,10 +89,11 @@ def vmoba_attention(
     threshold: float,
     topk: int,
     scale: float,
+    pooled_rest: bool = False,
 ) -> torch.Tensor:
     kw = dict(grid=tuple(grid), chunk=tuple(chunk), text_before=text_before,
               text_after=text_after, partition=partition, threshold=threshold,
-              topk=topk, scale=scale)
+              topk=topk, scale=scale, pooled_rest=pooled_rest)
     if use_triton(q):
         from .kernels.vmoba import vmoba_attention_triton
         return _in_q_layout(q, vmoba_attention_triton(q, k, v, **kw))
@@ -101,7 +102,7 @@ def vmoba_attention(
 
 
 @vmoba_attention.register_fake
-def _(q, k, v, grid, chunk, text_before, text_after, partition, threshold, topk, scale):
+def _(q, k, v, grid, chunk, text_before, text_after, partition, threshold, topk, scale, pooled_rest=False):
     return empty_attention_out(q)  # the layout of every real path (_in_q_layout)
 
 
@@ -139,10 +140,10 @@ def _reference_forward(name: str, q, k, v, args: tuple) -> torch.Tensor:
                                            text_after=ta, steps=steps, scale=scale, recompute=recompute)
     if name == "vmoba":
         from .kernels.vmoba_reference import vmoba_attention_reference
-        grid, chunk, tb, ta, partition, threshold, topk, scale = args
+        grid, chunk, tb, ta, partition, threshold, topk, scale, *rest = args
         return vmoba_attention_reference(q, k, v, grid=tuple(grid), chunk=tuple(chunk), text_before=tb,
                                          text_after=ta, partition=partition, threshold=threshold,
-                                         topk=topk, scale=scale)
+                                         topk=topk, scale=scale, pooled_rest=bool(rest and rest[0]))
     (scale,) = args
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 

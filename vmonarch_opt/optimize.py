@@ -176,7 +176,7 @@ def _measure_vmoba(plan: SitePlan, q, k, v, scale: float) -> None:
                        text_after=a["text_after"], partition=a["partition"], threshold=a["threshold"],
                        topk=a["topk"], scale=scale)
     plan.density = sel.density
-    plan.flops_after = int(vmoba_flops(sel, q.shape[-1]))
+    plan.flops_after = int(vmoba_flops(sel, q.shape[-1], a.get("pooled_rest", False)))
 
 
 def _validate(model, runtime: dict, forwards: dict, batch, reference) -> tuple[dict, Optional[float], set]:

@@ -27,7 +27,8 @@ def _params(p: dict) -> str:
         return s + (" recompute" if a.get("recompute") else "")
     if m == "vmoba":
         s = f"{a['partition']} chunk={'×'.join(map(str, a['chunk']))} thr={a['threshold']:g}"
-        return s + (f" top{a['topk']}" if a.get("topk") else "")
+        s += f" top{a['topk']}" if a.get("topk") else ""
+        return s + (" +pooled rest" if a.get("pooled_rest") else "")
     return ""
 
 

@@ -274,10 +274,12 @@ def _vmoba_selection(qbar, kbar, t, *, threshold: float, topk: int, scale: float
 def vmoba_lowered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, chunk,
                   text_before: int = 0, text_after: int = 0, partition: str = "3d",
                   threshold: float = 0.25, topk: int = 0, scale: Optional[float] = None,
-                  key_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  key_valid: Optional[torch.Tensor] = None, pooled_rest: bool = False) -> torch.Tensor:
     """VMoBA attention (same function as ``vmoba_attention_reference``) in ONNX-friendly ops.
 
     ``key_valid`` ([batch, N] bool, True everywhere on the video tokens) drops text keys.
+    ``pooled_rest``: the unselected blocks join the softmax as pooled keys (mean key, logit +
+    log(block size), mean value), as in the reference.
     """
     from ..kernels.vmoba_reference import _check_args
 
@@ -320,6 +322,13 @@ def vmoba_lowered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, ch
     neg = torch.full((), _NEG_INF, dtype=cdt, device=dev)
     bias = torch.where(tok_ok, torch.zeros((), dtype=cdt, device=dev), neg).reshape(b, h, G, 1, C * Lb)
     s = torch.matmul(qg, kg.transpose(-1, -2)) * scale + bias                 # [b, h, G, Lg, C*Lb]
+    logits, values = [s], [vg]                                                # one softmax over all parts
+    if pooled_rest:  # one pooled key per unselected block
+        vbar = vblk.sum(-2) / t["block_len"].to(cdt)[:, None]
+        log_n = torch.log(t["block_len"].to(cdt))
+        pbias = torch.where(sel, neg, torch.zeros((), dtype=cdt, device=dev)) + log_n   # [b, h, G, C]
+        logits.append(torch.matmul(qg, kbar[:, :, None].transpose(-1, -2)) * scale + pbias[..., None, :])
+        values.append(vbar[:, :, None])
     tidx = _text_index(tb, nv, N, dev)
     if tidx.numel():
         kt, vt = kf[:, :, tidx], vf[:, :, tidx]
@@ -327,10 +336,17 @@ def vmoba_lowered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, ch
         tbias = _key_bias(key_valid, tidx, cdt)
         if tbias is not None:
             st = st + tbias[:, :, None]
-        p = torch.softmax(torch.cat([s, st], dim=-1), dim=-1)
-        og = torch.matmul(p[..., :C * Lb], vg) + torch.matmul(p[..., C * Lb:], vt[:, :, None])
-    else:
+        logits.append(st)
+        values.append(vt[:, :, None])
+    if len(logits) == 1:
         og = torch.matmul(torch.softmax(s, dim=-1), vg)                      # [b, h, G, Lg, D]
+    else:
+        p = torch.softmax(torch.cat(logits, dim=-1), dim=-1)
+        og, at = 0, 0
+        for lg, val in zip(logits, values):
+            n_ = lg.shape[-1]
+            og = og + torch.matmul(p[..., at:at + n_], val)
+            at += n_
     video_out = og.reshape(b, h, G * Lg, D)[:, :, t["inv"]]
     if not tidx.numel():
         return video_out.to(q.dtype)

@@ -106,7 +106,8 @@ def lower_site(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     if plan.method == "vmoba":
         return vmoba_lowered(q, k, v, grid=a["grid"], chunk=a["chunk"], text_before=a["text_before"],
                              text_after=a["text_after"], partition=a["partition"], threshold=a["threshold"],
-                             topk=a["topk"], scale=scale, key_valid=key_valid)
+                             topk=a["topk"], scale=scale, key_valid=key_valid,
+                             pooled_rest=a.get("pooled_rest", False))
     if plan.method == "dense":
         return dense_lowered(q, k, v, scale, key_valid=key_valid)
     raise OnnxExportError(f"site {plan.site_id}: method {plan.method!r} has no ONNX lowering "

@@ -18,7 +18,9 @@ Two stages, nothing of size N x N anywhere:
    its query rows through the block-order permutation, runs the online softmax of ``flash.py``
    (fp32 accumulation) over the group's selected key blocks, then the text keys, and scatters
    the normalised rows back to token order. Text query rows (joint attention) attend to all
-   keys through the dense flash kernel.
+   keys through the dense flash kernel. With ``pooled_rest`` the program then visits the C
+   block-mean keys/values (one pooled key per block, logit + log2 of the block size, the
+   group's selected blocks masked), in the same online softmax.
 
 Key/value tiles are read in one of three ways (``kv_mode``): 0 walks each selected block in
 ``ceil(longest block / BLOCK_N)`` tiles, gathering rows of the original k/v through the
@@ -256,13 +258,13 @@ def _kv_tile(kpb, vpb, desc_k, desc_v, b, h, pos, offs_n, offs_d, col_ok, d_ok, 
 @triton.jit(do_not_specialize=["H", "G", "C", "D", "tb", "nv", "N", "TPB", "MAXT"])
 def _vmoba_fwd(Q, K, V, KP, VP, O, desc_k, desc_v,
                perm, group_block, group_start, group_len, block_off, ORDER, KV_OFF, KV_LEN, KV_CNT,
-               FULL, NFULL, TAIL, TLEN, NTAIL,
+               FULL, NFULL, TAIL, TLEN, NTAIL, KBAR, VBAR, SELM, LOG2N,
                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                spb, sph, spn,
                H, G, C, D, tb, nv, N, TPB, MAXT, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                TPG: tl.constexpr, KV_MODE: tl.constexpr, EVEN_D: tl.constexpr,
-               DOT_PREC: tl.constexpr, TCH: tl.constexpr):
+               DOT_PREC: tl.constexpr, TCH: tl.constexpr, POOLED: tl.constexpr):
     # programs visit the (batch*head, group) rows heaviest first (ORDER: sorted by block count)
     pid = tl.program_id(0)
     row = tl.load(ORDER + pid // TPG)
@@ -359,9 +361,62 @@ def _vmoba_fwd(Q, K, V, KP, VP, O, desc_k, desc_v,
                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             acc, m_i, l_i, w_i = _online_tile(q, k, v, acc, m_i, l_i, w_i, qk_scale, col_ok,
                                               True, False, DOT_PREC)
+        if POOLED:  # the blocks not selected for this group, one pooled key each
+            sel_row = SELM + row.to(tl.int64) * C
+            kbarb = KBAR + bh.to(tl.int64) * C * D
+            vbarb = VBAR + bh.to(tl.int64) * C * D
+            for c0 in range(0, C, BLOCK_N):
+                cols = c0 + offs_n
+                in_c = cols < C
+                ok = in_c & (tl.load(sel_row + cols, mask=in_c, other=1) == 0)
+                kt = tl.load(kbarb + cols[:, None] * D + offs_d[None, :],
+                             mask=ok[:, None] & d_ok[None, :], other=0.0)
+                vt = tl.load(vbarb + cols[:, None] * D + offs_d[None, :],
+                             mask=ok[:, None] & d_ok[None, :], other=0.0)
+                # base-2 logits with the block's log2(size) added: n_c keys like the mean key
+                qk = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
+                qk = qk + tl.load(LOG2N + cols, mask=in_c, other=0.0)[None, :]
+                qk = tl.where(ok[None, :], qk, _NEG)
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                p = tl.math.exp2(qk - m_new[:, None])
+                alpha = tl.math.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = tl.dot(p.to(vt.dtype), vt, acc * alpha[:, None], input_precision=DOT_PREC)
+                m_i = m_new
         out = acc / l_i[:, None]
         tl.store(O + b64 * sob + h64 * soh + qtok[:, None] * son + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _pool_blocks(K, V, KBAR, VBAR, perm, block_off, block_len, H, C, D, tb,
+                 skb, skh, skn, svb, svh, svn,
+                 HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Mean key and mean value of key block c (pooled rest): one program per (c, batch*head),
+    the block's rows gathered through the block-order permutation, summed in fp32."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    off = tl.load(block_off + c)
+    n = tl.load(block_len + c)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_ok = offs_d < D
+    ks = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    vs = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for r0 in range(0, n, BLOCK_R):
+        ok = r0 + offs_r < n
+        tok = (tl.load(perm + off + r0 + offs_r, mask=ok, other=0) + tb).to(tl.int64)
+        m = ok[:, None] & d_ok[None, :]
+        kt = tl.load(K + b * skb + h * skh + tok[:, None] * skn + offs_d[None, :], mask=m, other=0.0)
+        vt = tl.load(V + b * svb + h * svh + tok[:, None] * svn + offs_d[None, :], mask=m, other=0.0)
+        ks += tl.sum(kt.to(tl.float32), 0)
+        vs += tl.sum(vt.to(tl.float32), 0)
+    inv = 1.0 / n.to(tl.float32)
+    o = bh.to(tl.int64) * C * D + c * D + offs_d
+    tl.store(KBAR + o, (ks * inv).to(KBAR.dtype.element_ty), mask=d_ok)
+    tl.store(VBAR + o, (vs * inv).to(VBAR.dtype.element_ty), mask=d_ok)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -548,7 +603,27 @@ def _block_order_kv(k, v, sel: VMoBASelection, dl: dict):
     return k.index_select(2, perm), v.index_select(2, perm)
 
 
-def _launch_sparse(cfg, q, k, v, out, sel: VMoBASelection, scale: float, kvp=None, plan=None):
+def _pooled_args(q, k, v, sel: VMoBASelection) -> tuple:
+    """Kernel inputs of the pooled rest: block-mean keys and values ``[B*H, C, D]`` in q's
+    dtype, the selection as an int8 ``[B*H*G, C]`` mask, and ``log2(block size)`` per block."""
+    lay = sel.layout
+    B, H, _, D = k.shape
+    C = lay.num_blocks
+    dl = _device_layout(lay, q.device)
+    kbar = torch.empty(B, H, C, D, dtype=q.dtype, device=q.device)
+    vbar = torch.empty(B, H, C, D, dtype=v.dtype, device=q.device)
+    _pool_blocks[(C, B * H)](k, v, kbar, vbar, dl["perm"], dl["block_off"], dl["block_len"],
+                             H, C, D, lay.text_before, k.stride(0), k.stride(1), k.stride(2),
+                             v.stride(0), v.stride(1), v.stride(2),
+                             HEAD_DIM=_head_pad(D), BLOCK_R=32 if interpreting() else 64,
+                             num_warps=4)
+    selm = sel.mask().to(torch.int8).contiguous()
+    log2n = torch.log2(lay.block_len.to(q.device, torch.float32)).contiguous()
+    return kbar, vbar, selm, log2n
+
+
+def _launch_sparse(cfg, q, k, v, out, sel: VMoBASelection, scale: float, kvp=None, plan=None,
+                   pooled=None):
     BM, BN, warps, stages, mode = cfg
     lay = sel.layout
     B, H, N, D = q.shape
@@ -571,10 +646,12 @@ def _launch_sparse(cfg, q, k, v, out, sel: VMoBASelection, scale: float, kvp=Non
     tpb = triton.cdiv(lay.max_block_len, BN)
     tpg = triton.cdiv(int(lay.group_len.max()), BM)  # query tiles per group
     grid = (lay.num_groups * tpg * B * H,)
+    kbar, vbar, selm, log2n = pooled if pooled is not None else (q,) * 4  # placeholders
     _vmoba_fwd[grid](q, k, v, kp, vp, out, dk, dv,
                      dl["perm"], dl["group_block"], dl["group_start"], dl["group_len"],
                      dl["block_off"], plan["order"], plan["kv_off"], plan["kv_len"], sel.kv_cnt,
                      plan["full"], plan["nfull"], plan["tail"], plan["tlen"], plan["ntail"],
+                     kbar, vbar, selm, log2n,
                      q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                      v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
                      out.stride(2), kp.stride(0), kp.stride(1), kp.stride(2),
@@ -582,7 +659,7 @@ def _launch_sparse(cfg, q, k, v, out, sel: VMoBASelection, scale: float, kvp=Non
                      scale * _LOG2E,
                      HEAD_DIM=HD, BLOCK_M=BM, BLOCK_N=BN, TPG=tpg, KV_MODE=mode,
                      EVEN_D=(HD == D), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-                     TCH=_TCH, num_warps=warps, num_stages=stages)
+                     TCH=_TCH, POOLED=pooled is not None, num_warps=warps, num_stages=stages)
 
 
 def _config_key(q, lay):
@@ -659,15 +736,18 @@ def _pick_config(q, k, v, out, sel, scale):
 
 
 def vmoba_attention_with_selection(q, k, v, selection: VMoBASelection, scale: float,
-                                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Block-sparse attention over an existing selection (text rows/columns dense)."""
+                                   out: Optional[torch.Tensor] = None,
+                                   pooled_rest: bool = False) -> torch.Tensor:
+    """Block-sparse attention over an existing selection (text rows/columns dense); with
+    ``pooled_rest`` the unselected blocks join as pooled keys (``vmoba_reference``)."""
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     lay = selection.layout
     if out is None:
         out = empty_attention_out(q)
     cfg = _pick_config(q, k, v, out, selection, scale)
-    _launch_sparse(cfg, q, k, v, out, selection, scale)
+    pooled = _pooled_args(q, k, v, selection) if pooled_rest else None
+    _launch_sparse(cfg, q, k, v, out, selection, scale, pooled=pooled)
     tb, nv = lay.text_before, lay.n_video
     if tb:
         _flash_into(q[:, :, :tb], k, v, out[:, :, :tb], scale)
@@ -679,7 +759,7 @@ def vmoba_attention_with_selection(q, k, v, selection: VMoBASelection, scale: fl
 def vmoba_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, chunk,
                            text_before: int = 0, text_after: int = 0, partition: str = "3d",
                            threshold: float = 0.25, topk: int = 0,
-                           scale: Optional[float] = None) -> torch.Tensor:
+                           scale: Optional[float] = None, pooled_rest: bool = False) -> torch.Tensor:
     """VMoBA attention with the Triton kernels; same contract as ``vmoba_attention_reference``."""
     s, lay, threshold, topk = _check_args(q, k, v, grid, chunk, text_before, text_after,
                                           partition, threshold, topk, scale,
@@ -698,4 +778,4 @@ def vmoba_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     copy = cfg is None or cfg[4] >= 1
     sel = vmoba_select_triton(q, k, layout=lay, threshold=threshold, topk=topk, scale=s,
                               v=v if copy else None)
-    return vmoba_attention_with_selection(q, k, v, sel, s)
+    return vmoba_attention_with_selection(q, k, v, sel, s, pooled_rest=pooled_rest)

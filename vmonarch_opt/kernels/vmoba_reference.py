@@ -43,6 +43,19 @@ Selection (global + threshold; top-k as an option)
       ``target = (min(topk, C) - 1) * G``, i.e. on average ``topk`` key blocks per query group
       (own block included), distributed over the head by score. ``threshold`` is then unused.
 
+Pooled rest (``pooled_rest=True``; our addition, not in upstream VMoBA)
+    Dropping the unselected blocks loses their attention mass, which for broad (high-entropy)
+    heads is most of it. With ``pooled_rest`` every video query also attends to each block
+    that was *not* selected for its group as one pooled key: the block's mean key ``kbar_c``
+    with logit ``scale * q . kbar_c + log(n_c)`` (n_c keys that all looked like the mean) and
+    the block's mean value ``vbar_c``. These enter the same softmax as the exact keys, so the
+    row stays normalised; a selected block is never counted twice, and with every block
+    selected the result is still exact dense attention. Cost: every video query against C
+    pooled keys, ``4 * Nv * C * D`` FLOPs per head (C = N / block size: ~1/64 of dense
+    attention with 64-token blocks). The coarse-plus-fine split is the idea of Video Sparse
+    Attention's coarse stage and Native Sparse Attention's compressed branch, used here without
+    training.
+
 Text tokens (joint attention)
     ``text_before`` tokens precede and ``text_after`` tokens follow the video tokens. Every query
     attends to all text keys; text queries attend to all keys. Only video x video is sparse.
@@ -72,6 +85,7 @@ __all__ = [
     "vmoba_attention_reference",
     "vmoba_attention_from_selection",
     "vmoba_flops",
+    "block_means",
 ]
 
 QUERY_GROUP = 128
@@ -369,9 +383,44 @@ def vmoba_select(q: torch.Tensor, k: torch.Tensor, *, grid, chunk, text_before: 
     return vmoba_select_reference(q, k, layout=lay, threshold=threshold, topk=topk, scale=s)
 
 
+def _block_table(layout: VMoBALayout, device) -> tuple:
+    """``(idx [C, Lmax], valid [C, Lmax])``: sequence index of each block's tokens, padded."""
+    key = (layout.grid, layout.chunk, layout.partition, layout.text_before, layout.text_after, str(device))
+    hit = _TABLE_CACHE.get(key)
+    if hit is None:
+        C, L = layout.num_blocks, layout.max_block_len
+        pos = torch.arange(L)[None, :]
+        valid = pos < layout.block_len[:, None]
+        idx = torch.where(valid, layout.block_off[:, None] + pos, 0)
+        idx = layout.perm[idx] + layout.text_before
+        hit = (idx.to(device), valid.to(device))
+        if len(_TABLE_CACHE) > 64:
+            _TABLE_CACHE.clear()
+        _TABLE_CACHE[key] = hit
+    return hit
+
+
+_TABLE_CACHE: dict = {}
+
+
+def block_means(x: torch.Tensor, layout: VMoBALayout, dtype=None) -> torch.Tensor:
+    """Mean of ``x [B, H, N, D]``'s video rows over each key block: ``[B, H, C, D]``, summed
+    in float32 (float64 for float64 input) or ``dtype``. One gather of the video rows into a
+    padded [C, longest block] table and a sum (no atomics: fast on the GPU too)."""
+    cdt = dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    idx, valid = _block_table(layout, x.device)
+    rows = x[:, :, idx]  # [B, H, C, Lmax, D]
+    if not bool(valid.all()):
+        rows = rows.masked_fill(~valid[:, :, None], 0)
+    n = layout.block_len.to(x.device, cdt)[:, None]
+    return torch.sum(rows, dim=3, dtype=cdt) / n
+
+
 def vmoba_attention_from_selection(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                   selection: VMoBASelection, scale: float) -> torch.Tensor:
-    """Exact softmax attention restricted to the selected blocks (plus dense text)."""
+                                   selection: VMoBASelection, scale: float,
+                                   pooled_rest: bool = False) -> torch.Tensor:
+    """Exact softmax attention restricted to the selected blocks (plus dense text); with
+    ``pooled_rest`` the unselected blocks join as pooled keys (module docstring)."""
     lay = selection.layout
     B, Hh, N, D = q.shape
     dev = q.device
@@ -389,19 +438,28 @@ def vmoba_attention_from_selection(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     text_cols = torch.ones(B, Hh, 1, tb, dtype=torch.bool, device=dev)
     text_cols_after = torch.ones(B, Hh, 1, N - tb - nv, dtype=torch.bool, device=dev)
     q_group = torch.repeat_interleave(torch.arange(lay.num_groups), lay.group_len).to(dev)
+    if pooled_rest:  # one pooled key per block, appended after the token keys
+        kp = torch.cat([kp, block_means(k, lay, cdt)], dim=2)
+        vp = torch.cat([vp, block_means(v, lay, cdt)], dim=2)
+        log_n = torch.log(lay.block_len.to(dev, cdt))
     rows = max(1, min(nv, _CHUNK_BYTES // max(1, 3 * B * Hh * N * 4)))
     for r0 in range(0, nv, rows):
         r1 = min(nv, r0 + rows)
         qr = q[:, :, tb + perm[r0:r1]].to(cdt)
-        vid_mask = sel[:, :, q_group[r0:r1]][..., key_block]  # [B, H, r, nv]
-        mask = torch.cat([text_cols.expand(-1, -1, r1 - r0, -1), vid_mask,
-                          text_cols_after.expand(-1, -1, r1 - r0, -1)], dim=-1)
+        group_sel = sel[:, :, q_group[r0:r1]]  # [B, H, r, C]
+        parts = [text_cols.expand(-1, -1, r1 - r0, -1), group_sel[..., key_block],
+                 text_cols_after.expand(-1, -1, r1 - r0, -1)]
+        if pooled_rest:
+            parts.append(~group_sel)  # pooled keys of the blocks not attended exactly
+        mask = torch.cat(parts, dim=-1)
         logits = torch.matmul(qr, kp.transpose(-1, -2)) * scale
+        if pooled_rest:
+            logits[..., N:] += log_n
         logits = logits.masked_fill(~mask, float("-inf"))
         p = torch.softmax(logits, dim=-1)
         out[:, :, tb + perm[r0:r1]] = torch.matmul(p, vp).to(q.dtype)
-        del logits, p, mask, vid_mask
-    # text queries: dense over all keys
+        del logits, p, mask, group_sel
+    # text queries: dense over all keys (no pooled keys)
     text_rows = torch.cat([torch.arange(tb, device=dev), torch.arange(tb + nv, N, device=dev)])
     if text_rows.numel():
         logits = torch.matmul(q[:, :, text_rows].to(cdt), kf.transpose(-1, -2)) * scale
@@ -412,25 +470,27 @@ def vmoba_attention_from_selection(q: torch.Tensor, k: torch.Tensor, v: torch.Te
 def vmoba_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, chunk,
                               text_before: int = 0, text_after: int = 0, partition: str = "3d",
                               threshold: float = 0.25, topk: int = 0,
-                              scale: Optional[float] = None) -> torch.Tensor:
+                              scale: Optional[float] = None, pooled_rest: bool = False) -> torch.Tensor:
     """VMoBA attention output [B, H, N, D] in ``q.dtype`` (see module docstring)."""
     s, lay, threshold, topk = _check_args(q, k, v, grid, chunk, text_before, text_after,
                                           partition, threshold, topk, scale,
                                           "vmoba_attention_reference")
     sel = vmoba_select_reference(q, k, layout=lay, threshold=threshold, topk=topk, scale=s)
-    return vmoba_attention_from_selection(q, k, v, sel, s)
+    return vmoba_attention_from_selection(q, k, v, sel, s, pooled_rest=pooled_rest)
 
 
-def vmoba_flops(selection: VMoBASelection, head_dim: int) -> int:
+def vmoba_flops(selection: VMoBASelection, head_dim: int, pooled_rest: bool = False) -> int:
     """Attention FLOPs actually executed for ``selection`` (QK^T and PV, 2 FLOPs per MAC each).
 
     Counted like ``4 * B * H * Nq * Nk * D`` for dense attention: selected video pairs, plus
     every video query against the text keys, plus every text query against all keys. With every
-    block selected this equals the dense count exactly.
+    block selected this equals the dense count exactly. ``pooled_rest`` adds every video query
+    against all C pooled keys (the kernel visits them all and masks the selected ones).
     """
     lay = selection.layout
     N, nt, nv = lay.n_tokens, lay.n_text, lay.n_video
     video = int(selection.video_pairs().sum())
     bh = selection.batch * selection.heads
     text = bh * (nv * nt + nt * N)
-    return int(4 * int(head_dim) * (video + text))
+    pooled = bh * nv * lay.num_blocks if pooled_rest else 0
+    return int(4 * int(head_dim) * (video + text + pooled))

@@ -56,7 +56,7 @@ def call_method(plan: SitePlan, q, k, v, scale: float) -> torch.Tensor:
     if plan.method == "vmoba":
         return torch.ops.vmonarch.vmoba_attention(q, k, v, a["grid"], a["chunk"], a["text_before"],
                                                   a["text_after"], a["partition"], a["threshold"],
-                                                  a["topk"], scale)
+                                                  a["topk"], scale, a.get("pooled_rest", False))
     if plan.method == "dense":
         return torch.ops.vmonarch.dense_attention(q, k, v, scale)
     raise ValueError(f"site {plan.site_id}: cannot run method {plan.method!r}")

@@ -32,6 +32,8 @@ class Budget:
             (2, H, W), ``"tile"`` (1, ⌈H/2⌉, ⌈W/2⌉) spatial tiles, ``"1d"`` (~√N tokens, used when
             the grid is unknown).
         vmoba_thresholds: VMoBA global-selection thresholds tried.
+        vmoba_pooled: for each threshold, VMoBA is tried with these ``pooled_rest`` settings
+            (``True``: the unselected blocks stay in the softmax as one pooled key each).
         candidates: replaces the automatic candidate list: a list of configs, or
             ``f(site) -> list of configs`` (``MonarchConfig`` / ``VMoBAConfig``).
         sample_rows: query rows per head sampled for the block-concentration statistics.
@@ -46,6 +48,7 @@ class Budget:
     monarch_steps: tuple = (1, 2)
     layouts: tuple = LAYOUTS
     vmoba_thresholds: tuple = (0.25, 0.5, 0.75)
+    vmoba_pooled: tuple = (False, True)
     candidates: Union[None, list, tuple, Callable] = field(default=None, compare=False)
     sample_rows: int = 128
     top_fraction: float = 0.1
@@ -78,6 +81,10 @@ class Budget:
         object.__setattr__(self, "monarch_steps", tuple(self.monarch_steps))
         object.__setattr__(self, "layouts", tuple(self.layouts))
         object.__setattr__(self, "vmoba_thresholds", tuple(float(t) for t in self.vmoba_thresholds))
+        if not self.vmoba_pooled or any(not isinstance(x, bool) for x in self.vmoba_pooled):
+            raise ValueError(f"Budget(vmoba_pooled={self.vmoba_pooled!r}): a non-empty tuple of bools, "
+                             f"e.g. (False, True)")
+        object.__setattr__(self, "vmoba_pooled", tuple(self.vmoba_pooled))
 
     def limit_for(self, site_id: str) -> float:
         """The error cap of one site."""
@@ -93,6 +100,7 @@ class Budget:
                                                   else [config_to_dict(x) for x in c])
         d["monarch_steps"], d["layouts"] = list(self.monarch_steps), list(self.layouts)
         d["vmoba_thresholds"] = list(self.vmoba_thresholds)
+        d["vmoba_pooled"] = list(self.vmoba_pooled)
         return d
 
     @classmethod
@@ -100,7 +108,7 @@ class Budget:
         d = dict(d)
         c = d.pop("candidates", None)
         cands = [config_from_dict(x) for x in c] if isinstance(c, list) else None
-        for k in ("monarch_steps", "layouts", "vmoba_thresholds"):
+        for k in ("monarch_steps", "layouts", "vmoba_thresholds", "vmoba_pooled"):
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d, candidates=cands)
@@ -142,5 +150,6 @@ def describe_config(cfg) -> str:
     if cfg.method == "vmoba":
         c = "×".join(map(str, cfg.chunk)) if cfg.chunk else "auto"
         s = f"vmoba {cfg.partition or 'cycle'} {c} thr{cfg.threshold:g}"
-        return s + (f" top{cfg.topk}" if cfg.topk else "")
+        s += f" top{cfg.topk}" if cfg.topk else ""
+        return s + (" +pooled" if cfg.pooled_rest else "")
     return "dense"

@@ -64,7 +64,7 @@ def layout_config(layout: str, site, steps: int = 1) -> Optional[MonarchConfig]:
     return MonarchConfig(block=block, steps=steps, recompute=rec)
 
 
-def vmoba_config(site, threshold: float, layer: int) -> Optional[VMoBAConfig]:
+def vmoba_config(site, threshold: float, layer: int, pooled_rest: bool = False) -> Optional[VMoBAConfig]:
     from ..config import default_vmoba_chunk
     from ..kernels.vmoba_reference import vmoba_partition_for_layer
 
@@ -72,9 +72,10 @@ def vmoba_config(site, threshold: float, layer: int) -> Optional[VMoBAConfig]:
     if site.grid is None:
         if nv < 16:
             return None
-        return VMoBAConfig(chunk=(1, 1, -(-nv // 8)), partition="3d", threshold=threshold)
+        return VMoBAConfig(chunk=(1, 1, -(-nv // 8)), partition="3d", threshold=threshold,
+                           pooled_rest=pooled_rest)
     return VMoBAConfig(chunk=default_vmoba_chunk(site.grid), partition=vmoba_partition_for_layer(layer),
-                       threshold=threshold)
+                       threshold=threshold, pooled_rest=pooled_rest)
 
 
 def candidate_configs(site, budget: Budget, methods=METHODS, layer: int = 0) -> list[tuple[str, Any]]:
@@ -94,10 +95,11 @@ def candidate_configs(site, budget: Budget, methods=METHODS, layer: int = 0) -> 
         for thr in budget.vmoba_thresholds:
             if thr >= 1.0:
                 continue  # every block: exactly dense
-            cfg = vmoba_config(site, thr, layer)
-            if cfg is not None and cfg not in seen:
-                seen.add(cfg)
-                out.append(("vmoba", cfg))
+            for pooled in budget.vmoba_pooled:
+                cfg = vmoba_config(site, thr, layer, pooled)
+                if cfg is not None and cfg not in seen:
+                    seen.add(cfg)
+                    out.append(("vmoba", cfg))
     return out
 
 
@@ -186,12 +188,13 @@ def _run_candidate(cfg, args: dict, q, k, v, scale: float, timed: bool, mask: Op
                                text_before=args["text_before"], text_after=args["text_after"],
                                partition=args["partition"], threshold=args["threshold"], topk=args["topk"],
                                scale=scale)
+            pooled = args.get("pooled_rest", False)
             if q.is_cuda and not _force_reference():
                 from ..kernels.vmoba import vmoba_attention_with_selection
-                return vmoba_attention_with_selection(q, k, v, sel, scale), sel
-            return vmoba_attention_from_selection(q, k, v, sel, scale), sel
+                return vmoba_attention_with_selection(q, k, v, sel, scale, pooled_rest=pooled), sel
+            return vmoba_attention_from_selection(q, k, v, sel, scale, pooled_rest=pooled), sel
         (out, sel), ms = _timed(fn, timed)
-        return out, int(vmoba_flops(sel, D)), float(sel.density), ms
+        return out, int(vmoba_flops(sel, D, args.get("pooled_rest", False))), float(sel.density), ms
     raise ValueError(f"cannot calibrate method {cfg.method!r}")
 
 
@@ -493,7 +496,7 @@ def _config_from_plan(p):
         return MonarchConfig(block=tuple(a["block"]), steps=a["steps"], recompute=a["recompute"])
     if p.method == "vmoba":
         return VMoBAConfig(chunk=tuple(a["chunk"]), partition=a["partition"], threshold=a["threshold"],
-                           topk=a["topk"])
+                           topk=a["topk"], pooled_rest=a.get("pooled_rest", False))
     return DenseConfig()
 
 

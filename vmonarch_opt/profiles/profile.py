@@ -349,7 +349,8 @@ def _rederive(choice: dict, site):
     if cfg.method == "monarch" and lay in ("frame", "frame_group", "tile", "1d"):
         return layout_config(lay, site, cfg.steps) or MonarchConfig(steps=cfg.steps, recompute=cfg.recompute)
     if cfg.method == "vmoba" and lay == "vmoba":
-        return VMoBAConfig(chunk=None, partition=cfg.partition, threshold=cfg.threshold, topk=cfg.topk)
+        return VMoBAConfig(chunk=None, partition=cfg.partition, threshold=cfg.threshold, topk=cfg.topk,
+                           pooled_rest=cfg.pooled_rest)
     return cfg
 
 
