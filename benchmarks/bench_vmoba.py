@@ -241,7 +241,8 @@ def run_vmoba(name, q, k, v, grid, cudnn_ms, fa2_ms, dense_out, partitions, flex
                                                          partition=part, threshold=th, topk=topk,
                                                          pooled_rest=pooled))
             dens = sel.density
-            cfg = [c for kk, c in vmoba_mod._TUNED.items() if kk[3] == lay.grid and kk[4] == lay.chunk]
+            cfg = [c for kk, c in vmoba_mod._TUNED.items() if kk[3] == lay.grid and kk[4] == lay.chunk
+                   and kk[8] == pooled]
             row = dict(shape=name, partition=part, chunk=str(lay.chunk), blocks=lay.num_blocks,
                        rule=f"{kind}={val}" + (" +pooled" if pooled else ""), target_sparsity=target, sparsity=1 - dens,
                        sel_ms=t_sel, attn_ms=t_att, total_ms=t_tot, cudnn_ms=cudnn_ms,

@@ -43,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import vmonarch_opt  # noqa: E402
-from vmonarch_opt import models  # noqa: E402
+from vmonarch_opt import VMoBAConfig, models  # noqa: E402
 from benchmarks.publish import command_line, now, publish  # noqa: E402
 
 
@@ -112,12 +112,22 @@ def call(model, batch):
     return model(**batch)
 
 
+def method_kwargs(method: str) -> dict:
+    """``optimize`` keyword arguments of one --methods entry."""
+    if method == "calibrated":
+        return {}
+    if method == "vmoba+pooled":  # VMoBA with the unselected blocks as pooled keys
+        return dict(budget=None, methods=("vmoba",), overrides={"*": VMoBAConfig(pooled_rest=True)})
+    return dict(budget=None, methods=(method,))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="wan,cogvideox")
     ap.add_argument("--methods", default="monarch,vmoba",
-                    help="comma-separated: monarch, vmoba, dense (method pinned on every eligible site, no "
-                         "calibration) and/or calibrated (optimize()'s default: calibration under Budget())")
+                    help="comma-separated: monarch, vmoba, vmoba+pooled, dense (method pinned on every eligible "
+                         "site, no calibration; vmoba+pooled = VMoBAConfig(pooled_rest=True)) and/or calibrated "
+                         "(optimize()'s default: calibration under Budget())")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--tiny", action="store_true", help="small random configs (CPU smoke run)")
@@ -169,7 +179,7 @@ def main(argv=None) -> int:
         for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
             try:
                 t0 = time.perf_counter()
-                kw = dict(budget=None, methods=(method,)) if method != "calibrated" else {}
+                kw = method_kwargs(method)
                 vmonarch_opt.optimize(model, batch, inplace=True, **kw,
                                       **({"min_seq_len": 0} if args.tiny else {}))
                 if cuda:

@@ -375,7 +375,7 @@ def main(argv=None) -> int:
             print(f"[fidelity] {name}: PSNR {mp:.2f} dB, SSIM {statistics.mean(s):.4f}, FLOP cut {100 * cut:.1f}%, "
                   f"optimize {opt_s:.1f}s", flush=True)
             key = (cut >= 0.85, mp)  # prefer >= 85% cut, then the best PSNR
-            if "monarch" in name and (strip_pick is None or key > strip_pick[0]):
+            if not name.startswith("dense") and (strip_pick is None or key > strip_pick[0]):
                 strip_pick = (key, name, vid, cut)
             for K in ([] if args.quick else WARMUP.get(name, ())):
                 if K >= args.steps:
@@ -400,7 +400,7 @@ def main(argv=None) -> int:
                 print(f"[fidelity] {wname}: PSNR {wmp:.2f} dB, SSIM {statistics.mean(ws):.4f}, "
                       f"sampling FLOP cut {100 * wcut:.1f}%", flush=True)
                 wkey = (wcut >= 0.85, wmp)
-                if "monarch" in name and wkey > strip_pick[0]:
+                if not name.startswith("dense") and wkey > strip_pick[0]:
                     strip_pick = (wkey, wname, wvid, wcut)
             del opt
         except Exception as e:  # one broken configuration must not hide the others

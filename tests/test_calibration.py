@@ -141,16 +141,22 @@ def test_candidate_lists():
     assert {(1, 6, 10), (2, 6, 10), (1, 3, 5)} <= blocks
     assert {cfg.steps for _, cfg in labels if cfg.method == "monarch"} == {1, 2}
     vm = [cfg for _, cfg in labels if cfg.method == "vmoba"]
-    assert [(v.threshold, v.pooled_rest) for v in vm] == [(t, p) for t in (0.25, 0.5, 0.75) for p in (False, True)]
+    thr = [(v.threshold, v.pooled_rest) for v in vm if v.topk == 0]
+    assert thr == [(t, p) for t in (0.25, 0.5, 0.75) for p in (False, True)]
+    # global top-k at 1/8 of the blocks: 2d partition of (8, 6, 10) in 2×3 tiles = 12 blocks -> 2
+    assert [(v.topk, v.pooled_rest) for v in vm if v.topk] == [(2, False), (2, True)]
     assert all(v.partition == "2d" for v in vm)
-    vm1 = [c for _, c in candidate_configs(_site((8, 6, 10)), Budget(vmoba_pooled=(True,))) if c.method == "vmoba"]
+    vm1 = [c for _, c in candidate_configs(_site((8, 6, 10)), Budget(vmoba_pooled=(True,), vmoba_topk=()))
+           if c.method == "vmoba"]
     assert len(vm1) == 3 and all(c.pooled_rest for c in vm1)
     with pytest.raises(ValueError, match="vmoba_pooled"):
         Budget(vmoba_pooled=())
+    with pytest.raises(ValueError, match="vmoba_topk"):
+        Budget(vmoba_topk=(1.0,))
     # no grid: 1D blocks of ~sqrt(N)
     s = _site((8, 6, 10))
     s.grid = None
-    one_d = candidate_configs(s, Budget(vmoba_thresholds=()))
+    one_d = candidate_configs(s, Budget(vmoba_thresholds=(), vmoba_topk=()))
     assert one_d and all(cfg.block[:2] == (1, 1) and cfg.block[2] == math.isqrt(479) + 1 for _, cfg in one_d)
     # explicit candidates
     given = candidate_configs(s, Budget(candidates=[VMoBAConfig(threshold=0.3), DenseConfig()]))

@@ -364,3 +364,25 @@ def test_block_order_copy_and_tile_lists():
                     for p in range(s, s + n)]
             assert sorted(got) == want, f"row {r}: tiles do not cover the selected blocks"
         assert sorted(plan["order"].tolist()) == list(range(cnt.numel()))
+
+
+def test_kernel_selection_keeps_block_means_for_the_pooled_rest():
+    """With ``pooled`` the selection pass keeps every block's mean key and value (one read of
+    k/v for both); the attention kernel uses them or pools the blocks itself: same output."""
+    from vmonarch_opt.kernels.vmoba_reference import block_means
+    tb, ta, grid = 2, 3, (3, 5, 6)
+    q, k, v = _qkv(2, 2, tb + 90 + ta, 80)
+    lay = vmoba_layout(grid, (2, 2, 4), "3d", tb, ta)
+    sel = vmoba_select_triton(q, k, layout=lay, threshold=0.3, topk=0, scale=0.1, v=v, copy_kv=False,
+                              pooled=True)
+    assert sel.block_kv is None and sel.block_means is not None
+    kbar, vbar = sel.block_means  # float32 [B*H, C, padded head_dim]
+    C = lay.num_blocks
+    for got, x in ((kbar, k), (vbar, v)):
+        assert rel_err(got[..., :80].reshape(2, 2, C, 80), block_means(x, lay)) < 1e-6
+    plain = vmoba_select_triton(q, k, layout=lay, threshold=0.3, topk=0, scale=0.1)
+    assert plain.block_means is None
+    a = vmoba_attention_with_selection(q, k, v, sel, 0.1, pooled_rest=True)
+    b = vmoba_attention_with_selection(q, k, v, plain, 0.1, pooled_rest=True)
+    assert rel_err(a, b) < 1e-6
+    assert rel_err(a, vmoba_attention_from_selection(q, k, v, plain, 0.1, pooled_rest=True)) < 2e-5

@@ -52,11 +52,13 @@ __all__ = ["vmoba_attention_triton", "vmoba_select_triton", "vmoba_attention_wit
 
 # ----------------------------------------------------------------------------- selection kernels
 @triton.jit
-def _group_sums(Q, K, V, QBAR, KSUM, KP, VP, perm, block_off, group_block, group_start, group_len,
-                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, spb, sph, spn, H, G, D, tb,
-                HEAD_DIM: tl.constexpr, QG: tl.constexpr, COPY_KV: tl.constexpr):
+def _group_sums(Q, K, V, QBAR, KSUM, VSUM, KP, VP, perm, block_off, group_block, group_start,
+                group_len, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, spb, sph, spn, H, G, D, tb,
+                HEAD_DIM: tl.constexpr, QG: tl.constexpr, COPY_KV: tl.constexpr,
+                SUM_V: tl.constexpr):
     """Per (query group, batch*head): mean query and sum of keys over the group's tokens; with
-    COPY_KV also the group's key/value rows copied to their block-order positions in KP/VP."""
+    COPY_KV also the group's key/value rows copied to their block-order positions in KP/VP; with
+    SUM_V also the sum of its values (for the pooled rest's mean values)."""
     g = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -74,12 +76,15 @@ def _group_sums(Q, K, V, QBAR, KSUM, KP, VP, perm, block_off, group_block, group
     dst = (bh.to(tl.int64) * G + g) * HEAD_DIM + offs_d
     tl.store(QBAR + dst, tl.sum(x.to(tl.float32), 0) / n.to(tl.float32))
     tl.store(KSUM + dst, tl.sum(y.to(tl.float32), 0))
-    if COPY_KV:
-        pos = (start + offs).to(tl.int64)
-        tl.store(KP + b * spb + h * sph + pos[:, None] * spn + offs_d[None, :], y, mask=msk)
+    if COPY_KV or SUM_V:
         z = tl.load(V + b * svb + h * svh + tok[:, None] * svn + offs_d[None, :], mask=msk,
                     other=0.0)
-        tl.store(VP + b * spb + h * sph + pos[:, None] * spn + offs_d[None, :], z, mask=msk)
+        if SUM_V:
+            tl.store(VSUM + dst, tl.sum(z.to(tl.float32), 0))
+        if COPY_KV:
+            pos = (start + offs).to(tl.int64)
+            tl.store(KP + b * spb + h * sph + pos[:, None] * spn + offs_d[None, :], y, mask=msk)
+            tl.store(VP + b * spb + h * sph + pos[:, None] * spn + offs_d[None, :], z, mask=msk)
 
 
 @triton.jit
@@ -363,15 +368,17 @@ def _vmoba_fwd(Q, K, V, KP, VP, O, desc_k, desc_v,
                                               True, False, DOT_PREC)
         if POOLED:  # the blocks not selected for this group, one pooled key each
             sel_row = SELM + row.to(tl.int64) * C
-            kbarb = KBAR + bh.to(tl.int64) * C * D
-            vbarb = VBAR + bh.to(tl.int64) * C * D
-            for c0 in range(0, C, BLOCK_N):
+            kbarb = KBAR + bh.to(tl.int64) * C * HEAD_DIM
+            vbarb = VBAR + bh.to(tl.int64) * C * HEAD_DIM
+            # not software-pipelined: a few tiles at most, and its buffers would come on top
+            # of the main loop's shared memory
+            for c0 in tl.range(0, C, BLOCK_N, num_stages=1):
                 cols = c0 + offs_n
                 in_c = cols < C
                 ok = in_c & (tl.load(sel_row + cols, mask=in_c, other=1) == 0)
-                kt = tl.load(kbarb + cols[:, None] * D + offs_d[None, :],
+                kt = tl.load(kbarb + cols[:, None] * HEAD_DIM + offs_d[None, :],
                              mask=ok[:, None] & d_ok[None, :], other=0.0)
-                vt = tl.load(vbarb + cols[:, None] * D + offs_d[None, :],
+                vt = tl.load(vbarb + cols[:, None] * HEAD_DIM + offs_d[None, :],
                              mask=ok[:, None] & d_ok[None, :], other=0.0)
                 # base-2 logits with the block's log2(size) added: n_c keys like the mean key
                 qk = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
@@ -392,8 +399,9 @@ def _vmoba_fwd(Q, K, V, KP, VP, O, desc_k, desc_v,
 def _pool_blocks(K, V, KBAR, VBAR, perm, block_off, block_len, H, C, D, tb,
                  skb, skh, skn, svb, svh, svn,
                  HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Mean key and mean value of key block c (pooled rest): one program per (c, batch*head),
-    the block's rows gathered through the block-order permutation, summed in fp32."""
+    """Mean key and mean value of key block c (pooled rest), float32 [B*H, C, HEAD_DIM]: one
+    program per (c, batch*head), the block's rows gathered through the block-order permutation.
+    Used when the selection did not keep the means (a selection made without ``pooled``)."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -414,9 +422,9 @@ def _pool_blocks(K, V, KBAR, VBAR, perm, block_off, block_len, H, C, D, tb,
         ks += tl.sum(kt.to(tl.float32), 0)
         vs += tl.sum(vt.to(tl.float32), 0)
     inv = 1.0 / n.to(tl.float32)
-    o = bh.to(tl.int64) * C * D + c * D + offs_d
-    tl.store(KBAR + o, (ks * inv).to(KBAR.dtype.element_ty), mask=d_ok)
-    tl.store(VBAR + o, (vs * inv).to(VBAR.dtype.element_ty), mask=d_ok)
+    o = (bh.to(tl.int64) * C + c) * HEAD_DIM + offs_d
+    tl.store(KBAR + o, ks * inv)
+    tl.store(VBAR + o, vs * inv)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -473,11 +481,14 @@ def _cut_config(launch, E: int, device) -> tuple:
 
 def vmoba_select_triton(q: torch.Tensor, k: torch.Tensor, *, layout: VMoBALayout,
                         threshold: float, topk: int, scale: float,
-                        v: Optional[torch.Tensor] = None) -> VMoBASelection:
+                        v: Optional[torch.Tensor] = None, copy_kv: bool = True,
+                        pooled: bool = False) -> VMoBASelection:
     """Selection with the Triton kernels (arguments already validated; see module docstring).
 
     Given ``v``, the pass that reads the keys also copies the video keys/values into block
-    order (``selection.block_kv``), which the attention kernel then reads contiguously."""
+    order (``selection.block_kv``, unless ``copy_kv=False``), which the attention kernel then
+    reads contiguously; with ``pooled`` it also keeps the mean key and mean value of every
+    block (``selection.block_means``, for the pooled rest)."""
     lay = layout
     B, H, N, D = q.shape
     C, G = lay.num_blocks, lay.num_groups
@@ -504,22 +515,30 @@ def vmoba_select_triton(q: torch.Tensor, k: torch.Tensor, *, layout: VMoBALayout
     own_w = torch.empty(BH, G, **f32)
     cut = torch.empty(BH, dtype=torch.int32, device=dev)
     interp = interpreting() or not q.is_cuda
-    if v is not None:
-        if v.stride(-1) != 1:
-            v = v.contiguous()
+    copy = v is not None and copy_kv
+    pooled = pooled and v is not None
+    if v is not None and v.stride(-1) != 1:
+        v = v.contiguous()
+    if copy:
         kp = torch.empty(B, H, lay.n_video, D, dtype=k.dtype, device=dev)
         vp = torch.empty(B, H, lay.n_video, D, dtype=v.dtype, device=dev)
-        vv = v
     else:
-        kp = vp = vv = k  # placeholders, not touched
-    _group_sums[(G, BH)](q, k, vv, qbar, ksum, kp, vp, dl["perm"], dl["block_off"],
+        kp = vp = k  # placeholders, not touched
+    vv = v if v is not None else k
+    vsum = torch.empty(BH, G, HD, **f32) if pooled else ksum
+    _group_sums[(G, BH)](q, k, vv, qbar, ksum, vsum, kp, vp, dl["perm"], dl["block_off"],
                          dl["group_block"], dl["group_start"], dl["group_len"],
                          q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
                          k.stride(2), vv.stride(0), vv.stride(1), vv.stride(2),
                          kp.stride(0), kp.stride(1), kp.stride(2), H, G, D, lay.text_before,
-                         HEAD_DIM=HD, QG=QUERY_GROUP, COPY_KV=v is not None, num_warps=4)
+                         HEAD_DIM=HD, QG=QUERY_GROUP, COPY_KV=copy, SUM_V=pooled, num_warps=4)
     _block_means[(C, BH)](ksum, kbar, dl["block_len"], dl["block_g0"], dl["block_gn"], G, C,
                           HEAD_DIM=HD, num_warps=1 if interp else 2)
+    vbar = None
+    if pooled:
+        vbar = torch.empty(BH, C, HD, **f32)
+        _block_means[(C, BH)](vsum, vbar, dl["block_len"], dl["block_g0"], dl["block_gn"], G, C,
+                              HEAD_DIM=HD, num_warps=1 if interp else 2)
     block_c = min(128, max(16, triton.next_power_of_2(C)))
     _group_scores[(G, BH)](qbar, kbar, key, wgt, own_w, dl["group_block"], dl["group_len"], G, C,
                            float(scale), TOPK=topk > 0, HEAD_DIM=HD, BLOCK_C=block_c,
@@ -534,7 +553,8 @@ def vmoba_select_triton(q: torch.Tensor, k: torch.Tensor, *, layout: VMoBALayout
     _compact[(G, BH)](key, cut, kv_idx, kv_cnt, dl["group_block"], G, C, BLOCK_C=block_c,
                       num_warps=4)
     return VMoBASelection(lay, kv_idx, kv_cnt, float(threshold), int(topk),
-                          block_kv=(kp, vp) if v is not None else None)
+                          block_kv=(kp, vp) if copy else None,
+                          block_means=(kbar, vbar) if pooled else None)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, kv_mode); where TMA is available the pointer-load
@@ -604,19 +624,24 @@ def _block_order_kv(k, v, sel: VMoBASelection, dl: dict):
 
 
 def _pooled_args(q, k, v, sel: VMoBASelection) -> tuple:
-    """Kernel inputs of the pooled rest: block-mean keys and values ``[B*H, C, D]`` in q's
-    dtype, the selection as an int8 ``[B*H*G, C]`` mask, and ``log2(block size)`` per block."""
+    """Kernel inputs of the pooled rest: block-mean keys and values ``[B*H, C, padded D]`` in
+    the dtypes of q and v (averaged in float32, by the selection when it kept them), the
+    selection as an int8 ``[B*H*G, C]`` mask, and ``log2(block size)`` per block."""
     lay = sel.layout
     B, H, _, D = k.shape
-    C = lay.num_blocks
-    dl = _device_layout(lay, q.device)
-    kbar = torch.empty(B, H, C, D, dtype=q.dtype, device=q.device)
-    vbar = torch.empty(B, H, C, D, dtype=v.dtype, device=q.device)
-    _pool_blocks[(C, B * H)](k, v, kbar, vbar, dl["perm"], dl["block_off"], dl["block_len"],
-                             H, C, D, lay.text_before, k.stride(0), k.stride(1), k.stride(2),
-                             v.stride(0), v.stride(1), v.stride(2),
-                             HEAD_DIM=_head_pad(D), BLOCK_R=32 if interpreting() else 64,
-                             num_warps=4)
+    C, HD = lay.num_blocks, _head_pad(D)
+    if sel.block_means is not None and sel.block_means[0].shape == (B * H, C, HD) \
+            and sel.block_means[0].device == q.device:
+        kbar, vbar = sel.block_means
+    else:
+        dl = _device_layout(lay, q.device)
+        kbar = torch.empty(B * H, C, HD, dtype=torch.float32, device=q.device)
+        vbar = torch.empty(B * H, C, HD, dtype=torch.float32, device=q.device)
+        _pool_blocks[(C, B * H)](k, v, kbar, vbar, dl["perm"], dl["block_off"], dl["block_len"],
+                                 H, C, D, lay.text_before, k.stride(0), k.stride(1), k.stride(2),
+                                 v.stride(0), v.stride(1), v.stride(2),
+                                 HEAD_DIM=HD, BLOCK_R=32 if interpreting() else 64, num_warps=4)
+    kbar, vbar = kbar.to(q.dtype), vbar.to(v.dtype)
     selm = sel.mask().to(torch.int8).contiguous()
     log2n = torch.log2(lay.block_len.to(q.device, torch.float32)).contiguous()
     return kbar, vbar, selm, log2n
@@ -662,9 +687,9 @@ def _launch_sparse(cfg, q, k, v, out, sel: VMoBASelection, scale: float, kvp=Non
                      TCH=_TCH, POOLED=pooled is not None, num_warps=warps, num_stages=stages)
 
 
-def _config_key(q, lay):
+def _config_key(q, lay, pooled: bool = False):
     return (q.device.index, q.dtype, q.shape[-1], lay.grid, lay.chunk, lay.text_before,
-            lay.text_after, _bucket(q.shape[0] * q.shape[1]))
+            lay.text_after, _bucket(q.shape[0] * q.shape[1]), pooled)
 
 
 def _fixed_config(q) -> Optional[tuple]:
@@ -682,12 +707,12 @@ _UNTUNED = (64, 64, 4, 2, 1)  # without tuning: exact tile lists, plain loads, a
 _UNTUNED_TMA = (128, 128, 8, 3, 2)  # ... TMA loads where the device and strides allow them
 
 
-def _known_config(q, lay) -> Optional[tuple]:
+def _known_config(q, lay, pooled: bool = False) -> Optional[tuple]:
     """The configuration a launch will use, if known before selecting (None: to be tuned)."""
     fixed = _fixed_config(q)
     if fixed is not None:
         return fixed
-    hit = _TUNED.get(_config_key(q, lay))
+    hit = _TUNED.get(_config_key(q, lay, pooled))
     if hit is not None:
         return hit
     if tuning_enabled():
@@ -695,12 +720,13 @@ def _known_config(q, lay) -> Optional[tuple]:
     return _UNTUNED_TMA if q.shape[-1] in (64, 128) and _tma_capable(q.device) else _UNTUNED
 
 
-def _pick_config(q, k, v, out, sel, scale):
+def _pick_config(q, k, v, out, sel, scale, pooled=None):
+    """The launch config: fixed, already tuned, or timed now (with the pooled rest if given)."""
     lay = sel.layout
-    known = _known_config(q, lay)
+    known = _known_config(q, lay, pooled is not None)
     if known is not None:
         return known
-    key = _config_key(q, lay)
+    key = _config_key(q, lay, pooled is not None)
     tma = _tma_capable(q.device) and q.shape[-1] in (64, 128)  # the block-order copy is dense
     best, best_t = None, float("inf")
     dl = _device_layout(lay, q.device)
@@ -717,7 +743,7 @@ def _pick_config(q, k, v, out, sel, scale):
         try:
             plan = _sparse_plan(sel, dl, cfg)
             t = triton.testing.do_bench(lambda: _launch_sparse(cfg, q, k, v, out, sel, scale, kvp,
-                                                                       plan),
+                                                                       plan, pooled),
                                         warmup=5, rep=20, return_mode="median")
             if cfg[4] >= 1:  # the tile lists are built per call
                 t += triton.testing.do_bench(lambda: _sparse_plan(sel, dl, cfg), warmup=2,
@@ -745,8 +771,8 @@ def vmoba_attention_with_selection(q, k, v, selection: VMoBASelection, scale: fl
     lay = selection.layout
     if out is None:
         out = empty_attention_out(q)
-    cfg = _pick_config(q, k, v, out, selection, scale)
     pooled = _pooled_args(q, k, v, selection) if pooled_rest else None
+    cfg = _pick_config(q, k, v, out, selection, scale, pooled)
     _launch_sparse(cfg, q, k, v, out, selection, scale, pooled=pooled)
     tb, nv = lay.text_before, lay.n_video
     if tb:
@@ -774,8 +800,9 @@ def vmoba_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         from .flash import flash_attention_triton
         return flash_attention_triton(q, k, v, scale=s)
     # the selection pass also copies k/v into block order unless the kernel will gather
-    cfg = _known_config(q, lay)
+    cfg = _known_config(q, lay, pooled_rest)
     copy = cfg is None or cfg[4] >= 1
     sel = vmoba_select_triton(q, k, layout=lay, threshold=threshold, topk=topk, scale=s,
-                              v=v if copy else None)
+                              v=v if copy or pooled_rest else None, copy_kv=copy,
+                              pooled=pooled_rest)
     return vmoba_attention_with_selection(q, k, v, sel, s, pooled_rest=pooled_rest)

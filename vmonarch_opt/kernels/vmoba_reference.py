@@ -243,6 +243,9 @@ class VMoBASelection:
     # (k, v) video rows copied into block order by the Triton selection when it was given v;
     # the attention kernel reads them instead of copying again (None: not made)
     block_kv: Optional[tuple] = field(default=None, repr=False, compare=False)
+    # (mean key, mean value) per block, float32 [B*H, C, padded head_dim], made by the Triton
+    # selection when asked to (pooled rest); None: not made
+    block_means: Optional[tuple] = field(default=None, repr=False, compare=False)
 
     @property
     def batch(self) -> int:

@@ -32,6 +32,8 @@ class Budget:
             (2, H, W), ``"tile"`` (1, ⌈H/2⌉, ⌈W/2⌉) spatial tiles, ``"1d"`` (~√N tokens, used when
             the grid is unknown).
         vmoba_thresholds: VMoBA global-selection thresholds tried.
+        vmoba_topk: VMoBA global top-k selections tried, as fractions of the key blocks kept per
+            query group on average (0.125: 8 of 64 blocks).
         vmoba_pooled: for each threshold, VMoBA is tried with these ``pooled_rest`` settings
             (``True``: the unselected blocks stay in the softmax as one pooled key each).
         candidates: replaces the automatic candidate list: a list of configs, or
@@ -48,6 +50,7 @@ class Budget:
     monarch_steps: tuple = (1, 2)
     layouts: tuple = LAYOUTS
     vmoba_thresholds: tuple = (0.25, 0.5, 0.75)
+    vmoba_topk: tuple = (0.125,)
     vmoba_pooled: tuple = (False, True)
     candidates: Union[None, list, tuple, Callable] = field(default=None, compare=False)
     sample_rows: int = 128
@@ -81,6 +84,10 @@ class Budget:
         object.__setattr__(self, "monarch_steps", tuple(self.monarch_steps))
         object.__setattr__(self, "layouts", tuple(self.layouts))
         object.__setattr__(self, "vmoba_thresholds", tuple(float(t) for t in self.vmoba_thresholds))
+        if any(isinstance(f, bool) or not isinstance(f, (int, float)) or not (0 < f < 1) for f in self.vmoba_topk):
+            raise ValueError(f"Budget(vmoba_topk={self.vmoba_topk!r}): fractions of the key blocks in (0, 1), "
+                             f"e.g. (0.125,)")
+        object.__setattr__(self, "vmoba_topk", tuple(float(f) for f in self.vmoba_topk))
         if not self.vmoba_pooled or any(not isinstance(x, bool) for x in self.vmoba_pooled):
             raise ValueError(f"Budget(vmoba_pooled={self.vmoba_pooled!r}): a non-empty tuple of bools, "
                              f"e.g. (False, True)")
@@ -100,6 +107,7 @@ class Budget:
                                                   else [config_to_dict(x) for x in c])
         d["monarch_steps"], d["layouts"] = list(self.monarch_steps), list(self.layouts)
         d["vmoba_thresholds"] = list(self.vmoba_thresholds)
+        d["vmoba_topk"] = list(self.vmoba_topk)
         d["vmoba_pooled"] = list(self.vmoba_pooled)
         return d
 
@@ -108,7 +116,7 @@ class Budget:
         d = dict(d)
         c = d.pop("candidates", None)
         cands = [config_from_dict(x) for x in c] if isinstance(c, list) else None
-        for k in ("monarch_steps", "layouts", "vmoba_thresholds", "vmoba_pooled"):
+        for k in ("monarch_steps", "layouts", "vmoba_thresholds", "vmoba_topk", "vmoba_pooled"):
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d, candidates=cands)

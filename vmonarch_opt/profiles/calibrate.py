@@ -64,18 +64,27 @@ def layout_config(layout: str, site, steps: int = 1) -> Optional[MonarchConfig]:
     return MonarchConfig(block=block, steps=steps, recompute=rec)
 
 
-def vmoba_config(site, threshold: float, layer: int, pooled_rest: bool = False) -> Optional[VMoBAConfig]:
+def vmoba_config(site, threshold: float, layer: int, pooled_rest: bool = False,
+                 topk_fraction: Optional[float] = None) -> Optional[VMoBAConfig]:
+    """The VMoBA candidate of ``site``: threshold selection, or global top-k keeping
+    ``topk_fraction`` of the key blocks per query group (then ``None`` if that is every block)."""
     from ..config import default_vmoba_chunk
-    from ..kernels.vmoba_reference import vmoba_partition_for_layer
+    from ..kernels.vmoba_reference import vmoba_layout, vmoba_partition_for_layer
 
     nv = site.seq_q - site.text_before - site.text_after
     if site.grid is None:
         if nv < 16:
             return None
-        return VMoBAConfig(chunk=(1, 1, -(-nv // 8)), partition="3d", threshold=threshold,
-                           pooled_rest=pooled_rest)
-    return VMoBAConfig(chunk=default_vmoba_chunk(site.grid), partition=vmoba_partition_for_layer(layer),
-                       threshold=threshold, pooled_rest=pooled_rest)
+        grid, chunk, part = (1, 1, nv), (1, 1, -(-nv // 8)), "3d"
+    else:
+        grid, chunk, part = tuple(site.grid), default_vmoba_chunk(site.grid), vmoba_partition_for_layer(layer)
+    topk = 0
+    if topk_fraction is not None:
+        blocks = vmoba_layout(grid, chunk, part).num_blocks
+        topk = max(1, round(topk_fraction * blocks))
+        if topk >= blocks:
+            return None  # every block: exactly dense
+    return VMoBAConfig(chunk=chunk, partition=part, threshold=threshold, topk=topk, pooled_rest=pooled_rest)
 
 
 def candidate_configs(site, budget: Budget, methods=METHODS, layer: int = 0) -> list[tuple[str, Any]]:
@@ -92,11 +101,11 @@ def candidate_configs(site, budget: Budget, methods=METHODS, layer: int = 0) -> 
                     seen.add(cfg)
                     out.append((layout, cfg))
     if "vmoba" in methods:
-        for thr in budget.vmoba_thresholds:
-            if thr >= 1.0:
-                continue  # every block: exactly dense
+        rules = [(thr, None) for thr in budget.vmoba_thresholds if thr < 1.0]  # 1.0: exactly dense
+        rules += [(0.25, frac) for frac in budget.vmoba_topk]
+        for thr, frac in rules:
             for pooled in budget.vmoba_pooled:
-                cfg = vmoba_config(site, thr, layer, pooled)
+                cfg = vmoba_config(site, thr, layer, pooled, frac)
                 if cfg is not None and cfg not in seen:
                     seen.add(cfg)
                     out.append(("vmoba", cfg))
