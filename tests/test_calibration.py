@@ -234,3 +234,32 @@ def test_masked_dense_is_the_models_masked_attention_with_its_entropy():
     none_visible[1] = False
     with pytest.raises(ValueError, match="hides every key"):
         masked_dense(q, k, v, 0.25, none_visible)
+
+
+def test_output_budget_on_the_tiny_video_dit():
+    """Budget(output_rel_error=e): candidates are measured in the model, the chosen combination's
+    model-output error is verified ≤ e (and is what the report's validation measures), and a
+    profile made this way reproduces its plan."""
+    from vmonarch_opt.tiny_dit import calib_batch, load_tiny_video_dit
+
+    model = load_tiny_video_dit()
+    batch = calib_batch(1, 4, 16, detail=model.data_detail)
+    budget = Budget(max_rel_error=0.5, output_rel_error=0.03)
+    opt = vmonarch_opt.optimize(model, batch, budget=budget, min_seq_len=0)
+    prof = opt.vmonarch.profile
+    ob = prof.data["output_budget"]
+    assert ob["target"] == 0.03 and 0 < ob["measured"] <= 0.03 and ob["candidates_measured"] > 6
+    tot = opt.report.totals
+    assert tot["flops_after"] < tot["flops_before"]
+    assert tot["output_error"] == pytest.approx(ob["measured"], rel=1e-3)  # the validation run agrees
+    rows = [r for r in prof.sites.values() if r["status"] == "calibrated"]
+    assert all("output_error" in c for r in rows for c in r["candidates"] if c["meets_budget"]
+               and c["flops"] < r["dense"]["flops"])
+    chosen = [r for r in rows if r["choice"]["config"]["method"] != "dense"]
+    assert chosen and all("output budget" in r["choice"]["why"] for r in rows)
+    again = vmonarch_opt.optimize(model, batch, profile=prof)
+    assert again.report.totals["flops_after"] == tot["flops_after"]
+    with pytest.raises(ValueError, match="not both"):
+        Budget(mean_rel_error=0.1, output_rel_error=0.1)
+    with pytest.raises(ValueError, match="output_rel_error"):
+        Budget(output_rel_error=-1)

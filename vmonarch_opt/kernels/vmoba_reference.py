@@ -391,7 +391,7 @@ def _block_table(layout: VMoBALayout, device) -> tuple:
     key = (layout.grid, layout.chunk, layout.partition, layout.text_before, layout.text_after, str(device))
     hit = _TABLE_CACHE.get(key)
     if hit is None:
-        C, L = layout.num_blocks, layout.max_block_len
+        L = layout.max_block_len
         pos = torch.arange(L)[None, :]
         valid = pos < layout.block_len[:, None]
         idx = torch.where(valid, layout.block_off[:, None] + pos, 0)

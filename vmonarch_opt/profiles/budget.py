@@ -23,6 +23,12 @@ class Budget:
             the calibrated sites may not exceed it. Calibration then spends error where it buys
             the most cost (Lagrangian allocation), each site still capped by ``max_rel_error`` /
             ``per_site``.
+        output_rel_error: optional budget on the *model's* output instead: the relative error of
+            the model output on the calibration batches, with every site's choice in place, may not
+            exceed it. Each candidate within ``max_rel_error`` is also run in the model alone (one
+            forward per candidate and batch), and the allocation spends output error where it buys
+            the most cost, then checks the combination with a forward (``output_budget.py``).
+            Pair it with a loose ``max_rel_error`` (e.g. 0.5) so that candidates reach it.
         cost: what "cheapest" means: ``"flops"`` (attention FLOPs, default) or ``"time"``
             (measured kernel time, with every kernel tuned first: slower calibration on a cold
             machine; falls back to FLOPs where no time is measured, e.g. on CPU). With
@@ -46,6 +52,7 @@ class Budget:
     max_rel_error: float = 0.05
     per_site: Optional[dict] = None
     mean_rel_error: Optional[float] = None
+    output_rel_error: Optional[float] = None
     cost: str = "flops"
     monarch_steps: tuple = (1, 2)
     layouts: tuple = LAYOUTS
@@ -64,6 +71,11 @@ class Budget:
         err(self.max_rel_error, "max_rel_error")
         if self.mean_rel_error is not None:
             err(self.mean_rel_error, "mean_rel_error")
+        if self.output_rel_error is not None:
+            err(self.output_rel_error, "output_rel_error")
+            if self.mean_rel_error is not None:
+                raise ValueError("Budget: give mean_rel_error (attention error, averaged over sites) or "
+                                 "output_rel_error (the model's output error), not both")
         for pat, v in (self.per_site or {}).items():
             if not isinstance(pat, str):
                 raise ValueError(f"Budget(per_site=...): keys are site globs like 'blocks.0.*', got {pat!r}")

@@ -1,0 +1,158 @@
+"""Output-error budget: choose each site's method by what it does to the model's output.
+
+A site's attention error (what ``calibrate_sites`` measures) does not say how much the site
+matters. On our tiny video DiT, frame-block Monarch is 8-18 % off on layers 0-2 and 13-14 % on
+layers 3-4 at mid noise, yet structuring layer 0 alone changes the model's output by 1.2 % and its
+sampled videos by 34 dB PSNR, layer 3 alone by 17 % and 15 dB (BENCHMARKS.md, 2026-11-30).
+
+With ``Budget(output_rel_error=e)``, after the per-site calibration every candidate that meets its
+site's attention-error cap (``max_rel_error`` / ``per_site``) and is cheaper than dense is run once
+per calibration batch *in the model*, alone (every other site keeps the model's own attention),
+and its relative error on the model output is recorded. The allocation then picks per site the
+candidate (or dense) that minimises the total cost subject to the estimated output error
+``sqrt(sum over sites of e_site^2)`` (independent errors) ≤ ``e``; one more forward measures the
+real error of that combination, and while it is over ``e`` the estimate's target is tightened and
+the allocation repeated (at most ``_ROUNDS`` times; then every site stays dense). Costs one forward
+per (candidate, batch) plus one per round.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+import torch
+
+from ..config import resolve_args
+from .budget import config_from_dict
+
+__all__ = ["allocate_by_output"]
+
+_ROUNDS = 6
+
+
+def _pick(rows: dict, out_err: dict, lam: float, cost_fn) -> dict:
+    """Per site the candidate index minimising ``cost + lam * output_error^2`` (None = dense)."""
+    picks = {}
+    for sid, r in rows.items():
+        best, best_obj = None, float(r["dense"]["flops"])
+        for i, c in enumerate(r["candidates"]):
+            e = out_err.get((sid, i))
+            if e is None:
+                continue
+            obj = cost_fn(c, r["dense"]) + lam * e * e
+            if obj < best_obj:
+                best, best_obj = i, obj
+        picks[sid] = best
+    return picks
+
+
+def _estimate(picks: dict, out_err: dict) -> float:
+    return math.sqrt(sum(out_err[(s, i)] ** 2 for s, i in picks.items() if i is not None))
+
+
+def _cheapest_within(rows: dict, out_err: dict, target: float, cost_fn) -> dict:
+    """The allocation of least cost whose estimated output error is ≤ ``target`` (bisection on
+    the Lagrange multiplier of the error term)."""
+    picks = _pick(rows, out_err, 0.0, cost_fn)
+    if _estimate(picks, out_err) <= target:
+        return picks
+    total = sum(float(r["dense"]["flops"]) for r in rows.values()) or 1.0
+    lo, hi = 0.0, total
+    while _estimate(_pick(rows, out_err, hi, cost_fn), out_err) > target and hi < total * 1e30:
+        hi *= 100.0
+    best = _pick(rows, out_err, hi, cost_fn)
+    for _ in range(80):
+        mid = (lo + hi) / 2 if lo == 0.0 else math.sqrt(lo * hi)
+        ch = _pick(rows, out_err, mid, cost_fn)
+        if _estimate(ch, out_err) <= target:
+            hi, best = mid, ch
+        else:
+            lo = mid
+    return best
+
+
+def allocate_by_output(model, detected: list, plans: dict, forwards: dict, batches: list, profile,
+                       budget, cost_fn) -> None:
+    """Re-choose the calibrated sites of ``profile`` under ``budget.output_rel_error`` (see the
+    module docstring). Updates the profile's rows in place (``choice``, each measured candidate's
+    ``output_error``) and records the verified output error in ``profile.data["output_budget"]``."""
+    from ..batch import run_calibration_call
+    from ..optimize import _owning_module, _rel_error, _runtime_index
+    from ..passes.rewrite import install, run_site, uninstall
+    from .calibrate import _choice_entry
+
+    target = float(budget.output_rel_error)
+    rows = {sid: r for sid, r in profile.data["sites"].items() if r["status"] == "calibrated"}
+    sites = {d.site.site_id: d.site for d in detected}
+    cand_plans = {}
+    for sid, r in rows.items():
+        for i, c in enumerate(r["candidates"]):
+            if c["meets_budget"] and math.isfinite(c["error"]) and cost_fn(c, r["dense"]) < r["dense"]["flops"]:
+                cfg = config_from_dict(c["config"])
+                cand_plans[(sid, i)] = replace(plans[sid], method=cfg.method,
+                                               args=resolve_args(cfg, sites[sid], r["layer"]))
+
+    assignment: dict = {}
+
+    def handler(plan):
+        def run(a, original):
+            p = assignment.get(plan.site_id)
+            return original() if p is None else run_site(p, a, original)
+        return run
+
+    runtime = _runtime_index(detected, plans, forwards)
+    for path, plist in runtime.items():
+        install(_owning_module(model, path), [handler(p) for p in plist], forward=forwards.get(path))
+    forwards_run = 0
+    try:
+        def outputs():
+            nonlocal forwards_run
+            forwards_run += len(batches)
+            with torch.no_grad():
+                return [run_calibration_call(model, b) for b in batches]
+
+        refs = outputs()
+
+        def error(outs) -> float:
+            return max((_rel_error(o, r) or 0.0) for o, r in zip(outs, refs))
+
+        out_err = {}
+        for key, p in cand_plans.items():
+            assignment.clear()
+            assignment[key[0]] = p
+            out_err[key] = error(outputs())
+        goal, measured, picks = target, 0.0, {sid: None for sid in rows}
+        for _ in range(_ROUNDS):
+            picks = _cheapest_within(rows, out_err, goal, cost_fn)
+            assignment.clear()
+            assignment.update({sid: cand_plans[(sid, i)] for sid, i in picks.items() if i is not None})
+            measured = error(outputs()) if assignment else 0.0
+            if measured <= target:
+                break
+            goal *= 0.9 * target / measured  # the errors added up worse than independent: aim lower
+        else:
+            picks, measured = {sid: None for sid in rows}, 0.0
+    finally:
+        assignment.clear()
+        for path in runtime:
+            uninstall(_owning_module(model, path))
+
+    for (sid, i), e in out_err.items():
+        rows[sid]["candidates"][i]["output_error"] = e
+    for sid, r in rows.items():
+        i = picks[sid]
+        choice = _choice_entry(r, i, budget)
+        if i is not None:
+            c = r["candidates"][i]
+            choice["output_error"] = out_err[(sid, i)]
+            choice["why"] = (f"output budget {target:.2g}: model output {out_err[(sid, i)]:.2e} off with only this "
+                             f"site structured (attention error {c['error']:.2e}); all sites together "
+                             f"{measured:.2e}; {r['dense']['flops'] / c['flops']:.1f}× fewer attention FLOPs")
+        elif any(k[0] == sid for k in out_err):
+            alone = min(e for k, e in out_err.items() if k[0] == sid)
+            choice["why"] = (f"output budget {target:.2g}: " + (
+                f"every candidate alone puts the model output over it (best {alone:.2e})" if alone > target else
+                f"spent on other sites, where it buys more (best here alone: {alone:.2e})"))
+        r["choice"] = choice
+    profile.data["output_budget"] = {"target": target, "measured": measured, "forwards": forwards_run,
+                                     "candidates_measured": len(out_err)}
+
