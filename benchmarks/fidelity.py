@@ -5,8 +5,9 @@
 
 For each configuration (method / parameters / calibration budget) the shipped tiny video DiT
 (``vmonarch_opt.tiny_dit``, 16×16×16 = 4096 tokens per attention, 6 layers × 3 heads × 64) is
-optimized with ``vmonarch_opt.optimize`` on a calibration batch (procedural videos noised to
-t = 0.5), then the same seeds are sampled (Euler, rectified flow) with dense and with optimized
+optimized with ``vmonarch_opt.optimize`` on calibration batches (procedural videos noised to
+t = 0.9, 0.5 and 0.1 — the sampler's noise range; ``--calib-ts``), then the same seeds are
+sampled (Euler, rectified flow) with dense and with optimized
 attention from the same initial noise. Reported per configuration:
 
 * PSNR (dB) and SSIM (Gaussian 11×11, σ = 1.5, per frame and channel, on [0, 1] pixels;
@@ -266,6 +267,9 @@ def main(argv=None) -> int:
     ap.add_argument("--layer-errors", action="store_true",
                     help="only print per-layer attention errors of Monarch/VMoBA variants (fast, CPU is fine)")
     ap.add_argument("--calib-t", type=float, default=0.5, help="--layer-errors: noise level of the input")
+    ap.add_argument("--calib-ts", default="0.9,0.5,0.1",
+                    help="noise levels of the calibration batches given to optimize, comma-separated "
+                         "(e.g. 0.9,0.5,0.1: one batch per level, the worst error counts)")
     ap.add_argument("--bf16", action="store_true", help="also run the bf16 rows off CUDA (slow; for testing)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -288,7 +292,10 @@ def main(argv=None) -> int:
         return 0
     seeds = list(range(args.seeds))
     skw = dict(steps=args.steps, frames=args.frames, height=args.size, width=args.size)
-    calib = calib_batch(1, args.frames, args.size, t=0.5, seed=1234, device=dev, detail=model.data_detail)
+    levels = [float(x) for x in args.calib_ts.split(",") if x.strip()]
+    calib = [calib_batch(1, args.frames, args.size, t=t, seed=1234, device=dev, detail=model.data_detail)
+             for t in levels]
+    calib = calib[0] if len(calib) == 1 else calib
     dense32, _ = timed_sample(model, seeds, cuda, **skw)
     dense_u = to_unit(dense32)
     low = torch.bfloat16 if cuda or args.bf16 else None
@@ -423,7 +430,8 @@ def main(argv=None) -> int:
             f"Device: {devname}, torch {torch.__version__}, optimized attention via {kernels}. Command: "
             f"`{cmd}`. Model: `vmonarch_opt.tiny_dit` fixture ({model.metadata.get('steps', '?')} training steps), "
             f"grid {args.frames}×{args.size // 2}×{args.size // 2} = {args.frames * args.size ** 2 // 4} tokens, "
-            f"{len(seeds)} seeds × {args.steps} Euler steps; PSNR/SSIM of optimized vs dense videos (mean over "
+            f"{len(seeds)} seeds × {args.steps} Euler steps; calibration batches noised to t = "
+            f"{', '.join(f'{t:g}' for t in levels)}; PSNR/SSIM of optimized vs dense videos (mean over "
             f"seeds; fp32 sampling unless noted; bf16 column = bf16 optimized vs bf16 dense); attention-FLOP cut "
             f"from the report; speed-ups are bf16 medians (one forward at batch {len(seeds)}; one whole sampling "
             f"run) vs the model's own SDPA. Rows '+ K dense warm-up steps' run the original model for the first K "

@@ -257,6 +257,7 @@ def test_output_budget_on_the_tiny_video_dit():
                and c["flops"] < r["dense"]["flops"])
     chosen = [r for r in rows if r["choice"]["config"]["method"] != "dense"]
     assert chosen and all("output budget" in r["choice"]["why"] for r in rows)
+    assert "output_rel_error=0.03 (model output error of the choice" in str(prof)
     again = vmonarch_opt.optimize(model, batch, profile=prof)
     assert again.report.totals["flops_after"] == tot["flops_after"]
     with pytest.raises(ValueError, match="not both"):

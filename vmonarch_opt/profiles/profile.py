@@ -166,6 +166,10 @@ class Profile:
                 f"{t['flops_after'] / 1e9:.3g} ({cut} fewer); budget max_rel_error={b.get('max_rel_error')}")
         if b.get("mean_rel_error") is not None:
             line += f", mean_rel_error={b['mean_rel_error']}"
+        ob = self.data.get("output_budget")
+        if ob:
+            line += (f", output_rel_error={ob['target']} (model output error of the choice "
+                     f"{ob['measured']:.2e}, {ob['candidates_measured']} candidates run in the model)")
         line += (f"; {self.data.get('batches', '?')} batch(es) on {self.data.get('device', '?')}, "
                  f"{self.data.get('seconds', '?')} s")
         top = next((r["stats"].get("top_fraction") for r in self.sites.values() if r.get("stats", {}).get("top_fraction")), None)
