@@ -189,7 +189,11 @@ def test_cli_calibrate_show_plot_diff(tmp_path, capsys):
                  "--max-rel-error", "0.5", "-q", "-o", str(a)]) == 0
     assert main(["calibrate", "vmonarch_opt.models:wan", "--kwargs", kw, "--min-seq-len", "0",
                  "--max-rel-error", "0.001", "-q", "-o", str(b)]) == 0
+    c = tmp_path / "c.json"  # a budget on the model's output
+    assert main(["calibrate", "vmonarch_opt.models:wan", "--kwargs", kw, "--min-seq-len", "0",
+                 "--max-rel-error", "0.5", "--output-rel-error", "0.05", "-q", "-o", str(c)]) == 0
     assert "profile written to" in capsys.readouterr().out
+    assert main(["show", str(c)]) == 0 and "output_rel_error=0.05" in capsys.readouterr().out
     assert main(["show", str(a), "--candidates", "--site", "blocks.1.attn1"]) == 0
     out = capsys.readouterr().out
     assert "calibration profile" in out and "blocks.1.attn1" in out and "in budget" in out

@@ -51,7 +51,8 @@ def _cmd_calibrate(args) -> int:
     if not (isinstance(made, tuple) and len(made) == 2):
         raise SystemExit(f"vmonarch-opt: {args.model} must return (model, batch), got {type(made).__name__}")
     model, batch = made
-    budget = Budget(max_rel_error=args.max_rel_error, mean_rel_error=args.mean_rel_error, cost=args.cost,
+    budget = Budget(max_rel_error=args.max_rel_error, mean_rel_error=args.mean_rel_error,
+                    output_rel_error=args.output_rel_error, cost=args.cost,
                     per_site=_json_arg(args.per_site, "--per-site") if args.per_site else None)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     overrides = _json_arg(args.overrides, "--overrides") if args.overrides else None
@@ -94,6 +95,9 @@ def add_commands(sub) -> None:
     p.add_argument("--kwargs", default="{}", help="JSON keyword arguments for the factory, e.g. '{\"frames\": 5}'")
     p.add_argument("--max-rel-error", type=float, default=0.05, help="per-site attention error budget (default 0.05)")
     p.add_argument("--mean-rel-error", type=float, default=None, help="global FLOP-weighted mean error budget")
+    p.add_argument("--output-rel-error", type=float, default=None,
+                   help="budget on the model's output error (each candidate also run in the model; pair it "
+                        "with a loose --max-rel-error such as 0.5)")
     p.add_argument("--per-site", default=None, help="JSON {site_glob: max_rel_error}")
     p.add_argument("--cost", choices=("flops", "time"), default="flops", help="what 'cheapest' means")
     p.add_argument("--methods", default="monarch,vmoba,dense", help="comma-separated allowed methods")
