@@ -194,6 +194,7 @@ def test_cli_calibrate_show_plot_diff(tmp_path, capsys):
                  "--max-rel-error", "0.5", "--output-rel-error", "0.05", "-q", "-o", str(c)]) == 0
     assert "profile written to" in capsys.readouterr().out
     assert main(["show", str(c)]) == 0 and "output_rel_error=0.05" in capsys.readouterr().out
+    assert main(["show", str(c), "--candidates"]) == 0 and "model output" in capsys.readouterr().out
     assert main(["show", str(a), "--candidates", "--site", "blocks.1.attn1"]) == 0
     out = capsys.readouterr().out
     assert "calibration profile" in out and "blocks.1.attn1" in out and "in budget" in out

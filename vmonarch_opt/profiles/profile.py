@@ -198,12 +198,15 @@ class Profile:
             chosen = (r.get("choice") or {}).get("label")
             for c in r.get("candidates", []):
                 rows.append([sid, c["label"], f"{c['error']:.2e}", f"{c['error_mean']:.2e}",
+                             "" if c.get("output_error") is None else f"{c['output_error']:.2e}",
                              f"{r['dense']['flops'] / c['flops']:.1f}×" if c["flops"] else "?",
                              "" if c.get("density") is None else f"{c['density']:.3f}",
                              "" if c.get("time_ms") is None else f"{c['time_ms']:.3f}",
                              "yes" if c["meets_budget"] else "no", "◀" if c["label"] == chosen else ""])
-        return tabulate(rows, headers=["site", "candidate", "error (worst)", "error (mean)", "FLOP cut", "density",
-                                       "ms", "in budget", "chosen"], tablefmt="simple", disable_numparse=True)
+        # "model output": the model's output error with only this candidate in place (output budgets)
+        return tabulate(rows, headers=["site", "candidate", "error (worst)", "error (mean)", "model output",
+                                       "FLOP cut", "density", "ms", "in budget", "chosen"], tablefmt="simple",
+                        disable_numparse=True)
 
     def plot(self, path, **kw) -> Path:
         """Per-layer entropy, block concentration, error and FLOP cut as a PNG/PDF/SVG (matplotlib)."""
