@@ -368,7 +368,8 @@ def test_block_order_copy_and_tile_lists():
 
 def test_kernel_selection_keeps_block_means_for_the_pooled_rest():
     """With ``pooled`` the selection pass keeps every block's mean key and value (one read of
-    k/v for both); the attention kernel uses them or pools the blocks itself: same output."""
+    k/v for both); the attention uses them, or runs the group pass again for a selection
+    without them: same output."""
     from vmonarch_opt.kernels.vmoba_reference import block_means
     tb, ta, grid = 2, 3, (3, 5, 6)
     q, k, v = _qkv(2, 2, tb + 90 + ta, 80)

@@ -395,38 +395,6 @@ def _vmoba_fwd(Q, K, V, KP, VP, O, desc_k, desc_v,
                  out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
-def _pool_blocks(K, V, KBAR, VBAR, perm, block_off, block_len, H, C, D, tb,
-                 skb, skh, skn, svb, svh, svn,
-                 HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Mean key and mean value of key block c (pooled rest), float32 [B*H, C, HEAD_DIM]: one
-    program per (c, batch*head), the block's rows gathered through the block-order permutation.
-    Used when the selection did not keep the means (a selection made without ``pooled``)."""
-    c = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    off = tl.load(block_off + c)
-    n = tl.load(block_len + c)
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, HEAD_DIM)
-    d_ok = offs_d < D
-    ks = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    vs = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for r0 in range(0, n, BLOCK_R):
-        ok = r0 + offs_r < n
-        tok = (tl.load(perm + off + r0 + offs_r, mask=ok, other=0) + tb).to(tl.int64)
-        m = ok[:, None] & d_ok[None, :]
-        kt = tl.load(K + b * skb + h * skh + tok[:, None] * skn + offs_d[None, :], mask=m, other=0.0)
-        vt = tl.load(V + b * svb + h * svh + tok[:, None] * svn + offs_d[None, :], mask=m, other=0.0)
-        ks += tl.sum(kt.to(tl.float32), 0)
-        vs += tl.sum(vt.to(tl.float32), 0)
-    inv = 1.0 / n.to(tl.float32)
-    o = (bh.to(tl.int64) * C + c) * HEAD_DIM + offs_d
-    tl.store(KBAR + o, ks * inv)
-    tl.store(VBAR + o, vs * inv)
-
-
 # ----------------------------------------------------------------------------- host side
 _DEV_LAYOUT: dict = {}
 
@@ -479,6 +447,44 @@ def _cut_config(launch, E: int, device) -> tuple:
     return hit
 
 
+def _group_pass(q, k, v, lay: VMoBALayout, dl: dict, copy: bool, pooled: bool) -> tuple:
+    """One read of the video rows: mean query per group, mean key per block (float32
+    ``[B*H, G or C, padded D]``); with ``pooled`` also the mean value per block, with ``copy``
+    the key/value rows in block order. Returns ``(qbar, kbar, vbar or None, kp, vp)`` (kp/vp:
+    ``k`` placeholders without ``copy``)."""
+    B, H, _, D = q.shape
+    C, G, BH, HD = lay.num_blocks, lay.num_groups, B * H, _head_pad(D)
+    q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))
+    if v is not None and v.stride(-1) != 1:
+        v = v.contiguous()
+    f32 = dict(dtype=torch.float32, device=q.device)
+    qbar = torch.empty(BH, G, HD, **f32)
+    ksum = torch.empty(BH, G, HD, **f32)
+    kbar = torch.empty(BH, C, HD, **f32)
+    if copy:
+        kp = torch.empty(B, H, lay.n_video, D, dtype=k.dtype, device=q.device)
+        vp = torch.empty(B, H, lay.n_video, D, dtype=v.dtype, device=q.device)
+    else:
+        kp = vp = k  # placeholders, not touched
+    vv = v if v is not None else k
+    vsum = torch.empty(BH, G, HD, **f32) if pooled else ksum
+    _group_sums[(G, BH)](q, k, vv, qbar, ksum, vsum, kp, vp, dl["perm"], dl["block_off"],
+                         dl["group_block"], dl["group_start"], dl["group_len"],
+                         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                         k.stride(2), vv.stride(0), vv.stride(1), vv.stride(2),
+                         kp.stride(0), kp.stride(1), kp.stride(2), H, G, D, lay.text_before,
+                         HEAD_DIM=HD, QG=QUERY_GROUP, COPY_KV=copy, SUM_V=pooled, num_warps=4)
+    warps = 1 if interpreting() or not q.is_cuda else 2
+    _block_means[(C, BH)](ksum, kbar, dl["block_len"], dl["block_g0"], dl["block_gn"], G, C,
+                          HEAD_DIM=HD, num_warps=warps)
+    vbar = None
+    if pooled:
+        vbar = torch.empty(BH, C, HD, **f32)
+        _block_means[(C, BH)](vsum, vbar, dl["block_len"], dl["block_g0"], dl["block_gn"], G, C,
+                              HEAD_DIM=HD, num_warps=warps)
+    return qbar, kbar, vbar, kp, vp
+
+
 def vmoba_select_triton(q: torch.Tensor, k: torch.Tensor, *, layout: VMoBALayout,
                         threshold: float, topk: int, scale: float,
                         v: Optional[torch.Tensor] = None, copy_kv: bool = True,
@@ -501,44 +507,16 @@ def vmoba_select_triton(q: torch.Tensor, k: torch.Tensor, *, layout: VMoBALayout
         kv_idx.copy_(torch.arange(C, dtype=torch.int32, device=dev).expand(B, H, G, C))
         kv_cnt.fill_(C)
         return VMoBASelection(lay, kv_idx, kv_cnt, float(threshold), int(topk))
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
+    copy = v is not None and copy_kv
+    pooled = pooled and v is not None
+    qbar, kbar, vbar, kp, vp = _group_pass(q, k, v, lay, dl, copy, pooled)
     HD = _head_pad(D)
     f32 = dict(dtype=torch.float32, device=dev)
-    qbar = torch.empty(BH, G, HD, **f32)
-    ksum = torch.empty(BH, G, HD, **f32)
-    kbar = torch.empty(BH, C, HD, **f32)
     key = torch.empty(BH, G, C, dtype=torch.int32, device=dev)
     wgt = torch.empty(BH, G, C, **f32)
     own_w = torch.empty(BH, G, **f32)
     cut = torch.empty(BH, dtype=torch.int32, device=dev)
     interp = interpreting() or not q.is_cuda
-    copy = v is not None and copy_kv
-    pooled = pooled and v is not None
-    if v is not None and v.stride(-1) != 1:
-        v = v.contiguous()
-    if copy:
-        kp = torch.empty(B, H, lay.n_video, D, dtype=k.dtype, device=dev)
-        vp = torch.empty(B, H, lay.n_video, D, dtype=v.dtype, device=dev)
-    else:
-        kp = vp = k  # placeholders, not touched
-    vv = v if v is not None else k
-    vsum = torch.empty(BH, G, HD, **f32) if pooled else ksum
-    _group_sums[(G, BH)](q, k, vv, qbar, ksum, vsum, kp, vp, dl["perm"], dl["block_off"],
-                         dl["group_block"], dl["group_start"], dl["group_len"],
-                         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-                         k.stride(2), vv.stride(0), vv.stride(1), vv.stride(2),
-                         kp.stride(0), kp.stride(1), kp.stride(2), H, G, D, lay.text_before,
-                         HEAD_DIM=HD, QG=QUERY_GROUP, COPY_KV=copy, SUM_V=pooled, num_warps=4)
-    _block_means[(C, BH)](ksum, kbar, dl["block_len"], dl["block_g0"], dl["block_gn"], G, C,
-                          HEAD_DIM=HD, num_warps=1 if interp else 2)
-    vbar = None
-    if pooled:
-        vbar = torch.empty(BH, C, HD, **f32)
-        _block_means[(C, BH)](vsum, vbar, dl["block_len"], dl["block_g0"], dl["block_gn"], G, C,
-                              HEAD_DIM=HD, num_warps=1 if interp else 2)
     block_c = min(128, max(16, triton.next_power_of_2(C)))
     _group_scores[(G, BH)](qbar, kbar, key, wgt, own_w, dl["group_block"], dl["group_len"], G, C,
                            float(scale), TOPK=topk > 0, HEAD_DIM=HD, BLOCK_C=block_c,
@@ -625,8 +603,9 @@ def _block_order_kv(k, v, sel: VMoBASelection, dl: dict):
 
 def _pooled_args(q, k, v, sel: VMoBASelection) -> tuple:
     """Kernel inputs of the pooled rest: block-mean keys and values ``[B*H, C, padded D]`` in
-    the dtypes of q and v (averaged in float32, by the selection when it kept them), the
-    selection as an int8 ``[B*H*G, C]`` mask, and ``log2(block size)`` per block."""
+    the dtypes of q and v (averaged in float32: by the selection when it kept them, else by the
+    selection's group pass run again), the selection as an int8 ``[B*H*G, C]`` mask, and
+    ``log2(block size)`` per block."""
     lay = sel.layout
     B, H, _, D = k.shape
     C, HD = lay.num_blocks, _head_pad(D)
@@ -634,13 +613,7 @@ def _pooled_args(q, k, v, sel: VMoBASelection) -> tuple:
             and sel.block_means[0].device == q.device:
         kbar, vbar = sel.block_means
     else:
-        dl = _device_layout(lay, q.device)
-        kbar = torch.empty(B * H, C, HD, dtype=torch.float32, device=q.device)
-        vbar = torch.empty(B * H, C, HD, dtype=torch.float32, device=q.device)
-        _pool_blocks[(C, B * H)](k, v, kbar, vbar, dl["perm"], dl["block_off"], dl["block_len"],
-                                 H, C, D, lay.text_before, k.stride(0), k.stride(1), k.stride(2),
-                                 v.stride(0), v.stride(1), v.stride(2),
-                                 HEAD_DIM=HD, BLOCK_R=32 if interpreting() else 64, num_warps=4)
+        _, kbar, vbar, _, _ = _group_pass(q, k, v, lay, _device_layout(lay, q.device), False, True)
     kbar, vbar = kbar.to(q.dtype), vbar.to(v.dtype)
     selm = sel.mask().to(torch.int8).contiguous()
     log2n = torch.log2(lay.block_len.to(q.device, torch.float32)).contiguous()
