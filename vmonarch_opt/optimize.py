@@ -292,10 +292,8 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
         profile = calibrate_sites(target, batches, detected, plans, fwd_by_path, methods=methods,
                                   budget=budget, overrides=overrides)
         if budget.output_rel_error is not None:  # re-choose by the model's output error
-            from .profiles.calibrate import _cost
             from .profiles.output_budget import allocate_by_output
-            allocate_by_output(target, detected, plans, fwd_by_path, batches, profile, budget,
-                               lambda c, dense: _cost(c, dense, budget.cost))
+            allocate_by_output(target, detected, plans, fwd_by_path, batches, profile, budget)
         profile.data["min_seq_len"] = min_seq_len  # optimize(profile=...) reuses it
         plans = _replan(sites, plans, methods, overrides, min_seq_len, profile.choices())
         annotate_plans(plans, sites, profile)

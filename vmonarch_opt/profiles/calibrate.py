@@ -308,48 +308,63 @@ def _cost(x: dict, dense: dict, cost: str) -> float:
     return float(x["flops"])
 
 
-def _choose(cands: list[dict], dense: dict, cost: str, lam: Optional[float] = None) -> Optional[int]:
+def _eligible(x: dict, dense: dict, cost: str) -> bool:
+    """A candidate that may replace dense: within its error budget and cheaper than dense."""
+    return x["meets_budget"] and math.isfinite(x["error"]) and _cost(x, dense, cost) < float(dense["flops"])
+
+
+def _choose(cands: list[dict], dense: dict, cost: str, lam: Optional[float] = None,
+            error_of: Optional[Callable] = None) -> Optional[int]:
     """Index of the cheapest candidate that meets its budget and is cheaper than dense (None =
-    dense). With ``lam`` the objective is ``cost + lam * error * dense_flops`` (global trade-off)."""
+    dense). With ``lam`` the objective is ``cost + lam * error * dense_flops`` (global trade-off);
+    ``error_of(i, candidate)`` replaces the candidate's attention error there (None: not eligible)."""
     dense_cost = float(dense["flops"])
-    best, best_obj = None, dense_cost
+    best, best_obj, best_err = None, dense_cost, None
     for i, x in enumerate(cands):
-        if not x["meets_budget"] or not math.isfinite(x["error"]):
+        e = x["error"] if error_of is None else error_of(i, x)
+        if e is None or not _eligible(x, dense, cost):
             continue
-        cx = _cost(x, dense, cost)
-        if cx >= dense_cost:
-            continue
-        obj = cx + (lam * x["error"] * dense["flops"] if lam else 0.0)
-        if obj < best_obj or (obj == best_obj and best is not None and x["error"] < cands[best]["error"]):
-            best, best_obj = i, obj
+        obj = _cost(x, dense, cost) + (lam * e * dense["flops"] if lam else 0.0)
+        if obj < best_obj or (obj == best_obj and best is not None and e < best_err):
+            best, best_obj, best_err = i, obj, e
     return best
 
 
-def _global_allocation(rows: dict, target: float, cost: str) -> dict:
-    """Per site choice minimising total cost with FLOP-weighted mean error ≤ ``target``."""
+def lagrangian_allocation(rows: dict, target: float, cost: str, measure: Callable[[dict], float],
+                          error_of: Optional[Callable] = None) -> dict:
+    """Per site choice (``{site_id: candidate index or None}``) of least total cost with
+    ``measure(choice) ≤ target``: bisection on the multiplier of the error term of
+    :func:`_choose` (``error_of(site_id, i, candidate)`` as there, per site)."""
     def pick(lam):
-        return {sid: _choose(r["candidates"], r["dense"], cost, lam) for sid, r in rows.items()}
-
-    def mean_err(ch):
-        w = sum(r["dense"]["flops"] for r in rows.values()) or 1
-        return sum(rows[s]["dense"]["flops"] * (rows[s]["candidates"][i]["error"] if i is not None else 0.0)
-                   for s, i in ch.items()) / w
+        return {sid: _choose(r["candidates"], r["dense"], cost, lam,
+                             None if error_of is None else (lambda i, x, sid=sid: error_of(sid, i, x)))
+                for sid, r in rows.items()}
 
     lo_choice = pick(0.0)
-    if mean_err(lo_choice) <= target:
+    if measure(lo_choice) <= target:
         return lo_choice
     lo, hi = 1e-6, 1.0
-    while mean_err(pick(hi)) > target and hi < 1e12:
+    while measure(pick(hi)) > target and hi < 1e12:
         hi *= 10
     best = pick(hi)
     for _ in range(60):
         mid = math.sqrt(lo * hi)
         ch = pick(mid)
-        if mean_err(ch) <= target:
+        if measure(ch) <= target:
             hi, best = mid, ch
         else:
             lo = mid
     return best
+
+
+def _global_allocation(rows: dict, target: float, cost: str) -> dict:
+    """Per site choice minimising total cost with FLOP-weighted mean error ≤ ``target``."""
+    def mean_err(ch):
+        w = sum(r["dense"]["flops"] for r in rows.values()) or 1
+        return sum(rows[s]["dense"]["flops"] * (rows[s]["candidates"][i]["error"] if i is not None else 0.0)
+                   for s, i in ch.items()) / w
+
+    return lagrangian_allocation(rows, target, cost, mean_err)
 
 
 # --------------------------------------------------------------------------------- progress

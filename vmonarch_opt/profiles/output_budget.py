@@ -29,56 +29,20 @@ __all__ = ["allocate_by_output"]
 _ROUNDS = 6
 
 
-def _pick(rows: dict, out_err: dict, lam: float, cost_fn) -> dict:
-    """Per site the candidate index minimising ``cost + lam * output_error^2`` (None = dense)."""
-    picks = {}
-    for sid, r in rows.items():
-        best, best_obj = None, float(r["dense"]["flops"])
-        for i, c in enumerate(r["candidates"]):
-            e = out_err.get((sid, i))
-            if e is None:
-                continue
-            obj = cost_fn(c, r["dense"]) + lam * e * e
-            if obj < best_obj:
-                best, best_obj = i, obj
-        picks[sid] = best
-    return picks
-
-
 def _estimate(picks: dict, out_err: dict) -> float:
+    """Output error of a combination, estimated from the sites' errors alone (independent)."""
     return math.sqrt(sum(out_err[(s, i)] ** 2 for s, i in picks.items() if i is not None))
 
 
-def _cheapest_within(rows: dict, out_err: dict, target: float, cost_fn) -> dict:
-    """The allocation of least cost whose estimated output error is ≤ ``target`` (bisection on
-    the Lagrange multiplier of the error term)."""
-    picks = _pick(rows, out_err, 0.0, cost_fn)
-    if _estimate(picks, out_err) <= target:
-        return picks
-    total = sum(float(r["dense"]["flops"]) for r in rows.values()) or 1.0
-    lo, hi = 0.0, total
-    while _estimate(_pick(rows, out_err, hi, cost_fn), out_err) > target and hi < total * 1e30:
-        hi *= 100.0
-    best = _pick(rows, out_err, hi, cost_fn)
-    for _ in range(80):
-        mid = (lo + hi) / 2 if lo == 0.0 else math.sqrt(lo * hi)
-        ch = _pick(rows, out_err, mid, cost_fn)
-        if _estimate(ch, out_err) <= target:
-            hi, best = mid, ch
-        else:
-            lo = mid
-    return best
-
-
 def allocate_by_output(model, detected: list, plans: dict, forwards: dict, batches: list, profile,
-                       budget, cost_fn) -> None:
+                       budget) -> None:
     """Re-choose the calibrated sites of ``profile`` under ``budget.output_rel_error`` (see the
     module docstring). Updates the profile's rows in place (``choice``, each measured candidate's
     ``output_error``) and records the verified output error in ``profile.data["output_budget"]``."""
     from ..batch import run_calibration_call
     from ..optimize import _owning_module, _rel_error, _runtime_index
     from ..passes.rewrite import install, run_site, uninstall
-    from .calibrate import _choice_entry
+    from .calibrate import _choice_entry, _eligible, lagrangian_allocation
 
     target = float(budget.output_rel_error)
     rows = {sid: r for sid, r in profile.data["sites"].items() if r["status"] == "calibrated"}
@@ -86,7 +50,7 @@ def allocate_by_output(model, detected: list, plans: dict, forwards: dict, batch
     cand_plans = {}
     for sid, r in rows.items():
         for i, c in enumerate(r["candidates"]):
-            if c["meets_budget"] and math.isfinite(c["error"]) and cost_fn(c, r["dense"]) < r["dense"]["flops"]:
+            if _eligible(c, r["dense"], budget.cost):
                 cfg = config_from_dict(c["config"])
                 cand_plans[(sid, i)] = replace(plans[sid], method=cfg.method,
                                                args=resolve_args(cfg, sites[sid], r["layer"]))
@@ -122,7 +86,9 @@ def allocate_by_output(model, detected: list, plans: dict, forwards: dict, batch
             out_err[key] = error(outputs())
         goal, measured, picks = target, 0.0, {sid: None for sid in rows}
         for _ in range(_ROUNDS):
-            picks = _cheapest_within(rows, out_err, goal, cost_fn)
+            # least cost with the estimated error ≤ goal; the objective weighs squared output errors
+            picks = lagrangian_allocation(rows, goal, budget.cost, lambda ch: _estimate(ch, out_err),
+                                          lambda sid, i, c: out_err[(sid, i)] ** 2 if (sid, i) in out_err else None)
             assignment.clear()
             assignment.update({sid: cand_plans[(sid, i)] for sid, i in picks.items() if i is not None})
             measured = error(outputs()) if assignment else 0.0
