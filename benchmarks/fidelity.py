@@ -231,14 +231,15 @@ def layer_errors(model, frames: int, size: int, t: float = 0.5) -> str:
     dense_fl = dense_attention_flops(1, 1, N, N, D)
     cuts = [1 - monarch_flops(1, 1, N, D, grid=grid, block=kw["block"], steps=kw["steps"]) / dense_fl
             for _, kw in variants]
+    chunk = tuple(-(-g // 4) for g in grid)  # VMoBA: 4 blocks per grid dimension
     rows = []
     for i, (q, k, v) in enumerate(recs):
         ref = F.scaled_dot_product_attention(q, k, v).float()
         rel = lambda o: ((o.float() - ref).norm() / ref.norm()).item()  # noqa: E731
         row = [i] + [f"{rel(monarch_attention_reference(q, k, v, grid=grid, **kw)):.3f}" for _, kw in variants]
         for pooled in (False, True):
-            row.append(f"{rel(vmoba_attention_reference(q, k, v, grid=grid, chunk=tuple(-(-g // 4) for g in grid), partition=('1d', '2d', '3d')[i % 3], threshold=0.25, topk=0, pooled_rest=pooled)):.3f}")
-        row.append(f"{rel(vmoba_attention_reference(q, k, v, grid=grid, chunk=tuple(-(-g // 4) for g in grid), partition='3d', topk=8, pooled_rest=True)):.3f}")
+            row.append(f"{rel(vmoba_attention_reference(q, k, v, grid=grid, chunk=chunk, partition=('1d', '2d', '3d')[i % 3], threshold=0.25, topk=0, pooled_rest=pooled)):.3f}")
+        row.append(f"{rel(vmoba_attention_reference(q, k, v, grid=grid, chunk=chunk, partition='3d', topk=8, pooled_rest=True)):.3f}")
         row.append(f"{rel(F.scaled_dot_product_attention(q, k, v, attn_mask=frame[:, None] == frame[None])):.3f}")
         row.append(f"{rel(F.scaled_dot_product_attention(q, k, v, attn_mask=(frame[:, None] - frame[None]).abs() <= 1)):.3f}")
         rows.append(row)

@@ -192,18 +192,19 @@ def _run_candidate(cfg, args: dict, q, k, v, scale: float, timed: bool, mask: Op
     if cfg.method == "vmoba":
         from ..kernels.vmoba_reference import vmoba_attention_from_selection, vmoba_flops, vmoba_select
 
+        pooled = args.get("pooled_rest", False)
+
         def fn():
             sel = vmoba_select(q, k, grid=tuple(args["grid"]), chunk=tuple(args["chunk"]),
                                text_before=args["text_before"], text_after=args["text_after"],
                                partition=args["partition"], threshold=args["threshold"], topk=args["topk"],
                                scale=scale)
-            pooled = args.get("pooled_rest", False)
             if q.is_cuda and not _force_reference():
                 from ..kernels.vmoba import vmoba_attention_with_selection
                 return vmoba_attention_with_selection(q, k, v, sel, scale, pooled_rest=pooled), sel
             return vmoba_attention_from_selection(q, k, v, sel, scale, pooled_rest=pooled), sel
         (out, sel), ms = _timed(fn, timed)
-        return out, int(vmoba_flops(sel, D, args.get("pooled_rest", False))), float(sel.density), ms
+        return out, int(vmoba_flops(sel, D, pooled)), float(sel.density), ms
     raise ValueError(f"cannot calibrate method {cfg.method!r}")
 
 
