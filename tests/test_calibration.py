@@ -264,3 +264,43 @@ def test_output_budget_on_the_tiny_video_dit():
         Budget(mean_rel_error=0.1, output_rel_error=0.1)
     with pytest.raises(ValueError, match="output_rel_error"):
         Budget(output_rel_error=-1)
+
+
+def test_output_budget_measured_on_sampled_videos():
+    """Budget(output_rel_error=e) with evaluate=sampler: candidates are measured on the sampled videos,
+    the chosen combination's sampled videos are within e of the dense ones (checked here by sampling
+    the optimized model), and misuse of evaluate fails with a message that names the fix."""
+    from vmonarch_opt.errors import VMonarchError
+    from vmonarch_opt.tiny_dit import calib_batch, load_tiny_video_dit, sample
+
+    model = load_tiny_video_dit()
+    batch = calib_batch(1, 4, 16, detail=model.data_detail)
+
+    def videos(m):
+        return sample(m, [5, 6], steps=3, frames=4, height=16, width=16)
+
+    budget = Budget(max_rel_error=0.5, output_rel_error=0.05)
+    opt = vmonarch_opt.optimize(model, batch, budget=budget, min_seq_len=0, evaluate=videos)
+    ob = opt.vmonarch.profile.data["output_budget"]
+    assert ob["measured_on"] == "evaluate (videos)" and ob["candidates_measured"] > 6
+    assert ob["forwards"] == ob["candidates_measured"] + 2 + 1  # reference twice, candidates, one round
+    assert opt.report.totals["flops_after"] < opt.report.totals["flops_before"]
+    dense = videos(model)
+    assert rel_err(videos(opt), dense) == pytest.approx(ob["measured"], rel=1e-4) and ob["measured"] <= 0.05
+    rows = [r for r in opt.vmonarch.profile.sites.values() if r["status"] == "calibrated"]
+    assert any("evaluate() output" in r["choice"]["why"] for r in rows)
+    assert "measured on evaluate (videos)" in str(opt.vmonarch.profile)
+    assert torch.equal(videos(model), dense)  # the user's model is untouched
+
+    def bad(evaluate, err, match, **kw):
+        with pytest.raises(err, match=match):
+            vmonarch_opt.optimize(model, batch, min_seq_len=0, evaluate=evaluate,
+                                  **{"budget": budget, **kw})
+
+    bad(lambda m: sample(m, [5], steps=2, frames=8, height=16, width=16), VMonarchError, "same video size")
+    bad(lambda m: m(**batch) + torch.randn(1), VMonarchError, "not deterministic")
+    bad(lambda m: torch.ones(3), VMonarchError, "never called site")
+    bad(lambda m: "video", TypeError, "must return a tensor")
+    bad("videos", TypeError, "evaluate must be a function")
+    bad(videos, ValueError, "output budget is measured on", budget=Budget())
+    bad(videos, ValueError, "nothing is calibrated", profile=opt.vmonarch.profile)

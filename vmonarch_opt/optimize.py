@@ -222,9 +222,22 @@ def _uncaptured_text(missed: dict) -> str:
             f"Try capture='fx', or rewrite the loop so that torch.compile can trace it.")
 
 
+def _check_evaluate(evaluate, profile, budget) -> None:
+    if evaluate is None:
+        return
+    if not callable(evaluate):
+        raise TypeError(f"evaluate must be a function evaluate(model) -> tensor(s), got {type(evaluate).__name__}")
+    if profile is not None:
+        raise ValueError("evaluate= is used while calibrating; with profile= nothing is calibrated (drop one)")
+    if getattr(budget, "output_rel_error", None) is None:
+        raise ValueError("evaluate= is what an output budget is measured on: pass "
+                         "budget=Budget(max_rel_error=0.5, output_rel_error=e) with it")
+
+
 def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=METHODS,
              budget="auto", grid=None, inplace: bool = False, overrides: Optional[dict] = None,
-             min_seq_len: Optional[int] = None, capture: str = "auto", validate: bool = True) -> torch.nn.Module:
+             min_seq_len: Optional[int] = None, capture: str = "auto", validate: bool = True,
+             evaluate: Optional[Callable] = None) -> torch.nn.Module:
     """Rewrite every attention site of ``model`` to a structured kernel and report what was done.
 
     Returns the optimized model — a copy of ``model`` unless ``inplace=True`` — with the same
@@ -246,12 +259,20 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
             1024, or with ``profile`` the value the profile was calibrated with.
         capture: "auto" (torch.compile, then torch.fx), "dynamo" or "fx".
         validate: run the batch once more to measure per-site and output error.
+        evaluate: with ``Budget(output_rel_error=e)``, what the output error is measured on:
+            ``evaluate(model)`` returning a tensor (or a list/tuple/dict of tensors), typically your
+            sampler on a few fixed seeds at the calibration shape, e.g.
+            ``lambda m: pipe_latents(m, seeds=[0, 1], steps=20)``. It runs with one candidate in place
+            per call (once per candidate and per allocation round), so the budget is spent on what
+            users see — sampled videos, where the errors of every step compound — rather than on one
+            forward per calibration batch (the default). Must be deterministic.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}; "
                         f"wrap your function in an nn.Module")
     t0 = time.perf_counter()
     plan_sites([], methods=methods)  # option errors before any model run
+    _check_evaluate(evaluate, profile, budget)
     if profile is not None:
         from .profiles.profile import as_profile
         profile = as_profile(profile)
@@ -293,7 +314,7 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
                                   budget=budget, overrides=overrides)
         if budget.output_rel_error is not None:  # re-choose by the model's output error
             from .profiles.output_budget import allocate_by_output
-            allocate_by_output(target, detected, plans, fwd_by_path, batches, profile, budget)
+            allocate_by_output(target, detected, plans, fwd_by_path, batches, profile, budget, evaluate)
         profile.data["min_seq_len"] = min_seq_len  # optimize(profile=...) reuses it
         plans = _replan(sites, plans, methods, overrides, min_seq_len, profile.choices())
         annotate_plans(plans, sites, profile)

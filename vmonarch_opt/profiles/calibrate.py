@@ -539,11 +539,11 @@ def _device_name(batches) -> str:
 
 def calibrate(model: torch.nn.Module, calib_batch: Any, *, budget: Optional[Budget] = None, methods=METHODS,
               grid=None, overrides: Optional[dict] = None, min_seq_len: int = 1024, capture: str = "auto",
-              progress: Optional[bool] = None) -> Profile:
+              progress: Optional[bool] = None, evaluate: Optional[Callable] = None) -> Profile:
     """Calibrate ``model`` on ``calib_batch`` (one batch, or a list of batch dicts such as several
     diffusion timesteps) and return the :class:`Profile` of per-site choices under ``budget``
     (default ``Budget()``). The model is left as it was. ``progress``: tqdm bar (default: when
-    stderr is a terminal)."""
+    stderr is a terminal). ``evaluate``: what an output budget is measured on (see ``optimize``)."""
     from ..optimize import optimize, restore
 
     if budget is None:
@@ -552,7 +552,8 @@ def calibrate(model: torch.nn.Module, calib_batch: Any, *, budget: Optional[Budg
         raise TypeError(f"budget must be a vmonarch_opt.Budget, got {type(budget).__name__}")
     with _progress(progress):
         opt = optimize(model, calib_batch, budget=budget, methods=methods, grid=grid, overrides=overrides,
-                       min_seq_len=min_seq_len, capture=capture, validate=False, inplace=True)
+                       min_seq_len=min_seq_len, capture=capture, validate=False, inplace=True,
+                       evaluate=evaluate)
     try:
         return opt.vmonarch.profile
     finally:

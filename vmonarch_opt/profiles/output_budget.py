@@ -14,6 +14,12 @@ candidate (or dense) that minimises the total cost subject to the estimated outp
 real error of that combination, and while it is over ``e`` the estimate's target is tightened and
 the allocation repeated (at most ``_ROUNDS`` times; then every site stays dense). Costs one forward
 per (candidate, batch) plus one per round.
+
+One forward ranks sites only roughly: in a diffusion sampler the errors of every step compound,
+and a site's share of them depends on the noise level. With ``evaluate=fn`` the output error is
+measured on what ``fn(model)`` returns instead — typically the user's sampler on a few fixed seeds
+— so the budget is spent on the sampled videos themselves. ``fn`` runs once per candidate and per
+round (plus twice for the reference, which also checks that it is deterministic).
 """
 from __future__ import annotations
 
@@ -22,11 +28,24 @@ from dataclasses import replace
 import torch
 
 from ..config import resolve_args
+from ..errors import VMonarchError
 from .budget import config_from_dict
 
 __all__ = ["allocate_by_output"]
 
 _ROUNDS = 6
+
+
+def _as_outputs(out, name: str = "evaluate(model)") -> list:
+    """What ``evaluate`` returned, as a list of tensors to compare."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = [out[k] for k in sorted(out)]
+    if isinstance(out, (list, tuple)) and out and all(isinstance(t, torch.Tensor) for t in out):
+        return list(out)
+    raise TypeError(f"{name} must return a tensor, or a non-empty list/tuple/dict of tensors (e.g. the "
+                    f"sampled latents of a few fixed seeds); got {type(out).__name__}")
 
 
 def _estimate(picks: dict, out_err: dict) -> float:
@@ -35,13 +54,14 @@ def _estimate(picks: dict, out_err: dict) -> float:
 
 
 def allocate_by_output(model, detected: list, plans: dict, forwards: dict, batches: list, profile,
-                       budget) -> None:
+                       budget, evaluate=None) -> None:
     """Re-choose the calibrated sites of ``profile`` under ``budget.output_rel_error`` (see the
-    module docstring). Updates the profile's rows in place (``choice``, each measured candidate's
+    module docstring), measuring the output on the calibration batches or, if given, on
+    ``evaluate(model)``. Updates the profile's rows in place (``choice``, each measured candidate's
     ``output_error``) and records the verified output error in ``profile.data["output_budget"]``."""
     from ..batch import run_calibration_call
     from ..optimize import _owning_module, _rel_error, _runtime_index
-    from ..passes.rewrite import install, run_site, uninstall
+    from ..passes.rewrite import install, run_site, runtime_mismatch, uninstall
     from .calibrate import _choice_entry, _eligible, lagrangian_allocation
 
     target = float(budget.output_rel_error)
@@ -56,11 +76,20 @@ def allocate_by_output(model, detected: list, plans: dict, forwards: dict, batch
                                                args=resolve_args(cfg, sites[sid], r["layer"]))
 
     assignment: dict = {}
+    ran: set = set()  # sites that ran a candidate during the last evaluation
 
     def handler(plan):
         def run(a, original):
             p = assignment.get(plan.site_id)
-            return original() if p is None else run_site(p, a, original)
+            if p is None:
+                return original()
+            why = runtime_mismatch(p, a) if evaluate is not None else None
+            if why is not None:  # the kernel would fall back to dense: the measurement would be void
+                raise VMonarchError(f"evaluate(model) called site {plan.site_id} in a way its calibrated plan "
+                                    f"cannot run ({why}); evaluate must call the model like the calibration "
+                                    f"batches (same video size, no mask changes)")
+            ran.add(plan.site_id)
+            return run_site(p, a, original)
         return run
 
     runtime = _runtime_index(detected, plans, forwards)
@@ -70,11 +99,32 @@ def allocate_by_output(model, detected: list, plans: dict, forwards: dict, batch
     try:
         def outputs():
             nonlocal forwards_run
-            forwards_run += len(batches)
             with torch.no_grad():
-                return [run_calibration_call(model, b) for b in batches]
+                if evaluate is None:
+                    forwards_run += len(batches)
+                    return [run_calibration_call(model, b) for b in batches]
+                forwards_run += 1
+                try:
+                    return _as_outputs(evaluate(model))
+                except (TypeError, VMonarchError):
+                    raise
+                except Exception as e:
+                    if not assignment:
+                        raise
+                    sites_in = ", ".join(sorted(assignment))
+                    raise VMonarchError(
+                        f"evaluate(model) failed with structured attention at {sites_in} ({type(e).__name__}: "
+                        f"{e}); it ran with the model's own attention. evaluate must call the model at the "
+                        f"calibration batches' shapes (the plans are made for their token grid)") from e
 
         refs = outputs()
+        if evaluate is not None:
+            drift = max((_rel_error(o, r) or 0.0) for o, r in zip(outputs(), refs))
+            if drift > 0.1 * target:
+                raise VMonarchError(
+                    f"evaluate(model) is not deterministic: two runs of the unchanged model differ by "
+                    f"{drift:.2e} (relative), too much to budget an output error of {target:.2g}; draw its "
+                    f"noise from fixed seeds (e.g. torch.Generator().manual_seed(s)) on every call")
 
         def error(outs) -> float:
             return max((_rel_error(o, r) or 0.0) for o, r in zip(outs, refs))
@@ -83,7 +133,11 @@ def allocate_by_output(model, detected: list, plans: dict, forwards: dict, batch
         for key, p in cand_plans.items():
             assignment.clear()
             assignment[key[0]] = p
+            ran.clear()
             out_err[key] = error(outputs())
+            if evaluate is not None and key[0] not in ran:
+                raise VMonarchError(f"evaluate(model) never called site {key[0]}: it must run the model the "
+                                    f"calibration batches describe (its output error would read as 0)")
         goal, measured, picks = target, 0.0, {sid: None for sid in rows}
         for _ in range(_ROUNDS):
             # least cost with the estimated error ≤ goal; the objective weighs squared output errors
@@ -102,6 +156,7 @@ def allocate_by_output(model, detected: list, plans: dict, forwards: dict, batch
         for path in runtime:
             uninstall(_owning_module(model, path))
 
+    what = "model output" if evaluate is None else "evaluate() output"
     for (sid, i), e in out_err.items():
         rows[sid]["candidates"][i]["output_error"] = e
     for sid, r in rows.items():
@@ -110,15 +165,17 @@ def allocate_by_output(model, detected: list, plans: dict, forwards: dict, batch
         if i is not None:
             c = r["candidates"][i]
             choice["output_error"] = out_err[(sid, i)]
-            choice["why"] = (f"output budget {target:.2g}: model output {out_err[(sid, i)]:.2e} off with only this "
+            choice["why"] = (f"output budget {target:.2g}: {what} {out_err[(sid, i)]:.2e} off with only this "
                              f"site structured (attention error {c['error']:.2e}); all sites together "
                              f"{measured:.2e}; {r['dense']['flops'] / c['flops']:.1f}× fewer attention FLOPs")
         elif any(k[0] == sid for k in out_err):
             alone = min(e for k, e in out_err.items() if k[0] == sid)
             choice["why"] = (f"output budget {target:.2g}: " + (
-                f"every candidate alone puts the model output over it (best {alone:.2e})" if alone > target else
+                f"every candidate alone puts the {what} over it (best {alone:.2e})" if alone > target else
                 f"spent on other sites, where it buys more (best here alone: {alone:.2e})"))
         r["choice"] = choice
     profile.data["output_budget"] = {"target": target, "measured": measured, "forwards": forwards_run,
-                                     "candidates_measured": len(out_err)}
+                                     "candidates_measured": len(out_err),
+                                     "measured_on": "calibration batches" if evaluate is None else
+                                     f"evaluate ({getattr(evaluate, '__name__', 'callable')})"}
 

@@ -168,8 +168,10 @@ class Profile:
             line += f", mean_rel_error={b['mean_rel_error']}"
         ob = self.data.get("output_budget")
         if ob:
+            on = ob.get("measured_on", "calibration batches")
             line += (f", output_rel_error={ob['target']} (model output error of the choice "
-                     f"{ob['measured']:.2e}, {ob['candidates_measured']} candidates run in the model)")
+                     f"{ob['measured']:.2e}, {ob['candidates_measured']} candidates run in the model"
+                     + ("" if on == "calibration batches" else f"; measured on {on}") + ")")
         line += (f"; {self.data.get('batches', '?')} batch(es) on {self.data.get('device', '?')}, "
                  f"{self.data.get('seconds', '?')} s")
         top = next((r["stats"].get("top_fraction") for r in self.sites.values() if r.get("stats", {}).get("top_fraction")), None)
