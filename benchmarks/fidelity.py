@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import vmonarch_opt  # noqa: E402
 from vmonarch_opt import MonarchConfig, VMoBAConfig  # noqa: E402
-from vmonarch_opt.tiny_dit import calib_batch, load_tiny_video_dit, sample  # noqa: E402
+from vmonarch_opt.tiny_dit import calib_batch, load_tiny_video_dit, record_qkv, sample  # noqa: E402
 from benchmarks.publish import command_line, now, out_dir, publish  # noqa: E402
 
 
@@ -217,16 +217,7 @@ def layer_errors(model, frames: int, size: int, t: float = 0.5) -> str:
 
     dev = next(model.parameters()).device
     b = calib_batch(1, frames, size, t=t, seed=1234, device=dev, detail=model.data_detail)
-    attns = [blk.attn for blk in model.blocks]
-    for a in attns:
-        a.record = []
-    try:
-        with torch.no_grad():
-            model(**b)
-        recs = [a.record[0] for a in attns]
-    finally:
-        for a in attns:
-            a.record = None
+    recs = record_qkv(model, **b)
     grid = (frames, size // model.patch, size // model.patch)
     N, hw = grid[0] * grid[1] * grid[2], grid[1] * grid[2]
     frame = torch.arange(N, device=dev) // hw

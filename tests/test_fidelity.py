@@ -171,3 +171,26 @@ def test_vmoba_pooled_rest_keeps_videos_closer(model, dense_videos):
     assert "+pooled rest" in text
     assert t_drop["flops_after"] < t_pool["flops_after"] < 0.25 * t_pool["flops_before"]
     assert p_pool > p_drop + 1.5, (p_pool, p_drop)
+
+
+def test_attention_oracle_bounds():
+    """benchmarks/attention_bounds.py: its oracles are exact where they must be (every key / every
+    block kept; one-hot attention with one key per query), and the script runs on the fixture."""
+    import torch.nn.functional as F
+    from attention_bounds import block_oracle, main, token_oracle
+    from conftest import rel_err
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 4 * 4 * 6, 64, generator=g) for _ in range(3))
+    dense = F.scaled_dot_product_attention(q, k, v)
+    assert rel_err(token_oracle(q, k, v, 1.0), dense) < 1e-5
+    for pooled in (False, True):
+        assert rel_err(block_oracle(q, k, v, (4, 4, 6), (2, 2, 3), keep=8, pooled_rest=pooled), dense) < 1e-5
+    kn = torch.nn.functional.normalize(k, dim=-1)
+    sharp_q = 200.0 * kn.flip(-2)  # query i attends (almost) only to key N-1-i
+    sharp = F.scaled_dot_product_attention(sharp_q, kn, v)
+    assert rel_err(token_oracle(sharp_q, kn, v, 1 / kn.shape[-2]), sharp) < 1e-3
+    err_small = rel_err(token_oracle(q, k, v, 0.05), dense)
+    assert torch.isfinite(torch.tensor(err_small)) and err_small > 0.1  # random attention is broad
+    assert main(["--frames", "4", "--size", "16", "--ts", "0.5", "--videos", "1", "--no-append",
+                 "--device", "cpu"]) == 0

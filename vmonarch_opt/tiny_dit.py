@@ -105,7 +105,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
         self.proj = nn.Linear(dim, dim)
-        self.record: Optional[list] = None  # set by attention_stats()
+        self.record: Optional[list] = None  # set by record_qkv()
 
     def forward(self, x, cos, sin):
         B, N, C = x.shape
@@ -395,19 +395,26 @@ def calib_batch(n: int = 1, frames: int = 16, size: int = 32, t: float = 0.5, se
 
 # ----------------------------------------------------------------------------- analysis
 @torch.no_grad()
-def attention_stats(model: TinyVideoDiT, x, t, y=None, query_chunk: int = 512) -> list[dict]:
-    """Per layer (mean over batch, heads and queries): attention entropy in nats, the entropy of
-    uniform attention (log N), the mass each query puts on its own frame, and on the same spatial
-    position in the other frames. Also the per-head entropies. Uses the model's own q/k."""
+def record_qkv(model: TinyVideoDiT, x, t, y=None) -> list[tuple]:
+    """The ``(q, k, v)`` ``[B, heads, N, D]`` every layer's attention sees in one forward (after
+    qk-norm and rotary embeddings: exactly what SDPA gets)."""
     attns = [b.attn for b in model.blocks]
     for a in attns:
         a.record = []
     try:
         model(x, t, y)
-        recs = [a.record[0] for a in attns]
+        return [a.record[0] for a in attns]
     finally:
         for a in attns:
             a.record = None
+
+
+@torch.no_grad()
+def attention_stats(model: TinyVideoDiT, x, t, y=None, query_chunk: int = 512) -> list[dict]:
+    """Per layer (mean over batch, heads and queries): attention entropy in nats, the entropy of
+    uniform attention (log N), the mass each query puts on its own frame, and on the same spatial
+    position in the other frames. Also the per-head entropies. Uses the model's own q/k."""
+    recs = record_qkv(model, x, t, y)
     T = x.shape[2]
     Hh, Ww = x.shape[3] // model.patch, x.shape[4] // model.patch
     N = T * Hh * Ww
