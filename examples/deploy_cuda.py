@@ -3,7 +3,7 @@
     python examples/deploy_cuda.py [--frames 5 --height 16 --width 16 --dtype bf16]
 
 Builds a small diffusers Wan transformer (random weights) on CUDA, optimizes it with Monarch
-attention, and checks that
+attention (``--method vmoba`` / ``vmoba-pooled``: VMoBA, plain or with the pooled rest), and checks that
 
 1. ``torch.compile(optimized, fullgraph=True)`` (inductor) runs without graph breaks and keeps the
    ``vmonarch::*`` ops in its graph;
@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--method", default="monarch", choices=["monarch", "vmoba", "vmoba-pooled"])
     p.add_argument("--device", default="cuda", help="cuda (default); cpu runs the checks without CUDA graphs")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -56,7 +57,10 @@ def main(argv=None) -> int:
 
     model, batch = models.wan(frames=args.frames, height=args.height, width=args.width, layers=args.layers,
                               heads=args.heads, head_dim=args.head_dim, dtype=dtype, device=args.device)
-    opt = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0, budget=None)
+    method = args.method.split("-")[0]
+    overrides = {"*": vmonarch_opt.VMoBAConfig(pooled_rest=True)} if args.method == "vmoba-pooled" else None
+    opt = vmonarch_opt.optimize(model, batch, methods=(method,), overrides=overrides, min_seq_len=0, budget=None)
+    op = f"vmonarch.{method}_attention"
     print(opt.report)
     with torch.no_grad():
         ref = opt(**batch)[0].clone()
@@ -126,9 +130,10 @@ def main(argv=None) -> int:
             rows.append((name, f"{ms:.3f}"))
             results.setdefault("median_ms", {})[name] = ms
 
-    ok = (results["compile"]["ops"].get("vmonarch.monarch_attention", 0) == args.layers and results["compile"]["rel_err"] < 2e-2
+    results["method"] = args.method
+    ok = (results["compile"]["ops"].get(op, 0) == args.layers and results["compile"]["rel_err"] < 2e-2
           and not skips.get("cudagraph_skips", 0)
-          and ep_ops.get("vmonarch.monarch_attention.default", 0) == args.layers
+          and ep_ops.get(f"{op}.default", 0) == args.layers
           and results["export"]["rel_err"] < 2e-2 and results["other_size"]["rel_err"] < 2e-2)
     results["ok"] = bool(ok)
     if os.environ.get("OUT"):

@@ -387,3 +387,31 @@ def test_kernel_selection_keeps_block_means_for_the_pooled_rest():
     b = vmoba_attention_with_selection(q, k, v, plain, 0.1, pooled_rest=True)
     assert rel_err(a, b) < 1e-6
     assert rel_err(a, vmoba_attention_from_selection(q, k, v, plain, 0.1, pooled_rest=True)) < 2e-5
+
+
+def test_pooled_inputs_are_cuda_graph_safe():
+    """CUDA-graph capture forbids host<->device copies and data-dependent shapes. The pooled rest's
+    launch inputs used to make both on every call (a boolean index in ``selection.mask()``, the
+    block sizes uploaded for log2): the mask now uses no nonzero/index_put, and log2(block size)
+    is made once per layout and device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = _qkv(2, 2, 96, 64)
+    lay = vmoba_layout((4, 4, 6), (2, 2, 3), "3d")
+    sel = vmoba_select_reference(q, k, layout=lay, threshold=0.25, topk=2, scale=0.125)
+    with Record() as rec:
+        m = sel.mask()
+    assert not [o for o in rec.ops if "nonzero" in o or "index_put" in o or "masked_select" in o], rec.ops
+    assert m.shape == sel.kv_idx.shape and torch.equal(m.sum(-1).int(), sel.kv_cnt)
+    a = vmoba_mod._pooled_args(q, k, v, sel)[3]
+    b = vmoba_mod._pooled_args(q, k, v, sel)[3]
+    assert a is b and torch.equal(a, torch.log2(lay.block_len.float()))

@@ -411,6 +411,7 @@ def _device_layout(lay: VMoBALayout, device) -> dict:
     gn = torch.bincount(lay.group_block, minlength=lay.num_blocks)
     d["block_g0"] = (torch.cumsum(gn, 0) - gn).to(**i32)  # groups of block c: [g0, g0 + gn)
     d["block_gn"] = gn.to(**i32)
+    d["log2n"] = torch.log2(lay.block_len.to(torch.float32)).to(device)  # pooled logit offsets
     if len(_DEV_LAYOUT) > 64:
         _DEV_LAYOUT.clear()
     _DEV_LAYOUT[key] = d
@@ -616,8 +617,7 @@ def _pooled_args(q, k, v, sel: VMoBASelection) -> tuple:
         _, kbar, vbar, _, _ = _group_pass(q, k, v, lay, _device_layout(lay, q.device), False, True)
     kbar, vbar = kbar.to(q.dtype), vbar.to(v.dtype)
     selm = sel.mask().to(torch.int8).contiguous()
-    log2n = torch.log2(lay.block_len.to(q.device, torch.float32)).contiguous()
-    return kbar, vbar, selm, log2n
+    return kbar, vbar, selm, _device_layout(lay, q.device)["log2n"]
 
 
 def _launch_sparse(cfg, q, k, v, out, sel: VMoBASelection, scale: float, kvp=None, plan=None,

@@ -264,8 +264,8 @@ class VMoBASelection:
         """Dense bool [B, H, G, C] view of the selection (G x C per head, never tokens^2)."""
         B, H, G, C = self.kv_idx.shape
         m = torch.zeros(B, H, G, C + 1, dtype=torch.bool, device=self.kv_idx.device)
-        idx = self.kv_idx.long().clone()
-        idx[idx < 0] = C
+        idx = self.kv_idx.long()
+        idx = idx.masked_fill(idx < 0, C)  # no boolean indexing: no device sync (CUDA graphs)
         m.scatter_(3, idx, True)
         return m[..., :C]
 
