@@ -22,6 +22,7 @@ on one video and 5.6 % on another). The table is appended to BENCHMARKS.md (unle
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def _rel(o: torch.Tensor, ref: torch.Tensor) -> float:
 def token_oracle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rho: float, chunk: int = 1024) -> torch.Tensor:
     """Attention ``[B, H, N, D]`` where every query keeps only its ``ceil(rho * N)`` keys of largest
     true weight (ties at the cut kept) and renormalises over them."""
-    n_keep = max(1, min(k.shape[-2], int(-(-rho * k.shape[-2] // 1))))
+    n_keep = max(1, min(k.shape[-2], math.ceil(rho * k.shape[-2])))
     scale = q.shape[-1] ** -0.5
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     for s in range(0, q.shape[-2], chunk):

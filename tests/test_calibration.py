@@ -304,3 +304,28 @@ def test_output_budget_measured_on_sampled_videos():
     bad("videos", TypeError, "evaluate must be a function")
     bad(videos, ValueError, "output budget is measured on", budget=Budget())
     bad(videos, ValueError, "nothing is calibrated", profile=opt.vmonarch.profile)
+
+
+def test_output_budget_never_picks_a_candidate_that_blows_up(monkeypatch):
+    """A candidate whose model output has NaN/inf counts as infinitely wrong (a NaN compares as
+    neither larger nor smaller and must not slip through the allocation)."""
+    from vmonarch_opt.passes import rewrite
+    from vmonarch_opt.tiny_dit import calib_batch, load_tiny_video_dit
+
+    model = load_tiny_video_dit()
+    batch = calib_batch(1, 4, 16, detail=model.data_detail)
+    real = rewrite.run_site
+
+    def poisoned(plan, a, original):
+        out = real(plan, a, original)
+        return out * float("nan") if plan.site_id == "blocks.1.attn" else out
+
+    monkeypatch.setattr(rewrite, "run_site", poisoned)
+    opt = vmonarch_opt.optimize(model, batch, budget=Budget(max_rel_error=0.5, output_rel_error=0.2),
+                                min_seq_len=0, evaluate=lambda m: m(**batch), validate=False)
+    rows = opt.vmonarch.profile.sites
+    assert rows["blocks.1.attn"]["choice"]["config"]["method"] == "dense"
+    errs = [c["output_error"] for c in rows["blocks.1.attn"]["candidates"] if "output_error" in c]
+    assert errs and all(e == math.inf for e in errs)
+    assert any(r["choice"]["config"]["method"] != "dense" for r in rows.values())  # others still structured
+    assert 0 < opt.vmonarch.profile.data["output_budget"]["measured"] <= 0.2

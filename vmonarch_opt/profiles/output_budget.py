@@ -104,18 +104,7 @@ def allocate_by_output(model, detected: list, plans: dict, forwards: dict, batch
                     forwards_run += len(batches)
                     return [run_calibration_call(model, b) for b in batches]
                 forwards_run += 1
-                try:
-                    return _as_outputs(evaluate(model))
-                except (TypeError, VMonarchError):
-                    raise
-                except Exception as e:
-                    if not assignment:
-                        raise
-                    sites_in = ", ".join(sorted(assignment))
-                    raise VMonarchError(
-                        f"evaluate(model) failed with structured attention at {sites_in} ({type(e).__name__}: "
-                        f"{e}); it ran with the model's own attention. evaluate must call the model at the "
-                        f"calibration batches' shapes (the plans are made for their token grid)") from e
+                return _as_outputs(evaluate(model))
 
         refs = outputs()
         if evaluate is not None:
@@ -126,8 +115,9 @@ def allocate_by_output(model, detected: list, plans: dict, forwards: dict, batch
                     f"{drift:.2e} (relative), too much to budget an output error of {target:.2g}; draw its "
                     f"noise from fixed seeds (e.g. torch.Generator().manual_seed(s)) on every call")
 
-        def error(outs) -> float:
-            return max((_rel_error(o, r) or 0.0) for o, r in zip(outs, refs))
+        def error(outs) -> float:  # worst output; NaN/inf (a candidate that blew up) counts as inf
+            errs = [_rel_error(o, r) or 0.0 for o, r in zip(outs, refs)]
+            return max(e if math.isfinite(e) else math.inf for e in errs)
 
         out_err = {}
         for key, p in cand_plans.items():
