@@ -139,7 +139,7 @@ def configurations(quick: bool) -> list[tuple[str, dict]]:
                          dict(budget=Budget(max_rel_error=0.5, output_rel_error=out_err))))
         # the same budget measured on sampled videos (optimize(evaluate=...)): SAMPLED_SEEDS, not the
         # seeds scored here, so the plan is not fitted to the videos it is judged on
-        for out_err in (0.05, 0.1, 0.2, 0.3):
+        for out_err in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5):
             cfgs.append((f"calibrated on sampled videos: Budget(max_rel_error=0.5, output_rel_error={out_err})",
                          dict(budget=Budget(max_rel_error=0.5, output_rel_error=out_err), evaluate=SAMPLED)))
     if quick:

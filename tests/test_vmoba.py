@@ -210,7 +210,7 @@ def _pooled_bruteforce(q, k, v, sel, scale):
             out[b, h, i] = p @ v[b, h].double()
             continue
         g = int(group_of[i - tb])
-        keys, vals, logits = [], [], []
+        vals, logits = [], []
         for c, idx in enumerate(blocks):
             kc, vc = k[b, h, idx].double(), v[b, h, idx].double()
             if mask[b, h, g, c]:
