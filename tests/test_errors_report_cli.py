@@ -80,3 +80,30 @@ def test_readme_example_runs_and_writes_its_report(tmp_path):
     assert "4 attention sites (monarch: 2, original: 2)" in res.stdout  # run 2: Monarch pinned
     data = json.loads((tmp_path / "wan_report.json").read_text())
     assert [r["plan"]["method"] for r in data["rows"]] == ["monarch", "original", "monarch", "original"]
+
+
+def test_report_states_the_measured_forward_time(monkeypatch):
+    """On CUDA optimize() times one eager forward with and without the rewrite and the report says it;
+    when the optimized model is slower it says why and what to do (and optimize warns)."""
+    import copy
+    import warnings
+
+    opt_mod = sys.modules["vmonarch_opt.optimize"]  # the module (the package exports the function)
+
+    model, batch = models.wan()
+    plain = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0, budget=None)
+    assert "forward_ms" not in plain.report.totals  # CPU: nothing timed
+    monkeypatch.setattr(opt_mod, "_on_cuda", lambda b: True)  # the timing path, with CPU clocks
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        timed = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0, budget=None)
+    fm = timed.report.totals["forward_ms"]
+    assert set(fm) == {"original", "optimized"} and all(v > 0 for v in fm.values())
+    assert timed.vmonarch.switch.original is False  # the timing left the optimized path on
+    r = vmonarch_opt.Report(copy.deepcopy(timed.report.data))
+    r.totals["forward_ms"] = {"original": 10.0, "optimized": 4.0}
+    assert "one eager forward on the calibration batch: 10 ms → 4 ms (speed-up 2.50×)" in str(r)
+    assert "slower" not in str(r)
+    r.totals["forward_ms"] = {"original": 4.0, "optimized": 10.0}
+    assert "slower than the original at this size" in str(r) and 'mode="reduce-overhead"' in str(r)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -9,7 +10,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .batch import as_batches, run_calibration_call
+from .batch import as_batches, iter_tensors, run_calibration_call
 from .config import METHODS, SitePlan
 from .errors import VMonarchError
 from .passes.capture import capture as capture_graphs
@@ -22,7 +23,7 @@ from .passes.rewrite import install, plan_handler, prepare_qkv, run_site, runtim
 from .planner import plan_sites
 from .report import Report
 from .site import AttentionSite
-from .switch import AttentionSwitch
+from .switch import AttentionSwitch, set_original_attention
 
 
 @dataclass
@@ -205,6 +206,29 @@ def _validate(model, runtime: dict, forwards: dict, batch, reference) -> tuple[d
     return errors, _rel_error(out, reference), ran
 
 
+def _on_cuda(batch) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for _, t in iter_tensors(batch))
+
+
+def _time_forwards(model, batch) -> dict:
+    """Milliseconds of one eager forward on ``batch``, optimized and with the model's own attention
+    (median of 3 after a warm-up; 1 when a forward takes over a second)."""
+    def once() -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            run_calibration_call(model, batch)
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3
+
+    out = {}
+    for name, original in (("optimized", False), ("original", True)):
+        with set_original_attention(model, original):
+            first = once()  # warm-up: kernel tuning, allocator, caches
+            out[name] = statistics.median([once() for _ in range(3 if first < 1000 else 1)])
+    return out
+
+
 def _never_ran(plans: dict, ran: set) -> None:
     """Sites planned for a kernel that the validation run never routed to it: the report must not
     claim them. They keep the model's own attention."""
@@ -258,7 +282,8 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
         min_seq_len: sites with fewer tokens stay dense (unless pinned by ``overrides``); default
             1024, or with ``profile`` the value the profile was calibrated with.
         capture: "auto" (torch.compile, then torch.fx), "dynamo" or "fx".
-        validate: run the batch once more to measure per-site and output error.
+        validate: run the batch once more to measure per-site and output error; on CUDA also time
+            one eager forward with and without the rewrite (in the report; a warning when slower).
         evaluate: with ``Budget(output_rel_error=e)``, what the output error is measured on:
             ``evaluate(model)`` returning a tensor (or a list/tuple/dict of tensors), typically your
             sampler on a few fixed seeds at the calibration shape, e.g.
@@ -350,7 +375,16 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
                               tracker=tracker, switch=switch)
     target.__dict__["vmonarch"] = state
     target.__dict__["report"] = report
+    if validate and _on_cuda(batches[0]) and _uses_structured(plans):
+        fm = report.totals["forward_ms"] = _time_forwards(target, batches[0])
+        if fm["optimized"] > 1.05 * fm["original"]:
+            warnings.warn(f"vmonarch_opt: {report.slower_note()}", RuntimeWarning, stacklevel=2)
     return target
+
+
+def _uses_structured(plans: dict) -> bool:
+    """Some site runs one of our structured kernels (not only dense / the model's own)."""
+    return any(p.method in ("monarch", "vmoba") for p in plans.values())
 
 
 def restore(model: torch.nn.Module) -> torch.nn.Module:

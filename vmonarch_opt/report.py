@@ -108,7 +108,21 @@ class Report:
                 f"{_gflop(t['flops_after'])} ({cut} fewer)")
         if t.get("output_error") is not None:
             line += f"; model output rel. error on the calibration batch {t['output_error']:.2e}"
+        fm = t.get("forward_ms")
+        if fm:
+            line += (f"\none eager forward on the calibration batch: {fm['original']:.3g} ms → "
+                     f"{fm['optimized']:.3g} ms (speed-up {fm['original'] / fm['optimized']:.2f}×)")
+            if fm["optimized"] > 1.05 * fm["original"]:
+                line += f"\n{self.slower_note()}"
         return line
+
+    def slower_note(self) -> str:
+        """Why an optimized model can be slower than the original, and what to do."""
+        fm = self.totals["forward_ms"]
+        return (f"the optimized model is slower than the original at this size ({fm['optimized']:.3g} vs "
+                f"{fm['original']:.3g} ms per eager forward): kernel launches and per-call work, not "
+                f"attention FLOPs, dominate. Run it under torch.compile(..., mode=\"reduce-overhead\") "
+                f"(CUDA graphs), or leave short sequences dense (optimize(..., min_seq_len=...))")
 
     def _notes(self) -> str:
         un = (self.data.get("meta") or {}).get("uncaptured")
