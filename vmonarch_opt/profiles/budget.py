@@ -28,6 +28,8 @@ class Budget:
             exceed it. Each candidate within ``max_rel_error`` is also run in the model alone (one
             forward per candidate and batch), and the allocation spends output error where it buys
             the most cost, then checks the combination with a forward (``output_budget.py``).
+            With ``optimize(..., evaluate=fn)`` the output is ``fn(model)`` instead (e.g. your
+            sampler on a few fixed seeds: the budget then holds on sampled videos).
             Pair it with a loose ``max_rel_error`` (e.g. 0.5) so that candidates reach it.
         cost: what "cheapest" means: ``"flops"`` (attention FLOPs, default) or ``"time"``
             (measured kernel time, with every kernel tuned first: slower calibration on a cold
