@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -79,3 +79,12 @@ def iter_tensors(obj: Any) -> Iterator[tuple[str, Any]]:
         yield from ((f"arg{i}", v) for i, v in enumerate(obj))
     else:
         yield "arg0", obj
+
+
+def batch_device(batches: list) -> Optional[torch.device]:
+    """The device of the first tensor in ``batches`` (None: no tensor)."""
+    for b in batches:
+        for _, t in iter_tensors(b):
+            if isinstance(t, torch.Tensor):
+                return t.device
+    return None

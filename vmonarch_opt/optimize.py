@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .batch import as_batches, iter_tensors, run_calibration_call
+from .batch import as_batches, batch_device, run_calibration_call
 from .config import METHODS, SitePlan
 from .errors import VMonarchError
 from .passes.capture import capture as capture_graphs
@@ -207,7 +207,8 @@ def _validate(model, runtime: dict, forwards: dict, batch, reference) -> tuple[d
 
 
 def _on_cuda(batch) -> bool:
-    return any(isinstance(t, torch.Tensor) and t.is_cuda for _, t in iter_tensors(batch))
+    dev = batch_device([batch])
+    return dev is not None and dev.type == "cuda"
 
 
 def _time_forwards(model, batch) -> dict:
@@ -376,9 +377,10 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
     target.__dict__["vmonarch"] = state
     target.__dict__["report"] = report
     if validate and _on_cuda(batches[0]) and _uses_structured(plans):
-        fm = report.totals["forward_ms"] = _time_forwards(target, batches[0])
-        if fm["optimized"] > 1.05 * fm["original"]:
-            warnings.warn(f"vmonarch_opt: {report.slower_note()}", RuntimeWarning, stacklevel=2)
+        report.totals["forward_ms"] = _time_forwards(target, batches[0])
+        slower = report.slower_note()
+        if slower:
+            warnings.warn(f"vmonarch_opt: {slower}", RuntimeWarning, stacklevel=2)
     return target
 
 

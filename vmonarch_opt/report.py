@@ -112,13 +112,17 @@ class Report:
         if fm:
             line += (f"\none eager forward on the calibration batch: {fm['original']:.3g} ms → "
                      f"{fm['optimized']:.3g} ms (speed-up {fm['original'] / fm['optimized']:.2f}×)")
-            if fm["optimized"] > 1.05 * fm["original"]:
-                line += f"\n{self.slower_note()}"
+            slower = self.slower_note()
+            if slower:
+                line += f"\n{slower}"
         return line
 
-    def slower_note(self) -> str:
-        """Why an optimized model can be slower than the original, and what to do."""
-        fm = self.totals["forward_ms"]
+    def slower_note(self) -> Optional[str]:
+        """Why the optimized model is slower than the original and what to do, if its timed
+        forward is over 5 % slower (None otherwise, or when nothing was timed)."""
+        fm = self.totals.get("forward_ms")
+        if not fm or fm["optimized"] <= 1.05 * fm["original"]:
+            return None
         return (f"the optimized model is slower than the original at this size ({fm['optimized']:.3g} vs "
                 f"{fm['original']:.3g} ms per eager forward): kernel launches and per-call work, not "
                 f"attention FLOPs, dominate. Run it under torch.compile(..., mode=\"reduce-overhead\") "

@@ -610,14 +610,15 @@ def _pooled_args(q, k, v, sel: VMoBASelection) -> tuple:
     lay = sel.layout
     B, H, _, D = k.shape
     C, HD = lay.num_blocks, _head_pad(D)
+    dl = _device_layout(lay, q.device)
     if sel.block_means is not None and sel.block_means[0].shape == (B * H, C, HD) \
             and sel.block_means[0].device == q.device:
         kbar, vbar = sel.block_means
     else:
-        _, kbar, vbar, _, _ = _group_pass(q, k, v, lay, _device_layout(lay, q.device), False, True)
+        _, kbar, vbar, _, _ = _group_pass(q, k, v, lay, dl, False, True)
     kbar, vbar = kbar.to(q.dtype), vbar.to(v.dtype)
     selm = sel.mask().to(torch.int8).contiguous()
-    return kbar, vbar, selm, _device_layout(lay, q.device)["log2n"]
+    return kbar, vbar, selm, dl["log2n"]
 
 
 def _launch_sparse(cfg, q, k, v, out, sel: VMoBASelection, scale: float, kvp=None, plan=None,

@@ -526,15 +526,12 @@ def _config_from_plan(p):
 
 
 def _device_name(batches) -> str:
-    from ..batch import iter_tensors
+    from ..batch import batch_device
 
-    for b in batches:
-        for _, t in iter_tensors(b):
-            if isinstance(t, torch.Tensor):
-                if t.is_cuda:
-                    return torch.cuda.get_device_name(t.device)
-                return t.device.type
-    return "cpu"
+    dev = batch_device(batches)
+    if dev is None:
+        return "cpu"
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
 
 
 def calibrate(model: torch.nn.Module, calib_batch: Any, *, budget: Optional[Budget] = None, methods=METHODS,

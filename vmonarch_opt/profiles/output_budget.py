@@ -107,17 +107,18 @@ def allocate_by_output(model, detected: list, plans: dict, forwards: dict, batch
                 return _as_outputs(evaluate(model))
 
         refs = outputs()
+
+        def error(outs) -> float:  # worst output; NaN/inf (a candidate that blew up) counts as inf
+            errs = [_rel_error(o, r) or 0.0 for o, r in zip(outs, refs)]
+            return max(e if math.isfinite(e) else math.inf for e in errs)
+
         if evaluate is not None:
-            drift = max((_rel_error(o, r) or 0.0) for o, r in zip(outputs(), refs))
+            drift = error(outputs())
             if drift > 0.1 * target:
                 raise VMonarchError(
                     f"evaluate(model) is not deterministic: two runs of the unchanged model differ by "
                     f"{drift:.2e} (relative), too much to budget an output error of {target:.2g}; draw its "
                     f"noise from fixed seeds (e.g. torch.Generator().manual_seed(s)) on every call")
-
-        def error(outs) -> float:  # worst output; NaN/inf (a candidate that blew up) counts as inf
-            errs = [_rel_error(o, r) or 0.0 for o, r in zip(outs, refs)]
-            return max(e if math.isfinite(e) else math.inf for e in errs)
 
         out_err = {}
         for key, p in cand_plans.items():
