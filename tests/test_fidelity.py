@@ -175,9 +175,11 @@ def test_vmoba_pooled_rest_keeps_videos_closer(model, dense_videos):
 
 def test_attention_oracle_bounds():
     """benchmarks/attention_bounds.py: its oracles are exact where they must be (every key / every
-    block kept; one-hot attention with one key per query), and the script runs on the fixture."""
+    block kept; one-hot attention with one key per query; sampled videos with every block kept), and
+    the script runs on the fixture."""
     import torch.nn.functional as F
-    from attention_bounds import block_oracle, main, token_oracle
+    from attention_bounds import block_oracle, main, token_oracle, video_bounds
+    from vmonarch_opt.tiny_dit import load_tiny_video_dit
     from conftest import rel_err
 
     g = torch.Generator().manual_seed(0)
@@ -192,5 +194,11 @@ def test_attention_oracle_bounds():
     assert rel_err(token_oracle(sharp_q, kn, v, 1 / kn.shape[-2]), sharp) < 1e-3
     err_small = rel_err(token_oracle(q, k, v, 0.05), dense)
     assert torch.isfinite(torch.tensor(err_small)) and err_small > 0.1  # random attention is broad
-    assert main(["--frames", "4", "--size", "16", "--ts", "0.5", "--videos", "1", "--no-append",
-                 "--device", "cpu"]) == 0
+    model = load_tiny_video_dit()
+    rows = {r["name"]: r for r in video_bounds(model, 4, 16, [0], steps=2, keep=64)}  # 4x8x8 grid: 64 blocks
+    assert all(b.attn.attend is None for b in model.blocks)  # attention_replaced restored SDPA
+    assert rows["block oracle top-64 + pooled"]["psnr"] > 60 and rows["vmoba top-64 + pooled"]["psnr"] > 60
+    assert 10 < rows["token oracle 5%"]["psnr"] < rows["token oracle 15%"]["psnr"] < 60
+    assert rows["token oracle 15%"]["flop_cut"] == pytest.approx(1 - 39 / 256)
+    assert main(["--frames", "4", "--size", "16", "--ts", "0.5", "--videos", "1", "--seeds", "1",
+                 "--steps", "2", "--no-append", "--device", "cpu"]) == 0

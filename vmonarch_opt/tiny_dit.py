@@ -26,7 +26,7 @@ import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -106,6 +106,7 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
         self.proj = nn.Linear(dim, dim)
         self.record: Optional[list] = None  # set by record_qkv()
+        self.attend: Optional[Callable] = None  # set by attention_replaced(): fn(q, k, v) instead of SDPA
 
     def forward(self, x, cos, sin):
         B, N, C = x.shape
@@ -115,7 +116,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.record is not None:
             self.record.append((q.detach(), k.detach(), v.detach()))
-        o = F.scaled_dot_product_attention(q, k, v)
+        o = F.scaled_dot_product_attention(q, k, v) if self.attend is None else self.attend(q, k, v)
         return self.proj(o.transpose(1, 2).reshape(B, N, C))
 
 
@@ -407,6 +408,20 @@ def record_qkv(model: TinyVideoDiT, x, t, y=None) -> list[tuple]:
     finally:
         for a in attns:
             a.record = None
+
+
+@contextlib.contextmanager
+def attention_replaced(model: TinyVideoDiT, fn: Callable):
+    """Within the block, every layer's attention is ``fn(q, k, v)`` (``[B, heads, N, D]`` after
+    qk-norm and rotary embeddings) instead of SDPA: for analysis, e.g. the oracle bounds."""
+    attns = [b.attn for b in model.blocks]
+    for a in attns:
+        a.attend = fn
+    try:
+        yield model
+    finally:
+        for a in attns:
+            a.attend = None
 
 
 @torch.no_grad()
