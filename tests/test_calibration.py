@@ -209,8 +209,9 @@ def test_untuned_block_nests_and_is_thread_local():
 
 
 def test_masked_dense_is_the_models_masked_attention_with_its_entropy():
-    """Key-padding-masked sites: one dense pass gives the reference (torch SDPA with the mask) and
-    the entropy of the masked attention (explicit -Σ p log p), per batch element's visible keys."""
+    """Padding-masked sites: one dense pass gives the reference (torch SDPA with the mask) and
+    the entropy of the masked attention (explicit -Σ p log p), per batch element's visible keys;
+    under a valid × valid mask the padded queries get what SDPA gives them (zeros)."""
     from vmonarch_opt.profiles.calibrate import masked_dense
 
     g = _gen(7)
@@ -228,7 +229,11 @@ def test_masked_dense_is_the_models_masked_attention_with_its_entropy():
         expect = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
         torch.testing.assert_close(ent, expect, rtol=1e-4, atol=1e-4)
         assert n_keys == round((40 + 45 + 30) / 3)
-    with pytest.raises(ValueError, match="key-padding"):
+    outer = valid[:, None, :, None] & valid[:, None, None, :]  # HunyuanVideo 1.5: padded queries see nothing
+    out, _, _ = masked_dense(q, k, v, 0.25, outer)
+    assert rel_err(out, F.scaled_dot_product_attention(q, k, v, attn_mask=outer, scale=0.25)) < 1e-5
+    assert out[0, :, 40:].abs().max() == 0 and out[0, :, :40].abs().min() > 0
+    with pytest.raises(ValueError, match="not a text padding mask"):
         masked_dense(q, k, v, 0.25, torch.randn(B, Nq))  # a real additive bias is not padding
     none_visible = valid.clone()
     none_visible[1] = False

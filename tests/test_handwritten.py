@@ -123,3 +123,99 @@ def test_site_that_validation_never_reaches_is_not_claimed():
     assert row["plan"]["method"] == "original"
     assert "never reached this site" in row["plan"]["reason"]
     assert opt.report.totals["flops_after"] == opt.report.totals["flops_before"]
+
+
+def test_padding_masks_are_recognised_and_anything_else_is_not():
+    """passes/keypad.py: key-padding and valid × valid masks give the valid keys; a window, causal or
+    half-symmetric mask of the same [B, 1, N, N] shape is not a padding mask; run_key_padded matches
+    SDPA under the mask, padded queries included."""
+    import torch.nn.functional as F
+    from vmonarch_opt.passes.keypad import is_padding_mask_shape, run_key_padded, valid_keys
+    from conftest import rel_err
+
+    n = 12
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[0, 9:] = False  # text after 8 video tokens: 1 valid, 3 padded for element 0
+    outer = (valid[:, None, :, None] & valid[:, None, None, :])
+    assert is_padding_mask_shape(tuple(outer.shape), n, n) and is_padding_mask_shape((2, 1, 1, n), n, n)
+    assert not is_padding_mask_shape((2, 2, n, n), n, n) and not is_padding_mask_shape((2, 1, n, n), n, n + 1)
+    assert torch.equal(valid_keys(outer, 2), valid)
+    assert torch.equal(valid_keys(valid[:, None, None, :], 2), valid)
+    additive = torch.zeros(outer.shape).masked_fill(~outer, float("-inf"))
+    assert torch.equal(valid_keys(additive, 2), valid)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None].expand(2, 1, n, n)
+    window = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs().le(2)[None, None].expand(2, 1, n, n)
+    half = outer.clone()
+    half[0, 0, 10, :] = True  # a padded query that sees keys: not valid × valid
+    for bad in (causal, window, half):
+        assert valid_keys(bad, 2) is None
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for _ in range(3))
+    calls = []
+
+    def call(qq, kk, vv, tb, ta):
+        calls.append((qq.shape[-2], tb, ta))
+        return F.scaled_dot_product_attention(qq, kk, vv)
+    for mask in (outer, additive, valid[:, None, None, :]):
+        out = run_key_padded(q, k, v, mask, 0, 4, 16 ** -0.5, call)
+        assert rel_err(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask)) < 1e-5
+    assert calls[:2] == [(9, 0, 1), (12, 0, 4)]
+    assert run_key_padded(q, k, v, window, 0, 4, 16 ** -0.5, call) is None
+
+
+class _Processor:
+    """Not a module (a diffusers-style attention processor): a graph break inside it makes Dynamo
+    resume in this frame, whose graph carries no module stack."""
+
+    def __call__(self, attn, x):
+        q, k, v = attn.split(x)
+        n = int(x.shape[1] + x.sum().item() * 0)  # .item(): a graph break inside the processor
+        return attn.merge(torch.nn.functional.scaled_dot_product_attention(q[..., :n, :], k, v))
+
+
+class _ProcessorAttn(SdpaForms):
+    def forward(self, x):
+        return _PROC(self, x)
+
+
+_PROC = _Processor()
+
+
+def test_attention_in_a_graph_without_module_info_is_not_routed_at_the_root():
+    """A site captured in a resumed graph without module stack looks like the root's own attention;
+    routed at the root it would take the first same-shaped call of the whole forward. It must stay
+    dense with its reason, and the census must name the attention that was not optimized."""
+    model = Stack(_ProcessorAttn, depth=2)
+    ref = model(X)
+    with pytest.warns(RuntimeWarning, match="outside the captured graphs in blocks.0.attn"):
+        opt = vmonarch_opt.optimize(model, (X,), methods=("monarch",), min_seq_len=0, budget=None)
+    assert all(r["plan"]["method"] == "original" for r in opt.report.rows)
+    assert [r["site"]["site_id"] for r in opt.report.rows] == ["<root>#0", "<root>#1"]
+    assert all("does not say which module" in r["plan"]["reason"] for r in opt.report.rows)
+    assert torch.allclose(opt(X), ref)
+
+
+def test_flex_attention_is_named_in_the_report():
+    """flex_attention (score/mask functions, BlockMask) is not rewritten; the report says so."""
+    import warnings
+    from torch.nn.attention.flex_attention import flex_attention
+
+    class Flex(SdpaForms):
+        def forward(self, x):
+            q, k, v = self.split(x)
+            return self.merge(flex_attention(q, k, v))
+
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.flex, self.sdpa = Flex(), SdpaForms()
+
+        def forward(self, x):
+            return self.sdpa(self.flex(x))
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        with pytest.warns(RuntimeWarning, match=r"flex_attention ran in flex \(1 call\)"):
+            opt = vmonarch_opt.optimize(Mixed(), (X,), methods=("monarch",), min_seq_len=0, budget=None)
+    assert "not optimized: flex_attention ran in flex (1 call)" in str(opt.report)
+    assert [r["site"]["site_id"] for r in opt.report.rows] == ["sdpa#0", "sdpa#1"]

@@ -16,6 +16,7 @@ CASES = {
     "cogvideox": (models.cogvideox, 2, "joint", 7, 0),
     "hunyuan": (models.hunyuan, 2, "joint", 0, 7),
     "ltx": (models.ltx, 2, "self", 0, 0),
+    "hunyuan15": (models.hunyuan15, 2, "joint", 0, 16),  # [B, 1, N, N] valid x valid mask on every call
 }
 
 
@@ -167,7 +168,7 @@ def test_hunyuan_text_padding_mask_is_handled_exactly():
     opt = vmonarch_opt.optimize(model, batch, overrides={"*": MonarchConfig(block=(3, 4, 5))}, min_seq_len=0, budget=None)
     rows = _video_self_sites(opt.report)
     assert [r["plan"]["method"] for r in rows] == ["monarch", "monarch"]
-    assert all("key-padding" in r["plan"]["reason"] for r in rows)
+    assert all("text padding mask" in r["plan"]["reason"] for r in rows)
     refiner = opt.report.site("context_embedder.token_refiner.refiner_blocks.0.attn")
     assert refiner["plan"]["method"] == "original"  # text-only attention with a 7×7 mask
     assert rel_err(_out(opt, batch), ref) < 1e-4
@@ -175,6 +176,24 @@ def test_hunyuan_text_padding_mask_is_handled_exactly():
     opt2 = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0, budget=None)
     out2 = _out(opt2, batch)
     assert torch.isfinite(out2).all() and 0 < rel_err(out2, ref) < 1.0
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_hunyuan15_query_key_padding_mask_is_handled_exactly(batch):
+    """HunyuanVideo 1.5 masks every joint attention with valid-query × valid-key ([B, 1, N, N]): with
+    padded prompts the padded text queries see no key at all; the rewrite must reproduce that."""
+    model, b = models.hunyuan15(batch=batch, pad=2)
+    if batch == 2:
+        b["encoder_attention_mask"][1] = 1  # the second prompt is not padded
+    ref = _out(model, b)
+    opt = vmonarch_opt.optimize(model, b, overrides={"*": MonarchConfig(block=(3, 4, 5))}, min_seq_len=0, budget=None)
+    rows = _video_self_sites(opt.report)
+    assert [r["plan"]["method"] for r in rows] == ["monarch", "monarch"]
+    assert all("text padding mask" in r["plan"]["reason"] for r in rows)
+    assert rel_err(_out(opt, b), ref) < 1e-4
+    cal = vmonarch_opt.optimize(model, b, min_seq_len=0)  # calibrated under the same mask
+    assert torch.isfinite(_out(cal, b)).all()
+    assert all(r["plan"]["reason"].startswith("calibrated") for r in _video_self_sites(cal.report))
 
 
 def test_monarch_frame_blocks_change_output_but_stay_close():

@@ -72,6 +72,34 @@ def hunyuan(frames: int = 3, height: int = 4, width: int = 5, layers: int = 1, s
     return m, _to(b, device, dtype)
 
 
+def hunyuan15(frames: int = 3, height: int = 4, width: int = 5, layers: int = 2, heads: int = 2,
+              head_dim: int = 16, text: int = 7, text_2: int = 5, image: int = 4, pad: int = 0, batch: int = 1,
+              seed: int = 0, dtype=torch.float32, device="cpu"):
+    """HunyuanVideo15Transformer3DModel (joint attention, text/image tokens after the video, a
+    [B, 1, N, N] valid × valid bool mask on every call); ``pad`` > 0 pads both prompts by that many
+    tokens (the model puts the padding after the valid text)."""
+    _need_diffusers()
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    torch.manual_seed(seed)
+    m = HunyuanVideo15Transformer3DModel(in_channels=4, out_channels=4, num_attention_heads=heads,
+                                         attention_head_dim=head_dim, num_layers=layers, num_refiner_layers=1,
+                                         mlp_ratio=2.0, patch_size=2, patch_size_t=1, text_embed_dim=32,
+                                         text_embed_2_dim=32, image_embed_dim=16,
+                                         rope_axes_dim=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)
+                                         ).to(device, dtype).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    m1, m2 = torch.ones(batch, text), torch.ones(batch, text_2)
+    if pad:
+        m1[:, text - pad:] = 0
+        m2[:, text_2 - pad:] = 0
+    b = dict(hidden_states=torch.randn(batch, 4, frames, 2 * height, 2 * width, generator=g),
+             timestep=torch.tensor([500.0] * batch), encoder_hidden_states=torch.randn(batch, text, 32, generator=g),
+             encoder_attention_mask=m1, encoder_hidden_states_2=torch.randn(batch, text_2, 32, generator=g),
+             encoder_attention_mask_2=m2, image_embeds=torch.randn(batch, image, 16, generator=g), return_dict=False)
+    return m, _to(b, device, dtype)
+
+
 def ltx(frames: int = 3, height: int = 4, width: int = 5, layers: int = 2, heads: int = 2, head_dim: int = 16,
         text: int = 7, batch: int = 1, seed: int = 0, dtype=torch.float32, device="cpu"):
     """LTXVideoTransformer3DModel (pre-patchified tokens; grid from num_frames/height/width)."""

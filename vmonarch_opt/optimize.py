@@ -247,6 +247,12 @@ def _uncaptured_text(missed: dict) -> str:
             f"Try capture='fx', or rewrite the loop so that torch.compile can trace it.")
 
 
+def _flex_text(flex: dict) -> str:
+    where = ", ".join(f"{p or '<root>'} ({n} call{'s' if n > 1 else ''})" for p, n in sorted(flex.items()))
+    return (f"flex_attention ran in {where}: its score/mask functions and BlockMask are not rewritten, "
+            f"so it keeps the model's own attention.")
+
+
 def _check_evaluate(evaluate, profile, budget) -> None:
     if evaluate is None:
         return
@@ -316,9 +322,19 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
     detected = detect(graphs, target)
     assign_grids(detected, graphs, target, batches[0], grid)
     sites = [d.site for d in detected]
+    if not calls.get("") and uncaptured(calls, [s for s in sites if s.module_path]):
+        # A graph Dynamo resumed after a graph break inside a function (not a module) carries no
+        # module stack: its SDPA looks like the root's own. Routed at the root it would take the
+        # first same-shaped call of the whole forward. The eager census says the root calls no
+        # attention itself while some module's calls are unaccounted for: these are those.
+        for s in sites:
+            if s.form == "sdpa" and s.module_path == "":
+                s.module_resolved = False
     missed = uncaptured(calls, sites)
     if missed:
         warnings.warn(f"vmonarch_opt: {_uncaptured_text(missed)}", RuntimeWarning, stacklevel=2)
+    if calls.flex:
+        warnings.warn(f"vmonarch_opt: {_flex_text(calls.flex)}", RuntimeWarning, stacklevel=2)
 
     # Eligibility and default choices first: hand-written attention that may be rewritten is
     # normalised to SDPA before calibration, so calibration observes every candidate site.
@@ -369,6 +385,8 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
             "torch": torch.__version__}
     if missed:
         meta["uncaptured"] = {"calls": missed, "note": _uncaptured_text(missed)}
+    if calls.flex:
+        meta["flex_attention"] = {"calls": dict(calls.flex), "note": _flex_text(calls.flex)}
     report = Report.build(type(model).__name__, sites, plans, meta=meta, site_errors=site_errors,
                           output_error=out_error)
     state = OptimizationState(sites=sites, plans=plans, report=report, modules=sorted(runtime),

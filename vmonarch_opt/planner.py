@@ -13,6 +13,9 @@ SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 def unsupported_reason(site: AttentionSite, min_seq_len: int, forced: bool) -> Optional[str]:
     """Why ``site`` must stay exactly as the model wrote it, or None if it can be rewritten."""
     if not site.module_resolved:
+        if not site.module_path:
+            return ("captured in a graph resumed after a graph break, which does not say which module runs "
+                    "it (the model's own forward calls no attention): cannot route it")
         return (f"the captured graph names its module '{site.module_path}', which matches no single module of "
                 f"the model (graph break inside a submodule): cannot route it")
     if site.kind == "cross":
@@ -24,7 +27,8 @@ def unsupported_reason(site: AttentionSite, min_seq_len: int, forced: bool) -> O
         return "causal mask (is_causal=True): our structured kernels are bidirectional"
     if site.has_mask and not key_padding_ok(site):
         shp = "×".join(map(str, site.mask_shape)) if site.mask_shape else "?"
-        return f"attention mask ({site.mask_kind or 'mask'} {shp}): arbitrary masks are not supported"
+        return (f"attention mask ({site.mask_kind or 'mask'} {shp}): only text padding masks of joint attention "
+                f"([B, 1, 1, N] keys, or [B, 1, N, N] = valid queries × valid keys) are supported")
     if site.dropout_training:
         return f"attention dropout p={site.dropout_p:g} in training mode"
     if site.scale_is_tensor:
@@ -43,11 +47,12 @@ def unsupported_reason(site: AttentionSite, min_seq_len: int, forced: bool) -> O
 
 
 def key_padding_ok(site: AttentionSite) -> bool:
-    """A mask that can only be a key-padding mask over the text tokens of joint attention."""
-    from .passes.keypad import is_key_padding_shape
+    """A mask shaped like a padding mask over the text tokens of joint attention (what it holds is
+    checked on every call: ``passes/keypad.py``)."""
+    from .passes.keypad import is_padding_mask_shape
 
     return (site.kind == "joint" and site.mask_kind in ("bool", "additive")
-            and is_key_padding_shape(site.mask_shape, site.seq_k))
+            and is_padding_mask_shape(site.mask_shape, site.seq_q, site.seq_k))
 
 
 def _override_for(site_id: str, overrides: Optional[dict]):
@@ -128,7 +133,7 @@ def plan_sites(sites: list[AttentionSite], *, methods=METHODS, overrides: Option
         layer += 1
         if s.has_mask and plan.method != "dense":
             plan.args["key_padding"] = True
-            plan.reason += "; text key-padding mask: padded text tokens dropped at run time"
+            plan.reason += "; text padding mask: padded text tokens dropped at run time"
         elif s.has_mask:
             plan.method, plan.args = "original", {}
             plan.reason = "attention mask: the dense choice keeps the model's own masked attention"

@@ -129,8 +129,8 @@ class Report:
                 f"(CUDA graphs), or leave short sequences dense (optimize(..., min_seq_len=...))")
 
     def _notes(self) -> str:
-        un = (self.data.get("meta") or {}).get("uncaptured")
-        return f"\nnot optimized: {un['note']}" if un else ""
+        meta = self.data.get("meta") or {}
+        return "".join(f"\nnot optimized: {meta[k]['note']}" for k in ("uncaptured", "flex_attention") if meta.get(k))
 
     def __str__(self) -> str:
         head = f"vmonarch_opt report — {self.data['model']}"

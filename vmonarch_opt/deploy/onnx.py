@@ -144,8 +144,11 @@ class _Lowerer:
             pm = _padding_mask(a["attn_mask"], q4.shape[0], k4.shape[-2],
                                slice(tb, k4.shape[-2] - ta))
             if pm is None:
-                return self._unsupported(plan, f"its mask of shape {tuple(a['attn_mask'].shape)} is not "
-                                         f"a text key-padding mask", original)
+                shp = tuple(a["attn_mask"].shape)
+                why = (f"its mask of shape {shp} is a query × key padding mask, which runs optimized in "
+                       f"PyTorch but has no ONNX lowering" if len(shp) == 4 and shp[-2] > 1 else
+                       f"its mask of shape {shp} is not a text key-padding mask")
+                return self._unsupported(plan, why, original)
             key_valid, ok = pm
         out = lower_site(plan, q4, k4, v4, scale, key_valid).reshape(q.shape[:-1] + (v.shape[-1],))
         how = _LOWERED_AS[plan.method]

@@ -6,7 +6,9 @@ Detection works on the graphs Dynamo (or FX) captured. Attention inside code tha
 attention. The census runs alongside the eager reference call: a ``TorchFunctionMode`` counts
 every ``F.scaled_dot_product_attention`` call per innermost module (tracked with global forward
 hooks), and ``uncaptured()`` compares those counts with the detected sites so the report can say
-which attention was not optimized and why.
+which attention was not optimized and why. Calls of ``torch.nn.attention.flex_attention`` (a
+higher-order op with score/mask functions and a BlockMask, which no pass rewrites) are counted
+too, so the report can name them instead of passing over them in silence.
 """
 from __future__ import annotations
 
@@ -19,28 +21,44 @@ from torch.overrides import TorchFunctionMode
 
 from .detect import SDPA_TARGETS
 
-__all__ = ["attention_census", "uncaptured"]
+__all__ = ["Census", "attention_census", "uncaptured"]
+
+
+class Census(Counter):
+    """SDPA calls per module path (see ``attention_census``); ``flex`` counts flex_attention calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.flex: Counter = Counter()
+
+
+def _is_flex_attention(func) -> bool:
+    return isinstance(func, torch._ops.HigherOrderOperator) and getattr(func, "__name__", "") == "flex_attention"
 
 
 class _CountSDPA(TorchFunctionMode):
-    def __init__(self, stack: list):
+    def __init__(self, stack: list, flex: Counter):
         super().__init__()
         self.stack = stack  # [[module path, SDPA calls so far in this invocation], ...]
+        self.flex = flex
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in SDPA_TARGETS and self.stack:
             self.stack[-1][1] += 1
+        elif _is_flex_attention(func):
+            self.flex[self.stack[-1][0] if self.stack else ""] += 1
         return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
-def attention_census(model: torch.nn.Module) -> Iterator[Counter]:
+def attention_census(model: torch.nn.Module) -> Iterator[Census]:
     """Within this block, SDPA calls of ``model`` are counted per innermost module: the Counter
     yielded (filled as the model runs) maps each module path (``""``: the root) to the most calls
-    one invocation of that module made — a module run twice (shared weights) still counts once."""
+    one invocation of that module made — a module run twice (shared weights) still counts once;
+    its ``flex`` Counter holds all flex_attention calls per module."""
     names = {id(m): name for name, m in model.named_modules()}
     stack: list = []
-    counts: Counter = Counter()
+    counts = Census()
 
     def pre(mod, args):
         name = names.get(id(mod))
@@ -57,7 +75,7 @@ def attention_census(model: torch.nn.Module) -> Iterator[Counter]:
 
     handles = [register_module_forward_pre_hook(pre), register_module_forward_hook(post)]
     try:
-        with _CountSDPA(stack):
+        with _CountSDPA(stack, counts.flex):
             yield counts
     finally:
         for h in handles:

@@ -1,11 +1,13 @@
-"""Joint attention with a key-padding mask on its text tokens (HunyuanVideo-style).
+"""Joint attention with a padding mask on its text tokens (HunyuanVideo-style).
 
 Video DiTs with joint text+video attention often pass a mask that only hides the padding of the
-text prompt: ``[B, 1, 1, N]`` (or ``[B, N]``), every video key visible. That case is handled
-exactly: per batch element, the padded text tokens are dropped, the structured kernel runs on
-video + valid text tokens, and the padded text *queries* (whose outputs the model discards, but
-which must still be what the model computes) attend densely to the valid keys. Any other mask —
-one that hides video keys, or an additive mask that is not a 0/−∞ padding mask — is reported as
+text prompt: a key-padding mask ``[B, 1, 1, N]`` (or ``[B, N]``), every video key visible, or
+(HunyuanVideo 1.5) its outer product ``[B, 1, N, N]`` = valid query × valid key, which also hides
+every key from the padded queries. Both are handled exactly: per batch element, the padded text
+tokens are dropped, the structured kernel runs on video + valid text tokens, and the padded text
+*queries* (whose outputs the model discards, but which must still be what the model computes) run
+the model's attention with their rows of the mask. Any other mask — one that hides video keys,
+one that is not a padding pattern, or an additive mask that is not 0/−∞ — is reported as
 unsupported and the call runs the model's own attention.
 """
 from __future__ import annotations
@@ -23,26 +25,67 @@ def is_key_padding_shape(mask_shape: Optional[tuple], seq_k: int) -> bool:
     return len(mask_shape) in (2, 3, 4) and all(d == 1 for d in mask_shape[1:-1])
 
 
-def valid_keys(mask: torch.Tensor, batch: int) -> Optional[torch.Tensor]:
-    """[batch, N] bool of visible keys, or None if ``mask`` is not a padding mask."""
+def is_padding_mask_shape(mask_shape: Optional[tuple], seq_q: int, seq_k: int) -> bool:
+    """A key-padding shape, or ``[B, 1, N, N]`` (query × key, N = seq_q = seq_k) that may be the
+    outer product of one: whether it is one is checked on every call (``valid_keys``)."""
+    if is_key_padding_shape(mask_shape, seq_k):
+        return True
+    return (mask_shape is not None and len(mask_shape) == 4 and mask_shape[1] == 1
+            and seq_q == seq_k and tuple(mask_shape[2:]) == (seq_q, seq_k))
+
+
+def _visible(mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """Bool of what ``mask`` lets through, or None for an additive mask that is not 0 / −∞."""
     if mask.dtype == torch.bool:
-        m = mask
+        return mask
+    finite = torch.isfinite(mask) & (mask > -1e4)
+    if not bool(((mask == 0) | ~finite).all()):
+        return None  # a real additive bias, not padding
+    return finite
+
+
+def valid_keys(mask: torch.Tensor, batch: int) -> Optional[torch.Tensor]:
+    """[batch, N] bool of visible keys, or None if ``mask`` is not a padding mask: a key-padding
+    mask, or a ``[B, 1, N, N]`` mask that is exactly valid-query × valid-key of one padding vector
+    (checked with two reductions, no N×N temporary)."""
+    m = _visible(mask)
+    if m is None:
+        return None
+    if m.dim() == 4 and m.shape[-2] > 1:
+        if m.shape[1] != 1 or m.shape[-2] != m.shape[-1]:
+            return None
+        m = m[:, 0]
+        valid = m.any(dim=-2)  # key j is visible to some query
+        rows = m.sum(dim=-1)   # keys visible to each query
+        expect = torch.where(valid, valid.sum(-1, keepdim=True), torch.zeros_like(rows))
+        if not bool((rows == expect).all()):
+            return None  # not valid × valid: a window, causal, or block mask
+        m = valid
     else:
-        finite = torch.isfinite(mask) & (mask > -1e4)
-        if not bool(((mask == 0) | ~finite).all()):
-            return None  # a real additive bias, not padding
-        m = finite
-    m = m.reshape(m.shape[0], -1) if m.dim() > 1 else m.unsqueeze(0)
+        m = m.reshape(m.shape[0], -1) if m.dim() > 1 else m.unsqueeze(0)
     if m.shape[0] not in (1, batch):
         return None
     return m.expand(batch, m.shape[-1])
+
+
+def padded_query_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, i: int,
+                      rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """What the model's attention gives batch element ``i``'s queries ``rows`` (the padded ones)
+    under ``mask``: SDPA on those rows with their own rows of the mask (all keys hidden under an
+    outer-product mask, the valid keys under a key-padding mask)."""
+    m = mask[i if mask.shape[0] > 1 else 0] if mask.dim() > 1 else mask
+    m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape)) if m.dim() < 4 else m
+    if m.shape[-2] > 1:
+        m = m.index_select(-2, rows)
+    return F.scaled_dot_product_attention(q[i:i + 1].index_select(-2, rows), k[i:i + 1], v[i:i + 1],
+                                          attn_mask=m, scale=scale)
 
 
 def run_key_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                    text_before: int, text_after: int, scale: float,
                    call: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int], torch.Tensor]
                    ) -> Optional[torch.Tensor]:
-    """Attention of [B, H, N, D] q/k/v under a text key-padding ``mask``; None if it is not one.
+    """Attention of [B, H, N, D] q/k/v under a text padding ``mask``; None if it is not one.
 
     ``call(q, k, v, text_before, text_after)`` runs the structured kernel on an unmasked sequence.
     """
@@ -65,6 +108,5 @@ def run_key_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
         ta = int(valid[i, text_before + nv:].sum())
         qi, ki, vi = (t[i:i + 1].index_select(-2, keep) for t in (q, k, v))
         out[i:i + 1].index_copy_(-2, keep, call(qi, ki, vi, tb, ta))
-        qd = q[i:i + 1].index_select(-2, drop)
-        out[i:i + 1].index_copy_(-2, drop, F.scaled_dot_product_attention(qd, ki, vi, scale=scale))
+        out[i:i + 1].index_copy_(-2, drop, padded_query_rows(q, k, v, mask, i, drop, scale))
     return out

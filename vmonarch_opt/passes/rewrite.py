@@ -174,7 +174,7 @@ def run_site(plan: SitePlan, a: dict, original: Callable) -> torch.Tensor:
                              scale, call)
         if out is None:
             _warn_once(plan, "mask", f"vmonarch_opt: site {plan.site_id} ran dense attention: "
-                       "its mask is not a key-padding mask on text tokens")
+                       "its mask is not a padding mask on text tokens")
             return original()
     else:
         out = call_method(plan, q4, k4, v4, scale)

@@ -154,7 +154,7 @@ def _run_candidate_padded(cfg, args: dict, q, k, v, scale: float, timed: bool, m
             return o
         out = run_key_padded(q, k, v, mask, args["text_before"], args["text_after"], scale, call)
         if out is None:  # the planner only keeps key-padding masks; anything else runs dense
-            raise ValueError("calibration: the site's mask is not a text key-padding mask")
+            raise ValueError("calibration: the site's mask is not a text padding mask")
         return out
 
     out, ms = _timed(fn, timed)
@@ -163,14 +163,19 @@ def _run_candidate_padded(cfg, args: dict, q, k, v, scale: float, timed: bool, m
 
 
 def masked_dense(q, k, v, scale: float, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The model's dense attention under a text key-padding mask, the entropy of that attention
+    """The model's dense attention under a text padding mask, the entropy of that attention
     (one dense pass) and the mean number of visible keys."""
-    from ..passes.keypad import valid_keys
+    from ..passes.keypad import padded_query_rows, valid_keys
 
     valid = valid_keys(mask, q.shape[0])
     if valid is None:
-        raise ValueError("calibration: the site's mask is not a text key-padding mask")
+        raise ValueError("calibration: the site's mask is not a text padding mask")
     out, _, ent = masked_dense_with_stats(q, k, v, scale, valid.to(q.device))
+    if mask.dim() == 4 and mask.shape[-2] > 1:  # valid × valid: padded queries see no key
+        for i in range(q.shape[0]):
+            drop = (~valid[i]).nonzero().squeeze(-1).to(q.device)
+            if drop.numel():
+                out[i:i + 1].index_copy_(-2, drop, padded_query_rows(q, k, v, mask, i, drop, scale).to(out.dtype))
     return out, ent, max(1, round(valid.sum(-1).float().mean().item()))
 
 
