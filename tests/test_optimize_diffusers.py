@@ -17,6 +17,7 @@ CASES = {
     "hunyuan": (models.hunyuan, 2, "joint", 0, 7),
     "ltx": (models.ltx, 2, "self", 0, 0),
     "hunyuan15": (models.hunyuan15, 2, "joint", 0, 16),  # [B, 1, N, N] valid x valid mask on every call
+    "kandinsky5": (models.kandinsky5, 2, "self", 0, 0),  # channels-last latents [B, T, H, W, C]
 }
 
 
@@ -69,7 +70,7 @@ def test_monarch_with_one_block_is_exact(name):
     ref = _out(model, batch)
     one_block = MonarchConfig(block=(3, 4, 5))  # the whole grid is a single block: dense softmax
     opt = vmonarch_opt.optimize(model, batch, overrides={"*": one_block}, min_seq_len=0, budget=None)
-    rewritten = [r for r in opt.report.rows if r["plan"]["method"] == "monarch"]
+    rewritten = [r for r in opt.report.rows if r["plan"]["method"] == "monarch" and r["site"]["grid"]]
     assert len(rewritten) == len(_video_self_sites(opt.report))
     assert rel_err(_out(opt, batch), ref) < 1e-4
 
@@ -194,6 +195,15 @@ def test_hunyuan15_query_key_padding_mask_is_handled_exactly(batch):
     cal = vmonarch_opt.optimize(model, b, min_seq_len=0)  # calibrated under the same mask
     assert torch.isfinite(_out(cal, b)).all()
     assert all(r["plan"]["reason"].startswith("calibrated") for r in _video_self_sites(cal.report))
+
+
+def test_channels_last_latents_whose_channels_equal_the_height_are_flagged():
+    """[B, T, H, W, C] latents with C == H: read as [B, T, C, H, W] they give another grid with the
+    same token count; the grid source says so and names the other reading."""
+    model, batch = models.kandinsky5(height=4, width=5, channels=8)  # latents [1, 3, 8, 10, 8]
+    opt = vmonarch_opt.optimize(model, batch, methods=("dense",), min_seq_len=0)
+    for r in _video_self_sites(opt.report):
+        assert "ambiguous" in r["site"]["grid_source"] and "(3, 4, 5)" in r["site"]["grid_source"]
 
 
 def test_monarch_frame_blocks_change_output_but_stay_close():

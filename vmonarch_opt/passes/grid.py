@@ -124,13 +124,42 @@ def _batch_candidates(model, batch) -> list[GridCandidate]:
         out.append(GridCandidate(g, f"batch num_frames/height/width ÷ patch {pt}×{ph}×{pw}"))
     if ps:
         pt, ph, pw = ps
+        chans = _in_channels(model)
         for name, v in items.items():
             if isinstance(v, torch.Tensor) and v.dim() == 5:
-                b, a1, a2, h, w = v.shape
-                # [B, C, T, H, W] (Wan, Hunyuan) and [B, T, C, H, W] (CogVideoX)
-                out.append(GridCandidate((-(-a2 // pt), h // ph, w // pw), f"batch '{name}' [B,C,T,H,W] ÷ patch {pt}×{ph}×{pw}"))
-                out.append(GridCandidate((-(-a1 // pt), h // ph, w // pw), f"batch '{name}' [B,T,C,H,W] ÷ patch {pt}×{ph}×{pw}"))
+                _, a1, a2, a3, a4 = v.shape
+                # (layout, channel axis size, (T, H, W)): [B, C, T, H, W] (Wan, Hunyuan), [B, T, C, H, W]
+                # (CogVideoX), [B, T, H, W, C] (Kandinsky 5)
+                layouts = [("[B,C,T,H,W]", a1, (a2, a3, a4)), ("[B,T,C,H,W]", a2, (a1, a3, a4))]
+                if a4 == chans:  # channels-last only where the config says so (else a stray candidate)
+                    layouts.append(("[B,T,H,W,C]", a4, (a1, a2, a3)))
+                if chans is not None:  # the layout whose channel axis is the model's input channels first:
+                    layouts.sort(key=lambda lay: lay[1] != chans)  # another may have the same token count
+                grids = [(lay, c, (-(-t // pt), h // ph, w // pw)) for lay, c, (t, h, w) in layouts]
+                for lay, c, g in grids:
+                    src = f"batch '{name}' {lay} ÷ patch {pt}×{ph}×{pw}"
+                    alike = [(lay2, g2) for lay2, c2, g2 in grids if c2 == c and g2 != g
+                             and math.prod(g2) == math.prod(g)]
+                    if alike:  # e.g. channels == latent height: two readings, same token count
+                        lay2, g2 = alike[0]
+                        src += (f" (ambiguous: read as {lay2} it is {g2}; pass grid={g2} if that is the "
+                                f"latent layout)")
+                    out.append(GridCandidate(g, src))
     return out
+
+
+def _in_channels(model) -> Optional[int]:
+    """The model's latent input channels from its config (``in_channels`` / ``in_visual_dim`` /
+    ``in_dim``), or None."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+    for key in ("in_channels", "in_visual_dim", "in_dim"):
+        c = get(key, None)
+        if isinstance(c, int) and not isinstance(c, bool):
+            return c
+    return None
 
 
 def _batch_size(batch) -> Optional[int]:
