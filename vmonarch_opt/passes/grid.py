@@ -110,7 +110,10 @@ def _patch_sizes(model) -> Optional[tuple]:
     return (int(pt), int(p), int(p))
 
 
-def _batch_candidates(model, batch) -> list[GridCandidate]:
+def _batch_candidates(model, batch, describe: bool = True) -> list[GridCandidate]:
+    """Grids from ``num_frames/height/width`` arguments and 5-D latents ÷ patch sizes; ``describe``
+    also flags layouts that another reading of the same latents would match (not when re-deriving
+    grids inside a compiled forward)."""
     out = []
     ps = _patch_sizes(model)
     items = dict(iter_tensors(batch))
@@ -133,13 +136,14 @@ def _batch_candidates(model, batch) -> list[GridCandidate]:
                 layouts = [("[B,C,T,H,W]", a1, (a2, a3, a4)), ("[B,T,C,H,W]", a2, (a1, a3, a4))]
                 if a4 == chans:  # channels-last only where the config says so (else a stray candidate)
                     layouts.append(("[B,T,H,W,C]", a4, (a1, a2, a3)))
-                if chans is not None:  # the layout whose channel axis is the model's input channels first:
-                    layouts.sort(key=lambda lay: lay[1] != chans)  # another may have the same token count
+                if chans is not None:  # the layout whose channel axis is the model's input channels first
+                    # (another may have the same token count); no sort: under torch.compile these are SymInts
+                    layouts = [lay for lay in layouts if lay[1] == chans] + [lay for lay in layouts if lay[1] != chans]
                 grids = [(lay, c, (-(-t // pt), h // ph, w // pw)) for lay, c, (t, h, w) in layouts]
                 for lay, c, g in grids:
                     src = f"batch '{name}' {lay} ÷ patch {pt}×{ph}×{pw}"
                     alike = [(lay2, g2) for lay2, c2, g2 in grids if c2 == c and g2 != g
-                             and math.prod(g2) == math.prod(g)]
+                             and math.prod(g2) == math.prod(g)] if describe else []
                     if alike:  # e.g. channels == latent height: two readings, same token count
                         lay2, g2 = alike[0]
                         src += (f" (ambiguous: read as {lay2} it is {g2}; pass grid={g2} if that is the "

@@ -60,7 +60,7 @@ class GridTracker:
             return None
         batch = {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}
         self._batch = _batch_size(batch) or 1
-        self.grids = [c.grid for c in _batch_candidates(self._model, batch)]
+        self.grids = [c.grid for c in _batch_candidates(self._model, batch, describe=False)]
         return None
 
     def _on_return(self, module, args, out):
