@@ -1,6 +1,7 @@
 """End-to-end speed of real video transformers: "how much faster is my model?"
 
     OUT=out PYTHONPATH=. python benchmarks/end_to_end.py            # GPU: Wan2.1-1.3B 480p + CogVideoX-5B
+    PYTHONPATH=. python benchmarks/end_to_end.py --models hunyuan15   # GPU: HunyuanVideo 1.5 (8.3 B) 480p
     PYTHONPATH=. python benchmarks/end_to_end.py --tiny --no-append  # CPU smoke run (small random configs)
 
 On the lent GPU (diffusers travels as a wheel: carry=[".whl"]), one model per call keeps each call
@@ -18,6 +19,11 @@ diffusers transformers at full size with random weights (bf16, batch 1; no downl
 * ``cogvideox``: ``CogVideoXTransformer3DModel`` with the CogVideoX-5B config (42 layers, 48 heads × 64,
   RoPE variant), 720×480 / 49 frames: latent 13×16×60×90 → 13×30×45 = 17550 video + 226 text tokens in
   joint attention.
+* ``hunyuan15``: ``HunyuanVideo15Transformer3DModel`` with its default (8.3 B, i2v) config: 54 layers,
+  16 heads × 128, 480p / 61 frames: latent 65×16×30×53 (patch 1) → 16×30×53 = 25440 video + 256 + 64 +
+  729 text/image tokens in joint attention, with the model's valid × valid [B, 1, N, N] bool mask on every
+  call (prompts unpadded here). That mask keeps diffusers' SDPA off the FlashAttention and cuDNN kernels,
+  so a further baseline drops all-visible masks and runs cuDNN ("mask dropped": exact for unpadded prompts).
 
 For each model: one forward, timed as the median of ``--runs`` CUDA-event measurements after warm-up,
 for dense attention (diffusers' default SDPA, and SDPA forced to the FlashAttention and cuDNN
@@ -30,6 +36,7 @@ report's validation run). Prints a short table last, writes ``$OUT/end_to_end.js
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import statistics
@@ -66,17 +73,60 @@ def cogvideox_5b(frames: int = 13, height: int = 30, width: int = 45, dtype=torc
     return m, models._to(b, device, dtype)
 
 
+def hunyuan15_480p(frames: int = 16, height: int = 30, width: int = 53, dtype=torch.bfloat16, device="cuda",
+                   seed: int = 0, text: int = 256, text_2: int = 64, image: int = 729):
+    """HunyuanVideo15Transformer3DModel with its default config (random weights, made on ``device``)."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        m = HunyuanVideo15Transformer3DModel()
+    m = m.to(dtype=dtype).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    b = dict(hidden_states=torch.randn(1, m.config.in_channels, frames, height, width, generator=g),
+             timestep=torch.tensor([500.0]), encoder_hidden_states=torch.randn(1, text, 3584, generator=g),
+             encoder_attention_mask=torch.ones(1, text), encoder_hidden_states_2=torch.randn(1, text_2, 1472, generator=g),
+             encoder_attention_mask_2=torch.ones(1, text_2), image_embeds=torch.randn(1, image, 1152, generator=g),
+             return_dict=False)
+    return m, models._to(b, device, dtype)
+
+
+class _DropVisibleMasks(torch.overrides.TorchFunctionMode):
+    """SDPA calls whose mask lets everything through run without it (and so may use FlashAttention
+    or cuDNN): the "mask dropped" baseline."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+            if mask is not None and mask.dtype == torch.bool and bool(mask.all()):
+                args = args[:3] + ((None,) + tuple(args[4:]) if len(args) > 3 else ())
+                kwargs.pop("attn_mask", None)
+        return func(*args, **kwargs)
+
+
+MASKED = {"hunyuan15"}  # models whose attention always carries a mask (the "mask dropped" baseline)
+DESCRIBED = {"wan": "Wan2.1-1.3B 480p/81f (21×30×52 = 32760 tokens)",
+             "cogvideox": "CogVideoX-5B 49f 720×480 (13×30×45 + 226 text)",
+             "hunyuan15": "HunyuanVideo 1.5 (8.3 B) 480p/61f (16×30×53 = 25440 + 1049 text/image tokens, "
+                          "valid × valid mask)"}
+
+
 def build(name: str, tiny: bool, device):
     if tiny:  # small random configs for a CPU smoke run; grids large enough to be rewritten
         if name == "wan":
             return models.wan(frames=3, height=6, width=8, device=device)
         if name == "cogvideox":
             return models.cogvideox(frames=3, height=6, width=8, device=device)
+        if name == "hunyuan15":
+            return models.hunyuan15(frames=3, height=6, width=8, device=device)
     if name == "wan":
         return models.wan_1_3b(device=device)
     if name == "cogvideox":
         return cogvideox_5b(device=device)
-    raise ValueError(f"unknown model {name!r}: use wan or cogvideox")
+    if name == "hunyuan15":
+        return hunyuan15_480p(device=device)
+    raise ValueError(f"unknown model {name!r}: use wan, cogvideox or hunyuan15")
 
 
 def median_ms(fn, runs: int, warmup: int, cuda: bool) -> float:
@@ -155,8 +205,11 @@ def main(argv=None) -> int:
         nparams = sum(p.numel() for p in model.parameters())
         print(f"[e2e] {mname}: {type(model).__name__}, {nparams / 1e9:.2f} B parameters", flush=True)
         base = {}
-        for label, backend in [("dense SDPA (diffusers default)", None), ("dense SDPA FLASH", SDPBackend.FLASH_ATTENTION),
-                               ("dense SDPA CUDNN", SDPBackend.CUDNN_ATTENTION)]:
+        dense_rows = [("dense SDPA (diffusers default)", None, False), ("dense SDPA FLASH", SDPBackend.FLASH_ATTENTION, False),
+                      ("dense SDPA CUDNN", SDPBackend.CUDNN_ATTENTION, False)]
+        if mname in MASKED:
+            dense_rows.append(("dense SDPA CUDNN, all-visible mask dropped", SDPBackend.CUDNN_ATTENTION, True))
+        for label, backend, drop in dense_rows:
             if backend is not None and (not cuda or args.compile):
                 continue
             try:
@@ -164,7 +217,7 @@ def main(argv=None) -> int:
                     fwd = compiled(model, args.compile)
                     ms = median_ms(lambda: call(fwd, batch), args.runs, args.warmup, cuda)
                 else:
-                    with sdpa_kernel(backend):
+                    with sdpa_kernel(backend), (_DropVisibleMasks() if drop else contextlib.nullcontext()):
                         ms = median_ms(lambda: call(model, batch), args.runs, args.warmup, cuda)
                 base[label] = ms
                 print(f"[e2e] {mname} {label}: {ms:.1f} ms", flush=True)
@@ -221,8 +274,8 @@ def main(argv=None) -> int:
                "attn-FLOP cut", "output rel. err", "optimize s"]
     table = tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
     cmd, when = command_line(), now()
-    what = ("small random configs (--tiny)" if args.tiny else
-            "Wan2.1-1.3B 480p/81f (21×30×52 = 32760 tokens), CogVideoX-5B 49f 720×480 (13×30×45 + 226 text)")
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    what = ("small random configs (--tiny)" if args.tiny else ", ".join(DESCRIBED.get(n, n) for n in names))
     mode = " under torch.compile (inductor, both sides compiled)" if args.compile else ""
     section = (f"## End-to-end: one transformer forward, dense vs optimized{mode} ({when})\n\n"
                f"Device: {devname}, torch {torch.__version__}, optimized attention via {kernels}. Command: `{cmd}`. "

@@ -147,7 +147,9 @@ def test_padding_masks_are_recognised_and_anything_else_is_not():
     window = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs().le(2)[None, None].expand(2, 1, n, n)
     half = outer.clone()
     half[0, 0, 10, :] = True  # a padded query that sees keys: not valid × valid
-    for bad in (causal, window, half):
+    moved = outer.clone()
+    moved[0, 0, 3, 4], moved[0, 0, 3, 10] = False, True  # as many entries, one in a padded key's column
+    for bad in (causal, window, half, moved):
         assert valid_keys(bad, 2) is None
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, n, 16, generator=g) for _ in range(3))
@@ -161,6 +163,10 @@ def test_padding_masks_are_recognised_and_anything_else_is_not():
         assert rel_err(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask)) < 1e-5
     assert calls[:2] == [(9, 0, 1), (12, 0, 4)]
     assert run_key_padded(q, k, v, window, 0, 4, 16 ** -0.5, call) is None
+    from vmonarch_opt.passes.keypad import _count_true
+    r = torch.rand(3, 13, 13, generator=g) > 0.5  # 169 entries: words + a tail; m[1] is not word-aligned
+    for t in (r, r[1], r[2], r[:, 1:], r[0, :1, :5]):
+        assert _count_true(t) == int(t.sum())
 
 
 class _Processor:

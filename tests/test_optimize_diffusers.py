@@ -192,6 +192,9 @@ def test_hunyuan15_query_key_padding_mask_is_handled_exactly(batch):
     assert [r["plan"]["method"] for r in rows] == ["monarch", "monarch"]
     assert all("text padding mask" in r["plan"]["reason"] for r in rows)
     assert rel_err(_out(opt, b), ref) < 1e-4
+    vm = vmonarch_opt.optimize(model, b, methods=("vmoba",), min_seq_len=0, budget=None)
+    for r in _video_self_sites(vm.report):  # FLOPs measured from the selection under the mask
+        assert r["plan"]["method"] == "vmoba" and 0 < r["plan"]["flops_after"] < r["plan"]["flops_before"]
     cal = vmonarch_opt.optimize(model, b, min_seq_len=0)  # calibrated under the same mask
     assert torch.isfinite(_out(cal, b)).all()
     assert all(r["plan"]["reason"].startswith("calibrated") for r in _video_self_sites(cal.report))

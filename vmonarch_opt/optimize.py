@@ -168,16 +168,29 @@ def _rel_error(a, b) -> Optional[float]:
     return None
 
 
-def _measure_vmoba(plan: SitePlan, q, k, v, scale: float) -> None:
-    """Fill a VMoBA plan's density and executed FLOPs from its block selection on real q/k."""
+def _measure_vmoba(plan: SitePlan, q, k, v, scale: float, mask=None) -> None:
+    """Fill a VMoBA plan's density and executed FLOPs from its block selection on real q/k (under a
+    text padding ``mask``: per batch element on the tokens the op keeps, as it runs)."""
     from .kernels.vmoba_reference import vmoba_flops, vmoba_select
+    from .passes.keypad import run_key_padded
 
     a = plan.args
-    sel = vmoba_select(q, k, grid=tuple(a["grid"]), chunk=tuple(a["chunk"]), text_before=a["text_before"],
-                       text_after=a["text_after"], partition=a["partition"], threshold=a["threshold"],
-                       topk=a["topk"], scale=scale)
-    plan.density = sel.density
-    plan.flops_after = int(vmoba_flops(sel, q.shape[-1], a.get("pooled_rest", False)))
+    flops, dens = [], []
+
+    def measure(qq, kk, vv, tb, ta):
+        sel = vmoba_select(qq, kk, grid=tuple(a["grid"]), chunk=tuple(a["chunk"]), text_before=tb,
+                           text_after=ta, partition=a["partition"], threshold=a["threshold"],
+                           topk=a["topk"], scale=scale)
+        flops.append(vmoba_flops(sel, qq.shape[-1], a.get("pooled_rest", False)))
+        dens.append(sel.density)
+        return torch.zeros_like(qq)  # only the selection is wanted
+
+    if mask is None:
+        measure(q, k, v, a["text_before"], a["text_after"])
+    elif run_key_padded(q, k, v, mask, a["text_before"], a["text_after"], scale, measure) is None:
+        return  # not a padding mask: the call ran the model's attention
+    plan.density = sum(dens) / len(dens)
+    plan.flops_after = int(sum(flops))
 
 
 def _validate(model, runtime: dict, forwards: dict, batch, reference) -> tuple[dict, Optional[float], set]:
@@ -194,8 +207,8 @@ def _validate(model, runtime: dict, forwards: dict, batch, reference) -> tuple[d
                     ran.add(plan.site_id)
                 ref = original()
                 errors[plan.site_id] = max(errors.get(plan.site_id, 0.0), _rel_error(out, ref) or 0.0)
-                if plan.method == "vmoba" and plan.density is None and a["attn_mask"] is None:
-                    _measure_vmoba(plan, *prepare_qkv(a))
+                if plan.method == "vmoba" and plan.density is None:
+                    _measure_vmoba(plan, *prepare_qkv(a), mask=a["attn_mask"])
             return out
         return handler
 
