@@ -209,6 +209,17 @@ def test_channels_last_latents_whose_channels_equal_the_height_are_flagged():
         assert "ambiguous" in r["site"]["grid_source"] and "(3, 4, 5)" in r["site"]["grid_source"]
 
 
+def test_kandinsky_visual_conditioning_channels_still_give_the_grid():
+    """visual_cond concatenates latents, condition latents and a mask: 2 * in_visual_dim + 1 channels."""
+    model, batch = models.kandinsky5(visual_cond=True)  # latents [1, 3, 8, 10, 9]
+    ref = _out(model, batch)
+    opt = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0, budget=None)
+    rows = _video_self_sites(opt.report)
+    assert len(rows) == 2 and all(tuple(r["site"]["grid"]) == (3, 4, 5) for r in rows)
+    assert all("[B,T,H,W,C]" in r["site"]["grid_source"] for r in rows)
+    assert 0 < rel_err(_out(opt, batch), ref) < 1.0
+
+
 def test_monarch_frame_blocks_change_output_but_stay_close():
     model, batch = models.wan(frames=4, height=4, width=4, layers=2)
     ref = _out(model, batch)

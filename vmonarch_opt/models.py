@@ -101,10 +101,11 @@ def hunyuan15(frames: int = 3, height: int = 4, width: int = 5, layers: int = 2,
 
 
 def kandinsky5(frames: int = 3, height: int = 4, width: int = 5, layers: int = 2, heads: int = 2,
-               head_dim: int = 16, text: int = 7, channels: int = 4, batch: int = 1, seed: int = 0,
-               dtype=torch.float32, device="cpu"):
+               head_dim: int = 16, text: int = 7, channels: int = 4, visual_cond: bool = False, batch: int = 1,
+               seed: int = 0, dtype=torch.float32, device="cpu"):
     """Kandinsky5Transformer3DModel: channels-last latents ``[B, T, H, W, C]``, linear patch
-    embedding, video self-attention and text cross-attention in separate calls."""
+    embedding, video self-attention and text cross-attention in separate calls; ``visual_cond``
+    feeds ``2 * channels + 1`` input channels (latents, condition latents, mask)."""
     _need_diffusers()
     from diffusers import Kandinsky5Transformer3DModel
 
@@ -112,7 +113,7 @@ def kandinsky5(frames: int = 3, height: int = 4, width: int = 5, layers: int = 2
     dim = heads * head_dim
     m = Kandinsky5Transformer3DModel(in_visual_dim=channels, in_text_dim=32, in_text_dim2=24, time_dim=32,
                                      out_visual_dim=channels, patch_size=(1, 2, 2), model_dim=dim, ff_dim=2 * dim,
-                                     num_text_blocks=1, num_visual_blocks=layers,
+                                     num_text_blocks=1, num_visual_blocks=layers, visual_cond=visual_cond,
                                      axes_dims=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)).eval()
     with torch.no_grad():  # its modulation is zero-initialised (attention would not reach the output)
         for n, p in m.named_parameters():
@@ -120,7 +121,8 @@ def kandinsky5(frames: int = 3, height: int = 4, width: int = 5, layers: int = 2
                 p.normal_(0, 0.05)
     m = m.to(device, dtype)
     g = torch.Generator().manual_seed(seed + 1)
-    b = dict(hidden_states=torch.randn(batch, frames, 2 * height, 2 * width, channels, generator=g),
+    c_in = 2 * channels + 1 if visual_cond else channels
+    b = dict(hidden_states=torch.randn(batch, frames, 2 * height, 2 * width, c_in, generator=g),
              encoder_hidden_states=torch.randn(batch, text, 32, generator=g), timestep=torch.tensor([500.0] * batch),
              pooled_projections=torch.randn(batch, 24, generator=g),
              visual_rope_pos=(torch.arange(frames), torch.arange(height), torch.arange(width)),

@@ -127,18 +127,19 @@ def _batch_candidates(model, batch, describe: bool = True) -> list[GridCandidate
         out.append(GridCandidate(g, f"batch num_frames/height/width ÷ patch {pt}×{ph}×{pw}"))
     if ps:
         pt, ph, pw = ps
-        chans = _in_channels(model)
+        chans = _in_channel_counts(model)
         for name, v in items.items():
             if isinstance(v, torch.Tensor) and v.dim() == 5:
                 _, a1, a2, a3, a4 = v.shape
                 # (layout, channel axis size, (T, H, W)): [B, C, T, H, W] (Wan, Hunyuan), [B, T, C, H, W]
                 # (CogVideoX), [B, T, H, W, C] (Kandinsky 5)
                 layouts = [("[B,C,T,H,W]", a1, (a2, a3, a4)), ("[B,T,C,H,W]", a2, (a1, a3, a4))]
-                if a4 == chans:  # channels-last only where the config says so (else a stray candidate)
+                if a4 in chans:  # channels-last only where the config says so (else a stray candidate)
                     layouts.append(("[B,T,H,W,C]", a4, (a1, a2, a3)))
-                if chans is not None:  # the layout whose channel axis is the model's input channels first
-                    # (another may have the same token count); no sort: under torch.compile these are SymInts
-                    layouts = [lay for lay in layouts if lay[1] == chans] + [lay for lay in layouts if lay[1] != chans]
+                if chans:  # the layout whose channel axis is the model's input channels first (another
+                    # may have the same token count); no sort: under torch.compile these are SymInts
+                    layouts = ([lay for lay in layouts if lay[1] in chans]
+                               + [lay for lay in layouts if lay[1] not in chans])
                 grids = [(lay, c, (-(-t // pt), h // ph, w // pw)) for lay, c, (t, h, w) in layouts]
                 for lay, c, g in grids:
                     src = f"batch '{name}' {lay} ÷ patch {pt}×{ph}×{pw}"
@@ -152,18 +153,23 @@ def _batch_candidates(model, batch, describe: bool = True) -> list[GridCandidate
     return out
 
 
-def _in_channels(model) -> Optional[int]:
-    """The model's latent input channels from its config (``in_channels`` / ``in_visual_dim`` /
-    ``in_dim``), or None."""
+def _in_channel_counts(model) -> set:
+    """The latent input channel counts the model's config allows: ``in_channels`` / ``in_visual_dim``
+    / ``in_dim``, and ``2 * in_visual_dim + 1`` with ``visual_cond`` (Kandinsky: latents, condition
+    latents and a mask concatenated); empty without a config."""
     cfg = getattr(model, "config", None)
     if cfg is None:
-        return None
+        return set()
     get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+    out = set()
     for key in ("in_channels", "in_visual_dim", "in_dim"):
         c = get(key, None)
         if isinstance(c, int) and not isinstance(c, bool):
-            return c
-    return None
+            out.add(c)
+    vis = get("in_visual_dim", None)
+    if get("visual_cond", False) is True and isinstance(vis, int):
+        out.add(2 * vis + 1)
+    return out
 
 
 def _batch_size(batch) -> Optional[int]:
