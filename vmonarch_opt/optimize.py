@@ -253,15 +253,19 @@ def _never_ran(plans: dict, ran: set) -> None:
             p.method, p.args, p.flops_after = "original", {}, p.flops_before
 
 
+def _calls_where(calls: dict) -> str:
+    return ", ".join(f"{p or '<root>'} ({n} call{'s' if n > 1 else ''})" for p, n in sorted(calls.items()))
+
+
 def _uncaptured_text(missed: dict) -> str:
-    where = ", ".join(f"{p or '<root>'} ({n} call{'s' if n > 1 else ''})" for p, n in missed.items())
+    where = _calls_where(missed)
     return (f"attention ran outside the captured graphs in {where} — Dynamo skipped that code (a graph "
             f"break in a loop or data-dependent Python), so it keeps the model's own attention. "
             f"Try capture='fx', or rewrite the loop so that torch.compile can trace it.")
 
 
 def _flex_text(flex: dict) -> str:
-    where = ", ".join(f"{p or '<root>'} ({n} call{'s' if n > 1 else ''})" for p, n in sorted(flex.items()))
+    where = _calls_where(flex)
     return (f"flex_attention ran in {where}: its score/mask functions and BlockMask are not rewritten, "
             f"so it keeps the model's own attention.")
 

@@ -24,7 +24,7 @@ import fnmatch
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.fx
@@ -96,11 +96,18 @@ def grid_modules(graphs: list[CapturedGraph], model: torch.nn.Module) -> list[tu
     return list(dict.fromkeys(out))
 
 
-def _patch_sizes(model) -> Optional[tuple]:
+def _config_get(model) -> Optional[Callable]:
+    """``get(key, default)`` over the model's config (a dict or an attribute object), or None."""
     cfg = getattr(model, "config", None)
     if cfg is None:
         return None
-    get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+    return cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+
+
+def _patch_sizes(model) -> Optional[tuple]:
+    get = _config_get(model)
+    if get is None:
+        return None
     p = get("patch_size", None)
     if p is None:
         return None
@@ -157,10 +164,9 @@ def _in_channel_counts(model) -> set:
     """The latent input channel counts the model's config allows: ``in_channels`` / ``in_visual_dim``
     / ``in_dim``, and ``2 * in_visual_dim + 1`` with ``visual_cond`` (Kandinsky: latents, condition
     latents and a mask concatenated); empty without a config."""
-    cfg = getattr(model, "config", None)
-    if cfg is None:
+    get = _config_get(model)
+    if get is None:
         return set()
-    get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
     out = set()
     for key in ("in_channels", "in_visual_dim", "in_dim"):
         c = get(key, None)
