@@ -257,8 +257,13 @@ def _calls_where(calls: dict) -> str:
     return ", ".join(f"{p or '<root>'} ({n} call{'s' if n > 1 else ''})" for p, n in sorted(calls.items()))
 
 
-def _uncaptured_text(missed: dict) -> str:
+def _uncaptured_text(missed: dict, unrouted: bool = False) -> str:
     where = _calls_where(missed)
+    if unrouted:  # some of it was captured, in graphs without module information (see optimize())
+        return (f"attention in {where} ran outside the captured graphs or in graphs resumed after a graph "
+                f"break inside a function (e.g. an attention processor) that do not say which module runs "
+                f"it, so it keeps the model's own attention. Try capture='fx', or remove the graph break "
+                f"(the torch.compile warning names it).")
     return (f"attention ran outside the captured graphs in {where} — Dynamo skipped that code (a graph "
             f"break in a loop or data-dependent Python), so it keeps the model's own attention. "
             f"Try capture='fx', or rewrite the loop so that torch.compile can trace it.")
@@ -348,8 +353,9 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
             if s.form == "sdpa" and s.module_path == "":
                 s.module_resolved = False
     missed = uncaptured(calls, sites)
+    unrouted = any(not s.module_resolved and not s.module_path for s in sites)
     if missed:
-        warnings.warn(f"vmonarch_opt: {_uncaptured_text(missed)}", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"vmonarch_opt: {_uncaptured_text(missed, unrouted)}", RuntimeWarning, stacklevel=2)
     if calls.flex:
         warnings.warn(f"vmonarch_opt: {_flex_text(calls.flex)}", RuntimeWarning, stacklevel=2)
 
@@ -401,7 +407,7 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
             "optimize_seconds": round(time.perf_counter() - t0, 3),
             "torch": torch.__version__}
     if missed:
-        meta["uncaptured"] = {"calls": missed, "note": _uncaptured_text(missed)}
+        meta["uncaptured"] = {"calls": missed, "note": _uncaptured_text(missed, unrouted)}
     if calls.flex:
         meta["flex_attention"] = {"calls": dict(calls.flex), "note": _flex_text(calls.flex)}
     report = Report.build(type(model).__name__, sites, plans, meta=meta, site_errors=site_errors,
