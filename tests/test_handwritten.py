@@ -149,7 +149,15 @@ def test_padding_masks_are_recognised_and_anything_else_is_not():
     half[0, 0, 10, :] = True  # a padded query that sees keys: not valid × valid
     moved = outer.clone()
     moved[0, 0, 3, 4], moved[0, 0, 3, 10] = False, True  # as many entries, one in a padded key's column
-    for bad in (causal, window, half, moved):
+    holed = outer.clone()
+    holed[1, 0, 2, 5] = False  # element 1 has nothing padded but a hole: valid tokens first, not full
+    scattered = valid.clone()
+    scattered[1, 2] = False  # a padded token in the middle: the counting path
+    scat = scattered[:, None, :, None] & scattered[:, None, None, :]
+    assert torch.equal(valid_keys(scat, 2), scattered)
+    scat_holed = scat.clone()
+    scat_holed[1, 0, 0, 1] = False
+    for bad in (causal, window, half, moved, holed, scat_holed):
         assert valid_keys(bad, 2) is None
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, n, 16, generator=g) for _ in range(3))

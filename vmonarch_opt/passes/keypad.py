@@ -60,14 +60,17 @@ def valid_keys(mask: torch.Tensor, batch: int) -> Optional[torch.Tensor]:
             return None
         m = m[:, 0]
         valid = m.diagonal(dim1=-2, dim2=-1)  # query i sees key i iff token i is valid
-        if not bool(m.all()):  # (nothing padded: one fast reduction)
-            for b in range(m.shape[0]):
-                pad = (~valid[b]).nonzero().squeeze(-1)
-                if pad.numel() and bool(m[b].index_select(0, pad).any() | m[b].index_select(1, pad).any()):
-                    return None  # a padded token's row or column is not empty
-                nv = int(valid[b].sum())
-                if _count_true(m[b]) != nv * nv:
-                    return None  # not valid × valid: a window, causal, or block mask
+        for b in range(m.shape[0]):
+            pad = (~valid[b]).nonzero().squeeze(-1)
+            if pad.numel() == 0:  # nothing padded: V × V is everything (one fast reduction)
+                if not bool(m[b].all()):
+                    return None
+                continue
+            if bool(m[b].index_select(0, pad).any() | m[b].index_select(1, pad).any()):
+                return None  # a padded token's row or column is not empty
+            nv = valid.shape[-1] - pad.numel()
+            if _count_true(m[b]) != nv * nv:
+                return None  # not valid × valid: a window, causal, or block mask
         m = valid
     else:
         m = m.reshape(m.shape[0], -1) if m.dim() > 1 else m.unsqueeze(0)
