@@ -170,6 +170,10 @@ def test_padding_masks_are_recognised_and_anything_else_is_not():
         out = run_key_padded(q, k, v, mask, 0, 4, 16 ** -0.5, call)
         assert rel_err(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask)) < 1e-5
     assert calls[:2] == [(9, 0, 1), (12, 0, 4)]
+    calls.clear()  # nothing padded: one call for the whole batch
+    everything = torch.ones(2, 1, n, n, dtype=torch.bool)
+    assert rel_err(run_key_padded(q, k, v, everything, 0, 4, 16 ** -0.5, call),
+                   F.scaled_dot_product_attention(q, k, v)) < 1e-5 and calls == [(12, 0, 4)]
     assert run_key_padded(q, k, v, window, 0, 4, 16 ** -0.5, call) is None
     from vmonarch_opt.passes.keypad import _count_true
     r = torch.rand(3, 13, 13, generator=g) > 0.5  # 169 entries: words + a tail; m[1] is not word-aligned

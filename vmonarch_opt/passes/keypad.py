@@ -120,6 +120,8 @@ def run_key_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     video = slice(text_before, text_before + nv)
     if not bool(valid[:, video].all()):
         return None  # video keys are masked: not a text padding mask
+    if bool(valid.all()):
+        return call(q, k, v, text_before, text_after)  # nothing padded: one call for the whole batch
     out = torch.empty_like(q)
     for i in range(b):
         keep = valid[i].nonzero().squeeze(-1)
