@@ -194,8 +194,9 @@ def main(argv=None) -> int:
     print(f"[e2e] device {devname}, torch {torch.__version__}, optimized attention via {kernels}", flush=True)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
     results, rows = [], []
-    for mname in [m.strip() for m in args.models.split(",") if m.strip()]:
+    for mname in names:
         try:
             model, batch = build(mname, args.tiny, dev)
         except Exception as e:
@@ -274,7 +275,6 @@ def main(argv=None) -> int:
                "attn-FLOP cut", "output rel. err", "optimize s"]
     table = tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
     cmd, when = command_line(), now()
-    names = [m.strip() for m in args.models.split(",") if m.strip()]
     what = ("small random configs (--tiny)" if args.tiny else ", ".join(DESCRIBED.get(n, n) for n in names))
     mode = " under torch.compile (inductor, both sides compiled)" if args.compile else ""
     section = (f"## End-to-end: one transformer forward, dense vs optimized{mode} ({when})\n\n"

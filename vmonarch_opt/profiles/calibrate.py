@@ -171,11 +171,10 @@ def masked_dense(q, k, v, scale: float, mask: torch.Tensor) -> tuple[torch.Tenso
     if valid is None:
         raise ValueError("calibration: the site's mask is not a text padding mask")
     out, _, ent = masked_dense_with_stats(q, k, v, scale, valid.to(q.device))
-    if mask.dim() == 4 and mask.shape[-2] > 1:  # valid × valid: padded queries see no key
-        for i in range(q.shape[0]):
-            drop = (~valid[i]).nonzero().squeeze(-1).to(q.device)
-            if drop.numel():
-                out[i:i + 1].index_copy_(-2, drop, padded_query_rows(q, k, v, mask, i, drop, scale).to(out.dtype))
+    for i in range(q.shape[0]):  # padded queries: what the model gives them (no key under valid × valid)
+        drop = (~valid[i]).nonzero().squeeze(-1).to(q.device)
+        if drop.numel():
+            out[i:i + 1].index_copy_(-2, drop, padded_query_rows(q, k, v, mask, i, drop, scale).to(out.dtype))
     return out, ent, max(1, round(valid.sum(-1).float().mean().item()))
 
 
