@@ -147,19 +147,28 @@ def test_attention_outside_the_captured_graphs_is_reported(monkeypatch):
 def test_framepack_blocks_captured_below_a_graph_break_keep_their_modules():
     """Framepack's forward breaks the graph (``.item()``): its blocks are traced in frames of their
     own, where Dynamo names the attention module relative to the block ("attn"); sites must still
-    be routed to the right modules, and the report's errors are the real ones."""
+    be routed to the right modules, and the report's errors are the real ones. The history latents
+    are packed in front of the video in nested cats of the graph before the break: the video grid
+    is found behind them (40 clean + 6 2x + 2 4x history tokens, then 60 video, then 7 text + 3 image)."""
     model, b = models.framepack()
     ref = _out(model, b)
     opt = vmonarch_opt.optimize(model, b, methods=("monarch",), min_seq_len=0, budget=None)
     ids = {r["site"]["site_id"]: r["plan"]["method"] for r in opt.report.rows}
     assert ids["transformer_blocks.0.attn"] == ids["single_transformer_blocks.0.attn"] == "monarch"
     assert ids["context_embedder.token_refiner.refiner_blocks.0.attn"] == "original"
+    for site in ("transformer_blocks.0.attn", "single_transformer_blocks.0.attn"):
+        s = opt.report.site(site)["site"]
+        assert (tuple(s["grid"]), s["text_before"], s["text_after"]) == ((3, 4, 5), 48, 10)
+        assert s["kind"] == "joint"
     assert rel_err(_out(opt, b), ref) == pytest.approx(opt.report.totals["output_error"], rel=1e-4)
     assert opt.report.totals["output_error"] > 0
-    exact = vmonarch_opt.optimize(model, b, overrides={"*attn": MonarchConfig(block=(1, 1, 118))}, min_seq_len=0,
+    exact = vmonarch_opt.optimize(model, b, overrides={"*attn": MonarchConfig(block=(3, 4, 5))}, min_seq_len=0,
                                   budget=None)
     assert exact.report.totals["by_method"].get("monarch") == 2
     assert rel_err(_out(exact, b), ref) < 1e-4
+    _, other = models.framepack(frames=2, height=5)  # other history sizes: the model's own attention
+    with pytest.warns(RuntimeWarning, match="differs from the calibrated"):
+        assert rel_err(_out(opt, other), _out(model, other)) < 1e-5
 
 
 def test_hunyuan_text_padding_mask_is_handled_exactly():

@@ -15,8 +15,12 @@ the per-frame grid ``(1, H, W)`` or the per-position grid ``(T, 1, 1)`` of a can
 site's sequence length and batch say so.
 
 Text tokens (joint attention) are located by finding the ``cat`` that builds the sequence in the
-graph; if the grid is known but the text position is not, the site gets no grid (1D blocks) and
-the report says so. Nothing is guessed silently: every site records where its grid came from.
+graph. Packing may be nested (Framepack puts clean/2×/4× history latents in front of the video,
+one ``cat`` each, before a graph break; the text joins in the attention block's graph): a part
+longer than the video is searched the same way, and a sequence that enters a graph as an input is
+looked up in the cats of the other captured graphs, which must agree. The non-video tokens found
+are treated as text (attended densely). If the grid is known but the text position is not, the
+site gets no grid (1D blocks) and the report says so. Nothing is guessed silently: every site records where its grid came from.
 """
 from __future__ import annotations
 
@@ -185,29 +189,77 @@ def _batch_size(batch) -> Optional[int]:
     return None
 
 
-def _find_text_split(ds: DetectedSite, n_video: int, max_nodes: int = 400) -> Optional[tuple]:
-    """Search q's ancestry for the cat that joins video and text tokens; (before, after) or None."""
-    n_total = ds.site.seq_q
-    start = ds.q
+def _cat_parts(n) -> Optional[list]:
+    """``[(part node, size along the cat dim)]`` of a ``cat`` node with known shapes, else None."""
+    if not (n.op == "call_function" and n.target in _CAT):
+        return None
+    parts = n.args[0] if n.args else n.kwargs.get("tensors")
+    dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+    shapes = [_shape(p) for p in parts] if isinstance(parts, (list, tuple)) else []
+    if not shapes or not all(shapes) or not all(-len(s) <= dim < len(s) for s in shapes):
+        return None
+    return [(p, s[dim]) for p, s in zip(parts, shapes)]
+
+
+def _video_offsets(parts: list, n_video: int, graphs, graph, depth: int) -> set:
+    """Offsets of the video tokens in the sequence a ``cat`` of ``parts`` builds: a part of exactly
+    ``n_video`` tokens, or (nested packing, e.g. history latents put in front of the video) a longer
+    part whose own sequence holds the video."""
+    out, before = set(), 0
+    for p, size in parts:
+        if size == n_video:
+            out.add(before)
+        elif size > n_video and depth < 4:
+            o = _locate_video(p, size, n_video, graphs, graph, depth + 1)
+            if o is not None:
+                out.add(before + o)
+        before += size
+    return out
+
+
+def _locate_video(start, length: int, n_video: int, graphs, graph, depth: int = 0,
+                  max_nodes: int = 400) -> Optional[int]:
+    """Where the ``n_video`` video tokens sit in the ``length``-token sequence ``start`` carries:
+    search its ancestry for the ``cat`` that builds a sequence of that length. When the ancestry
+    starts at a graph input (a graph break between the packing and the attention), the cats of the
+    other captured graphs that build a sequence of that length are asked instead, and must agree.
+    None when not found or ambiguous."""
     if not isinstance(start, torch.fx.Node):
         return None
-    seen, todo = set(), deque([start])
+    seen, todo, from_input = set(), deque([start]), False
     while todo and len(seen) < max_nodes:
         n = todo.popleft()
         if n in seen:
             continue
         seen.add(n)
-        if n.op == "call_function" and n.target in _CAT:
-            parts = n.args[0] if n.args else n.kwargs.get("tensors")
-            dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
-            shapes = [_shape(p) for p in parts] if isinstance(parts, (list, tuple)) else []
-            if shapes and all(shapes):
-                sizes = [s[dim] for s in shapes]
-                if sum(sizes) == n_total and n_video in sizes:
-                    i = sizes.index(n_video)
-                    return sum(sizes[:i]), sum(sizes[i + 1:])
+        from_input |= n.op == "placeholder"
+        parts = _cat_parts(n)
+        if parts and sum(s for _, s in parts) == length:
+            offsets = _video_offsets(parts, n_video, graphs, graph, depth)
+            if offsets:
+                return offsets.pop() if len(offsets) == 1 else None
         todo.extend(n.all_input_nodes)
-    return None
+    if not from_input or depth >= 4:
+        return None
+    found = set()
+    for g in graphs:
+        if g.gm.graph is graph:
+            continue
+        for n in g.gm.graph.nodes:
+            parts = _cat_parts(n)
+            if parts and sum(s for _, s in parts) == length:
+                found |= _video_offsets(parts, n_video, graphs, g.gm.graph, depth + 1)
+    return found.pop() if len(found) == 1 else None
+
+
+def _find_text_split(ds: DetectedSite, n_video: int, graphs: list[CapturedGraph] = ()) -> Optional[tuple]:
+    """(tokens before, tokens after) the video in the site's sequence, from the cat(s) in q's
+    ancestry that join video and text (or history) tokens; None if not found or ambiguous."""
+    start = ds.q
+    if not isinstance(start, torch.fx.Node):
+        return None
+    at = _locate_video(start, ds.site.seq_q, n_video, graphs, start.graph)
+    return None if at is None else (at, ds.site.seq_q - n_video - at)
 
 
 def _spec_entries(grid: GridSpec) -> list:
@@ -289,7 +341,7 @@ def assign_grids(sites: list[DetectedSite], graphs: list[CapturedGraph], model, 
                 chosen = (c, 0, 0)
                 break
             if 0 < nv < n:
-                split = _find_text_split(ds, nv)
+                split = _find_text_split(ds, nv, graphs)
                 if split is not None:
                     chosen = (c, *split)
                     break
