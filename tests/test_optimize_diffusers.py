@@ -171,6 +171,29 @@ def test_framepack_blocks_captured_below_a_graph_break_keep_their_modules():
         assert rel_err(_out(opt, other), _out(model, other)) < 1e-5
 
 
+def test_framepack_blocks_sharing_one_captured_graph_all_get_sites():
+    """Below the graph break Dynamo compiles a block's forward once and runs that graph for every
+    block of the class: the blocks whose graph was not seen again get the template's sites (each
+    calibrated and validated on its own q/k/v), none is left uncaptured."""
+    model, b = models.framepack(layers=3, single_layers=4)
+    ref = _out(model, b)
+    opt = vmonarch_opt.optimize(model, b, methods=("monarch",), min_seq_len=0, budget=None)
+    blocks = [f"transformer_blocks.{i}.attn" for i in range(3)] + [f"single_transformer_blocks.{i}.attn" for i in range(4)]
+    rows = {r["site"]["site_id"]: r for r in opt.report.rows}
+    assert [sid for sid in rows if sid in blocks] == blocks  # execution order
+    assert all(rows[sid]["plan"]["method"] == "monarch" and tuple(rows[sid]["site"]["grid"]) == (3, 4, 5)
+               for sid in blocks)
+    assert any("graph shared with transformer_blocks.0" in n for n in rows["transformer_blocks.2.attn"]["site"]["notes"])
+    assert not opt.report.data["meta"].get("uncaptured")
+    errs = [rows[sid]["error"] for sid in blocks]
+    assert all(e is not None and 0 < e < 1 for e in errs) and len(set(errs)) == len(errs)  # each its own
+    assert rel_err(_out(opt, b), ref) == pytest.approx(opt.report.totals["output_error"], rel=1e-4)
+    exact = vmonarch_opt.optimize(model, b, overrides={"*attn": MonarchConfig(block=(3, 4, 5))}, min_seq_len=0,
+                                  budget=None)
+    assert exact.report.totals["by_method"].get("monarch") == 7
+    assert rel_err(_out(exact, b), ref) < 1e-4
+
+
 def test_hunyuan_text_padding_mask_is_handled_exactly():
     model, batch = models.hunyuan(batch=2)
     batch["encoder_attention_mask"][0, 4:] = 0  # prompt 0 has 4 real tokens, prompt 1 has 7

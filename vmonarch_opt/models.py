@@ -189,7 +189,8 @@ def mochi(frames: int = 3, height: int = 4, width: int = 5, layers: int = 2, hea
 
 
 def framepack(frames: int = 3, height: int = 4, width: int = 5, heads: int = 2, head_dim: int = 16, text: int = 7,
-              batch: int = 1, seed: int = 0, dtype=torch.float32, device="cpu"):
+              batch: int = 1, seed: int = 0, dtype=torch.float32, device="cpu", layers: int = 1,
+              single_layers: int = 1):
     """HunyuanVideoFramepackTransformer3DModel with clean/2×/4× history latents and image tokens; its
     forward breaks the Dynamo graph (``.item()``), so the blocks are captured in frames of their own."""
     _need_diffusers()
@@ -197,8 +198,8 @@ def framepack(frames: int = 3, height: int = 4, width: int = 5, heads: int = 2, 
 
     torch.manual_seed(seed)
     m = HunyuanVideoFramepackTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=heads, attention_head_dim=head_dim, num_layers=1,
-        num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32,
+        in_channels=4, out_channels=4, num_attention_heads=heads, attention_head_dim=head_dim, num_layers=layers,
+        num_single_layers=single_layers, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32,
         pooled_projection_dim=16, rope_axes_dim=(4, 6, 6), image_condition_type=None, has_image_proj=True,
         image_proj_dim=16, has_clean_x_embedder=True).to(device, dtype).eval()
     g = torch.Generator().manual_seed(seed + 1)

@@ -20,6 +20,7 @@ from .passes.grid import assign_grids, check_grid_spec, grid_modules, lookup_use
 from .passes.normalize import NormalizeError, normalize_module
 from .passes.regrid import GridTracker
 from .passes.rewrite import install, plan_handler, prepare_qkv, run_site, runtime_mismatch, uninstall
+from .passes.siblings import add_sibling_sites
 from .planner import plan_sites
 from .report import Report
 from .site import AttentionSite
@@ -341,7 +342,7 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
     with torch.no_grad(), attention_census(target) as calls:
         reference = run_calibration_call(target, batches[0])
     graphs = capture_graphs(target, batches[0], capture)
-    detected = detect(graphs, target)
+    detected = add_sibling_sites(detect(graphs, target), calls, target)
     assign_grids(detected, graphs, target, batches[0], grid)
     sites = [d.site for d in detected]
     if not calls.get("") and uncaptured(calls, [s for s in sites if s.module_path]):
