@@ -415,3 +415,16 @@ def test_pooled_inputs_are_cuda_graph_safe():
     a = vmoba_mod._pooled_args(q, k, v, sel)[3]
     b = vmoba_mod._pooled_args(q, k, v, sel)[3]
     assert a is b and torch.equal(a, torch.log2(lay.block_len.float()))
+
+
+@pytest.mark.parametrize("tb,ta", [(3, 2), (4, 0), (0, 5)])
+def test_kernel_text_rows_through_torch_sdpa(monkeypatch, tb, ta):
+    """The text query rows by torch's SDPA (the CUDA fp16/bf16 path, forced here on CPU) match the
+    reference, with and without the pooled rest."""
+    q, k, v = _qkv(2, 2, tb + 60 + ta, 64, spread=1.5)
+    monkeypatch.setattr(vmoba_mod, "sdpa_text_rows", lambda q: True)
+    for pooled in (False, True):
+        kw = dict(grid=(3, 4, 5), chunk=(1, 2, 3), text_before=tb, text_after=ta, partition="3d", topk=3,
+                  pooled_rest=pooled)
+        out = vmoba_attention_triton(q, k, v, **kw)
+        assert torch.isfinite(out).all() and rel_err(out, vmoba_attention_reference(q, k, v, **kw)) < 2e-5

@@ -24,6 +24,7 @@ import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -280,6 +281,26 @@ def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         cfg = _pick_config(q, k, v, out, lse, ent, s, return_stats)
         _launch(cfg, q, k, v, out, lse, ent, s, return_stats)
     return (out, lse, ent) if return_stats else out
+
+
+def sdpa_text_rows(q: torch.Tensor) -> bool:
+    """Whether the text query rows of joint attention go to torch's SDPA: on CUDA in fp16/bf16
+    (cuDNN / FlashAttention), which is 1.3–2.8× our split-K Triton pass and 1.0–1.5× ``_flash_into``
+    there (H200, torch 2.11: FramePack's 4587 text/history rows × 18051 keys 4.5 → 1.9 ms;
+    HunyuanVideo 1.5's 1049 × 26489 1.34 → 0.71 ms; CogVideoX's 226 × 17776 0.48 → 0.20 ms;
+    ``.probe``-style timing in BENCHMARKS.md). Elsewhere (CPU, the interpreter, fp32) our kernels."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not interpreting()
+
+
+def text_rows_sdpa_into(q, k, v, out, text_before: int, n_video: int, scale: float) -> None:
+    """Exact attention of the text query rows (the ``text_before`` first rows and those after the
+    ``n_video`` video rows) over all keys, by one torch SDPA call, written into ``out``."""
+    N = q.shape[2]
+    if text_before + n_video == N:  # text only before the video: a plain slice
+        out[:, :, :text_before] = F.scaled_dot_product_attention(q[:, :, :text_before], k, v, scale=scale)
+        return
+    idx = torch.cat([torch.arange(text_before, device=q.device), torch.arange(text_before + n_video, N, device=q.device)])
+    out.index_copy_(2, idx, F.scaled_dot_product_attention(q.index_select(2, idx), k, v, scale=scale).to(out.dtype))
 
 
 def _flash_into(q, k, v, out, scale):

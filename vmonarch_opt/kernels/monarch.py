@@ -22,9 +22,11 @@ docstring for the algorithm, the text-token handling and ``recompute``) with thr
   then ``Qbar[m, j] = sum_i L[j,i,m] q[i,j] / sum_i L[j,i,m]`` (plain, or the log-domain
   recomputation with reset of ``recompute=True``), written as the next R-step's query.
 
-Text query rows (joint attention) run through ``_text_rows_kernel``, a dense flash pass over all
-N keys, split over key ranges (split-K) so that the few text rows still fill the GPU; the partial
-results are merged with their log-sum-exps on the host side. Everything takes q/k/v in the caller's ``[batch, heads, N, head_dim]`` layout (any
+Text query rows (joint attention) are exact dense attention over all N keys: on CUDA in fp16/bf16
+one torch SDPA call on the gathered rows (cuDNN / FlashAttention; ``flash.sdpa_text_rows`` says
+why), elsewhere ``_text_rows_kernel``, a dense flash pass split over key ranges (split-K) so that
+the few text rows still fill the GPU, the partial results merged with their log-sum-exps on the
+host side. Everything takes q/k/v in the caller's ``[batch, heads, N, head_dim]`` layout (any
 strides with a unit last stride); block positions are mapped to sequence rows in-kernel
 (``_tok``), with a fast path when blocks are contiguous runs of tokens (frame blocks, frame
 groups, 1D blocks). fp16/bf16 inputs use tensor-core dots with fp32 accumulation; fp32 inputs
@@ -40,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .flash import sdpa_text_rows, text_rows_sdpa_into
 from .out_layout import empty_attention_out
 from .monarch_layout import check_qkv, check_steps, make_layout, resolve_scale
 from .monarch_reference import PLAIN_CBAR_EPS, RESET_MASS
@@ -543,7 +546,9 @@ def _plan(q, k, v, lay, steps, s, recompute):
             HEAD_DIM=HD, BLOCK_I=BI, BLOCK_MB=BMB, CONTIG=lay.contiguous, DOT_PREC=prec,
             num_warps=lw, num_stages=1)
     launches.append(("l_final", l_final))
-    if lay.n_text:
+    if lay.n_text and sdpa_text_rows(q):
+        launches.append(("text_rows", lambda: text_rows_sdpa_into(q, k, v, out, lay.text_before, lay.Nv, s)))
+    elif lay.n_text:
         interp = _interpreting() or not q.is_cuda
         TBM, TBN, tw = (16, 16, 4) if interp else (64, 64, 8)
         NT = lay.n_text

@@ -42,7 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import _LOG2E, _NEG, TensorDescriptor, _bucket, _flash_into, _online_tile, interpreting
+from .flash import (_LOG2E, _NEG, TensorDescriptor, _bucket, _flash_into, _online_tile, interpreting,
+                    sdpa_text_rows, text_rows_sdpa_into)
 from .out_layout import empty_attention_out
 from .tuning import tuning_enabled
 from .vmoba_reference import (QUERY_GROUP, VMoBALayout, VMoBASelection, _check_args)
@@ -749,6 +750,9 @@ def vmoba_attention_with_selection(q, k, v, selection: VMoBASelection, scale: fl
     cfg = _pick_config(q, k, v, out, selection, scale, pooled)
     _launch_sparse(cfg, q, k, v, out, selection, scale, pooled=pooled)
     tb, nv = lay.text_before, lay.n_video
+    if (tb or lay.text_after) and sdpa_text_rows(q):
+        text_rows_sdpa_into(q, k, v, out, tb, nv, scale)
+        return out
     if tb:
         _flash_into(q[:, :, :tb], k, v, out[:, :, :tb], scale)
     if lay.text_after:
