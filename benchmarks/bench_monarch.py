@@ -47,6 +47,8 @@ SHAPES = {
     "cogvideox5b": ((13, 30, 45), 48, 64, 226, 0, (1, 30, 45), 1),
     "wan14b": ((21, 45, 80), 40, 128, 0, 0, (1, 45, 80), 1),
     "hunyuan720p": ((33, 45, 80), 24, 128, 0, 256, (1, 45, 80), 1),
+    # FramePack-I2V section at 544×704: history latents before the video, image + prompt tokens after
+    "framepack": ((9, 34, 44), 24, 128, 3762, 825, (1, 34, 44), 1),
 }
 DEFAULT = ["4k", "16k", "wan13b", "wan13b_T2", "wan13b_tiles", "cogvideox5b", "wan14b", "hunyuan720p"]
 

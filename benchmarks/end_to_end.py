@@ -2,6 +2,7 @@
 
     OUT=out PYTHONPATH=. python benchmarks/end_to_end.py            # GPU: Wan2.1-1.3B 480p + CogVideoX-5B
     PYTHONPATH=. python benchmarks/end_to_end.py --models hunyuan15   # GPU: HunyuanVideo 1.5 (8.3 B) 480p
+    PYTHONPATH=. python benchmarks/end_to_end.py --models framepack   # GPU: FramePack (HunyuanVideo 13 B)
     PYTHONPATH=. python benchmarks/end_to_end.py --tiny --no-append  # CPU smoke run (small random configs)
 
 On the lent GPU (diffusers travels as a wheel: carry=[".whl"]), one model per call keeps each call
@@ -24,6 +25,11 @@ diffusers transformers at full size with random weights (bf16, batch 1; no downl
   729 text/image tokens in joint attention, with the model's valid × valid [B, 1, N, N] bool mask on every
   call (prompts unpadded here). That mask keeps diffusers' SDPA off the FlashAttention and cuDNN kernels,
   so a further baseline drops all-visible masks and runs cuDNN ("mask dropped": exact for unpadded prompts).
+* ``framepack``: ``HunyuanVideoFramepackTransformer3DModel`` with FramePack-I2V's config (HunyuanVideo's
+  20 + 40 blocks, 24 heads × 128, history embedders, SigLIP image projection), one 9-latent-frame section
+  at 544×704: 9×34×44 = 13464 video tokens behind 2992 + 374 + 396 clean / 2× / 4× history tokens, then
+  729 image + 96 prompt tokens (of 512, the rest masked; batch 1 crops them). History, image and text
+  tokens are attended densely (like text), so at most ~47 % of the attention can be structured.
 
 For each model: one forward, timed as the median of ``--runs`` CUDA-event measurements after warm-up,
 for dense attention (diffusers' default SDPA, and SDPA forced to the FlashAttention and cuDNN
@@ -91,6 +97,33 @@ def hunyuan15_480p(frames: int = 16, height: int = 30, width: int = 53, dtype=to
     return m, models._to(b, device, dtype)
 
 
+def framepack_i2v(frames: int = 9, height: int = 34, width: int = 44, dtype=torch.bfloat16, device="cuda",
+                  seed: int = 0, text: int = 512, real_text: int = 96, image: int = 729):
+    """HunyuanVideoFramepackTransformer3DModel with FramePack-I2V's config (random weights, made on
+    ``device``): one section of ``frames`` latent frames with FramePack's history layout (start + last
+    clean frame, 2 frames at 2×, 16 at 4× compression; frame indices as FramePack numbers them)."""
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        m = HunyuanVideoFramepackTransformer3DModel(has_image_proj=True, image_proj_dim=1152,
+                                                    has_clean_x_embedder=True, guidance_embeds=True)
+    m = m.to(dtype=dtype).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    c, lat = m.config.in_channels, (2 * height, 2 * width)
+    mask = torch.zeros(1, text)
+    mask[:, :real_text] = 1
+    b = dict(hidden_states=torch.randn(1, c, frames, *lat, generator=g), timestep=torch.tensor([500.0]),
+             encoder_hidden_states=torch.randn(1, text, 4096, generator=g), encoder_attention_mask=mask,
+             pooled_projections=torch.randn(1, 768, generator=g), image_embeds=torch.randn(1, image, 1152, generator=g),
+             guidance=torch.tensor([10000.0]), indices_latents=torch.arange(20, 20 + frames),
+             latents_clean=torch.randn(1, c, 2, *lat, generator=g), indices_latents_clean=torch.tensor([0, 19]),
+             latents_history_2x=torch.randn(1, c, 2, *lat, generator=g), indices_latents_history_2x=torch.tensor([17, 18]),
+             latents_history_4x=torch.randn(1, c, 16, *lat, generator=g),
+             indices_latents_history_4x=torch.arange(1, 17), return_dict=False)
+    return m, models._to(b, device, dtype)
+
+
 class _DropVisibleMasks(torch.overrides.TorchFunctionMode):
     """SDPA calls whose mask lets everything through run without it (and so may use FlashAttention
     or cuDNN): the "mask dropped" baseline."""
@@ -109,7 +142,9 @@ MASKED = {"hunyuan15"}  # models whose attention always carries a mask (the "mas
 DESCRIBED = {"wan": "Wan2.1-1.3B 480p/81f (21×30×52 = 32760 tokens)",
              "cogvideox": "CogVideoX-5B 49f 720×480 (13×30×45 + 226 text)",
              "hunyuan15": "HunyuanVideo 1.5 (8.3 B) 480p/61f (16×30×53 = 25440 + 1049 text/image tokens, "
-                          "valid × valid mask)"}
+                          "valid × valid mask)",
+             "framepack": "FramePack-I2V (HunyuanVideo 13 B) 544×704, 9 latent frames (9×34×44 = 13464 video + 3762 "
+                          "history + 825 image/text tokens)"}
 
 
 def build(name: str, tiny: bool, device):
@@ -120,13 +155,17 @@ def build(name: str, tiny: bool, device):
             return models.cogvideox(frames=3, height=6, width=8, device=device)
         if name == "hunyuan15":
             return models.hunyuan15(frames=3, height=6, width=8, device=device)
+        if name == "framepack":
+            return models.framepack(frames=3, height=6, width=8, device=device)
     if name == "wan":
         return models.wan_1_3b(device=device)
     if name == "cogvideox":
         return cogvideox_5b(device=device)
     if name == "hunyuan15":
         return hunyuan15_480p(device=device)
-    raise ValueError(f"unknown model {name!r}: use wan, cogvideox or hunyuan15")
+    if name == "framepack":
+        return framepack_i2v(device=device)
+    raise ValueError(f"unknown model {name!r}: use wan, cogvideox, hunyuan15 or framepack")
 
 
 def median_ms(fn, runs: int, warmup: int, cuda: bool) -> float:

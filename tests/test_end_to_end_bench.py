@@ -43,10 +43,10 @@ def test_end_to_end_runs_on_every_model(tmp_path, monkeypatch):
     from end_to_end import main
 
     monkeypatch.setenv("OUT", str(tmp_path))
-    assert main(["--tiny", "--models", "wan,cogvideox,hunyuan15", "--methods", "monarch", "--runs", "1",
+    assert main(["--tiny", "--models", "wan,cogvideox,hunyuan15,framepack", "--methods", "monarch", "--runs", "1",
                  "--warmup", "0", "--no-append", "--device", "cpu"]) == 0
     res = json.loads((tmp_path / "end_to_end.json").read_text())["results"]
     opt = {r["model"]: r for r in res if r["config"] == "monarch"}
-    assert set(opt) == {"wan", "cogvideox", "hunyuan15"}
+    assert set(opt) == {"wan", "cogvideox", "hunyuan15", "framepack"}
     for r in opt.values():
         assert "error" not in r and 0 < r["flop_cut"] < 1 and r["output_error"] < 0.2
