@@ -107,3 +107,5 @@ def test_report_states_the_measured_forward_time(monkeypatch):
     assert "slower" not in str(r)
     r.totals["forward_ms"] = {"original": 4.0, "optimized": 10.0}
     assert "slower than the original at this size" in str(r) and 'mode="reduce-overhead"' in str(r)
+    r.totals["forward_ms"] = {"original": 1000.0, "optimized": 1100.0}  # 2 sites: 500 ms each, not launches
+    assert "not launch overhead" in str(r) and "reduce-overhead" not in str(r) and "Calibrate" in str(r)
