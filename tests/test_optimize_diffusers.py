@@ -166,9 +166,34 @@ def test_framepack_blocks_captured_below_a_graph_break_keep_their_modules():
                                   budget=None)
     assert exact.report.totals["by_method"].get("monarch") == 2
     assert rel_err(_out(exact, b), ref) < 1e-4
-    _, other = models.framepack(frames=2, height=5)  # other history sizes: the model's own attention
-    with pytest.warns(RuntimeWarning, match="differs from the calibrated"):
-        assert rel_err(_out(opt, other), _out(model, other)) < 1e-5
+    # another prompt length (the model crops the text padding at batch 1), another video size (and
+    # so other history lengths), both: the plans follow, as optimize() would make them at that shape
+    _, other = models.framepack(frames=2, height=5)
+    prompt = dict(b, encoder_attention_mask=b["encoder_attention_mask"].clone())
+    prompt["encoder_attention_mask"][:, 5:] = 0
+    both = dict(other, encoder_attention_mask=prompt["encoder_attention_mask"])
+    for batch, warning in ((prompt, r"now 48 before / 8 after, not 48 / 10"), (other, r"token grid is now \(2, 5, 5\)"),
+                           (both, r"token grid is now \(2, 5, 5\)")):
+        with pytest.warns(RuntimeWarning, match=warning):
+            out = _out(opt, batch)
+        direct = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0, budget=None)
+        assert rel_err(out, _out(direct, batch)) < 1e-5
+        assert rel_err(out, _out(model, batch)) > 1e-4  # Monarch ran, not the model's own attention
+    s = opt.vmonarch.sites[1]
+    assert s.grid_module == "x_embedder.proj"
+    assert sorted(s.text_before_from) == ["clean_x_embedder.proj", "clean_x_embedder.proj_2x", "clean_x_embedder.proj_4x"]
+
+
+def test_prompt_of_another_length_follows_the_text_segment():
+    """HunyuanVideo's joint attention has one text segment (after the video): a prompt of another
+    length keeps the plan, the text taking the difference."""
+    model, batch = models.hunyuan()
+    opt = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0, budget=None)
+    _, other = models.hunyuan(text=4)
+    with pytest.warns(RuntimeWarning, match=r"now 0 before / 4 after, not 0 / 7"):
+        out = _out(opt, other)
+    direct = vmonarch_opt.optimize(model, other, methods=("monarch",), min_seq_len=0, budget=None)
+    assert rel_err(out, _out(direct, other)) < 1e-5 and rel_err(out, _out(model, other)) > 1e-4
 
 
 def test_framepack_blocks_sharing_one_captured_graph_all_get_sites():

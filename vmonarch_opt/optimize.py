@@ -399,9 +399,12 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
     if any(p.method in ("monarch", "vmoba", "dense") for p in plans.values()):
         tracker = GridTracker(target, grid_modules(graphs, target))
         user_grid = {s.site_id for s in sites if lookup_user_grid(grid, s.site_id) is not None}
+        by_id = {s.site_id: s for s in sites}
         for p in plans.values():
             p.__dict__["_tracker"] = tracker  # not dataclass fields: never serialised
             p.__dict__["_grid_inferred"] = p.site_id not in user_grid
+            p.__dict__["_grid_module"] = by_id[p.site_id].grid_module
+            p.__dict__["_prefix_modules"] = tuple(by_id[p.site_id].text_before_from)
 
     meta = {"capture": graphs[0].source if graphs else "none", "graphs": len(graphs),
             "methods": list(methods), "min_seq_len": min_seq_len,

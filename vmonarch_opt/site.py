@@ -41,6 +41,8 @@ class AttentionSite:
     text_before: int = 0
     text_after: int = 0
     grid_source: str = ""
+    grid_module: str = ""  # the patch-embedding module whose output gave the grid, if one did
+    text_before_from: list = field(default_factory=list)  # patch embeddings of the tokens before the video
     graph_index: int = 0
     node_name: str = ""
     notes: list = field(default_factory=list)

@@ -47,6 +47,7 @@ class GridCandidate:
     grid: tuple
     source: str
     text: Optional[tuple] = None  # (text_before, text_after) when given with the grid
+    node: Optional[torch.fx.Node] = None  # the patch-embedding call whose output gave the grid
 
 
 def _conv_nodes(graphs: list[CapturedGraph]):
@@ -83,7 +84,7 @@ def _conv_candidates(graphs: list[CapturedGraph], batch_size: Optional[int]) -> 
             what = "Conv3d patch embedding"
         else:
             what = "Conv2d patch embedding per frame" if grid[0] > 1 else "Conv2d patch embedding"
-        out.append(GridCandidate(grid, f"{what} '{where}'"))
+        out.append(GridCandidate(grid, f"{what} '{where}'", node=n))
     return out
 
 
@@ -201,31 +202,34 @@ def _cat_parts(n) -> Optional[list]:
     return [(p, s[dim]) for p, s in zip(parts, shapes)]
 
 
-def _video_offsets(parts: list, n_video: int, graphs, graph, depth: int) -> set:
-    """Offsets of the video tokens in the sequence a ``cat`` of ``parts`` builds: a part of exactly
-    ``n_video`` tokens, or (nested packing, e.g. history latents put in front of the video) a longer
-    part whose own sequence holds the video."""
-    out, before = set(), 0
-    for p, size in parts:
-        if size == n_video:
-            out.add(before)
+def _video_offsets(parts: list, n_video: int, graphs, graph, depth: int, is_video=None) -> list:
+    """``[(offset, prefix parts)]``: where the video tokens are in the sequence a ``cat`` of
+    ``parts`` builds — a part of exactly ``n_video`` tokens, or (nested packing, e.g. history
+    latents put in front of the video) a longer part whose own sequence holds the video — with the
+    ``(node, size)`` parts that make up the tokens before it. ``is_video(part)``: False for a part
+    of the video's size known to come from another patch embedding (FramePack's clean latents can
+    have as many frames as the video), else True or None (unknown)."""
+    out, before = [], 0
+    for i, (p, size) in enumerate(parts):
+        if size == n_video and (is_video is None or is_video(p) is not False):
+            out.append((before, parts[:i]))
         elif size > n_video and depth < 4:
-            o = _locate_video(p, size, n_video, graphs, graph, depth + 1)
-            if o is not None:
-                out.add(before + o)
+            for o, inner in _locate_video(p, size, n_video, graphs, graph, depth + 1, is_video=is_video):
+                out.append((before + o, parts[:i] + inner))
         before += size
     return out
 
 
 def _locate_video(start, length: int, n_video: int, graphs, graph, depth: int = 0,
-                  max_nodes: int = 400) -> Optional[int]:
-    """Where the ``n_video`` video tokens sit in the ``length``-token sequence ``start`` carries:
-    search its ancestry for the ``cat`` that builds a sequence of that length. When the ancestry
-    starts at a graph input (a graph break between the packing and the attention), the cats of the
-    other captured graphs that build a sequence of that length are asked instead, and must agree.
-    None when not found or ambiguous."""
+                  max_nodes: int = 400, is_video=None) -> list:
+    """Where the ``n_video`` video tokens sit in the ``length``-token sequence ``start`` carries, as
+    ``[(offset, prefix parts)]`` readings that all give the same offset (empty when not found or
+    ambiguous): search its ancestry for the ``cat`` that builds a sequence of that length. When the
+    ancestry starts at a graph input (a graph break between the packing and the attention), the
+    cats of the other captured graphs that build a sequence of that length are asked instead, and
+    must agree."""
     if not isinstance(start, torch.fx.Node):
-        return None
+        return []
     seen, todo, from_input = set(), deque([start]), False
     while todo and len(seen) < max_nodes:
         n = todo.popleft()
@@ -235,31 +239,65 @@ def _locate_video(start, length: int, n_video: int, graphs, graph, depth: int = 
         from_input |= n.op == "placeholder"
         parts = _cat_parts(n)
         if parts and sum(s for _, s in parts) == length:
-            offsets = _video_offsets(parts, n_video, graphs, graph, depth)
-            if offsets:
-                return offsets.pop() if len(offsets) == 1 else None
+            found = _video_offsets(parts, n_video, graphs, graph, depth, is_video)
+            if found:
+                return found if len({o for o, _ in found}) == 1 else []
         todo.extend(n.all_input_nodes)
     if not from_input or depth >= 4:
-        return None
-    found = set()
+        return []
+    found = []
     for g in graphs:
         if g.gm.graph is graph:
             continue
         for n in g.gm.graph.nodes:
             parts = _cat_parts(n)
             if parts and sum(s for _, s in parts) == length:
-                found |= _video_offsets(parts, n_video, graphs, g.gm.graph, depth + 1)
-    return found.pop() if len(found) == 1 else None
+                found += _video_offsets(parts, n_video, graphs, g.gm.graph, depth + 1, is_video)
+    return found if len({o for o, _ in found}) == 1 else []
 
 
-def _find_text_split(ds: DetectedSite, n_video: int, graphs: list[CapturedGraph] = ()) -> Optional[tuple]:
-    """(tokens before, tokens after) the video in the site's sequence, from the cat(s) in q's
-    ancestry that join video and text (or history) tokens; None if not found or ambiguous."""
+def _conv_source(part, size: int, convs: dict, batch_size, modules: dict, max_nodes: int = 200) -> Optional[str]:
+    """The patch-embedding module whose output (``size`` tokens) ``part`` was made from, or None."""
+    seen, todo = set(), deque([part])
+    while todo and len(seen) < max_nodes:
+        n = todo.popleft()
+        if not isinstance(n, torch.fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if n in convs:
+            shp = _shape(n)
+            g = conv_grid(shp, convs[n], batch_size) if shp else None
+            return node_module_path(n, modules) if g and math.prod(g) == size else None
+        todo.extend(n.all_input_nodes)
+    return None
+
+
+def _find_text_split(ds: DetectedSite, n_video: int, graphs: list[CapturedGraph] = (),
+                     prefix_source: Optional[Callable] = None, video_module: str = "") -> Optional[tuple]:
+    """(tokens before, tokens after, modules of the tokens before) the video in the site's
+    sequence, from the cat(s) in q's ancestry that join video and text (or history) tokens; None
+    if not found or ambiguous. The modules are the patch embeddings every part before the video
+    came from (``prefix_source(node, size)``), or () when some part has none (text). With
+    ``video_module`` (the patch embedding that gave the grid), a part of the video's size made by
+    another patch embedding is not the video."""
     start = ds.q
     if not isinstance(start, torch.fx.Node):
         return None
-    at = _locate_video(start, ds.site.seq_q, n_video, graphs, start.graph)
-    return None if at is None else (at, ds.site.seq_q - n_video - at)
+
+    def is_video(part):
+        src = prefix_source(part, n_video) if prefix_source is not None and video_module else None
+        return None if src is None else src == video_module
+    found = _locate_video(start, ds.site.seq_q, n_video, graphs, start.graph, is_video=is_video)
+    if not found:
+        return None
+    at = found[0][0]
+    mods: tuple = ()
+    for _, prefix in found if prefix_source is not None and at else ():
+        src = [prefix_source(p, size) for p, size in prefix]
+        if src and all(src):
+            mods = tuple(src)
+            break
+    return at, ds.site.seq_q - n_video - at, mods
 
 
 def _spec_entries(grid: GridSpec) -> list:
@@ -320,6 +358,11 @@ def assign_grids(sites: list[DetectedSite], graphs: list[CapturedGraph], model, 
     check_grid_spec(user_grid)
     bsz = _batch_size(batch)
     cands = _conv_candidates(graphs, bsz) + _batch_candidates(model, batch)
+    real = dict(model.named_modules())
+    convs = dict(_conv_nodes(graphs))
+
+    def prefix_source(part, size):
+        return _conv_source(part, size, convs, bsz, real)
     for ds in sites:
         s = ds.site
         n = s.seq_q
@@ -341,9 +384,11 @@ def assign_grids(sites: list[DetectedSite], graphs: list[CapturedGraph], model, 
                 chosen = (c, 0, 0)
                 break
             if 0 < nv < n:
-                split = _find_text_split(ds, nv, graphs)
+                vmod = node_module_path(c.node, real) if c.node is not None else ""
+                split = _find_text_split(ds, nv, graphs, prefix_source, vmod)
                 if split is not None:
-                    chosen = (c, *split)
+                    chosen = (c, *split[:2])
+                    s.text_before_from = list(split[2])
                     break
                 why_not = why_not or (f"grid {c.grid} from {c.source} covers {nv} of {n} tokens but the text "
                                       f"tokens' position could not be found (pass grid={{'<site>': {{'grid': "
@@ -355,5 +400,7 @@ def assign_grids(sites: list[DetectedSite], graphs: list[CapturedGraph], model, 
         else:
             c, tb, ta = chosen
             s.grid, s.text_before, s.text_after, s.grid_source = c.grid, tb, ta, c.source
+            path = node_module_path(c.node, real) if c.node is not None else ""
+            s.grid_module = path if path in real else ""
         if s.seq_q == s.seq_k and (s.text_before or s.text_after):
             s.kind = "joint"

@@ -7,7 +7,12 @@ forward, the grids the input implies — the outputs of the patch-embedding conv
 grids at optimize time, and the batch itself (``num_frames``/``height``/``width``, 5-D latents) —
 and ``adapt_plan`` re-derives the plan for the grid that matches the new token count:
 
-* the text tokens of joint attention must be as many as at optimize time (their place is kept);
+* the text tokens of joint attention keep their place; a text of another length (a prompt of
+  another length where the model crops its padding, FramePack at batch 1) is placed when that is
+  unambiguous: the plan has one text segment, which takes the difference, or the tokens before
+  the video came from patch embeddings (FramePack's history latents) and are as many as those
+  gave in this forward, the rest going after the video — the video grid then being the one of
+  the patch embedding that gave it at optimize time;
 * Monarch: a block dimension that spanned the whole grid dimension spans the new one (frame blocks
   stay frame blocks), the others are kept, clipped to the new grid;
 * VMoBA: the number of chunks per dimension is kept (chunk = ceil(new size / chunks)), so the
@@ -45,6 +50,7 @@ class GridTracker:
 
     def __init__(self, model: torch.nn.Module, conv_modules: list):
         self.grids: list[tuple] = []
+        self.by_module: dict[str, tuple] = {}  # patch-embedding module path -> its grid this forward
         self._batch = 1
         self._hooks = []
         self._model = model
@@ -53,7 +59,7 @@ class GridTracker:
         for path, kind in conv_modules:  # grid.grid_modules(): paths of Conv3d/Conv2d modules
             mod = model.get_submodule(path)
             self._hooks.append(mod.register_forward_hook(
-                lambda m, args, out, kind=kind: self._on_conv(kind, out)))
+                lambda m, args, out, path=path, kind=kind: self._on_conv(path, kind, out)))
 
     def _on_call(self, module, args, kwargs):
         if _exporting():
@@ -61,18 +67,20 @@ class GridTracker:
         batch = {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}
         self._batch = _batch_size(batch) or 1
         self.grids = [c.grid for c in _batch_candidates(self._model, batch, describe=False)]
+        self.by_module = {}
         return None
 
     def _on_return(self, module, args, out):
-        self.grids = []  # nothing outlives the forward that implied it
+        self.grids, self.by_module = [], {}  # nothing outlives the forward that implied it
         return None
 
-    def _on_conv(self, kind: str, out):
+    def _on_conv(self, path: str, kind: str, out):
         if _exporting() or not isinstance(out, torch.Tensor):
             return None
         grid = conv_grid(out.shape, kind, self._batch)
         if grid is not None:
             self.grids.append(grid)
+            self.by_module[path] = grid
         return None
 
     def remove(self) -> None:
@@ -94,21 +102,57 @@ def _adapted_args(plan: SitePlan, grid: tuple) -> dict:
     return a
 
 
-def adapt_plan(plan: SitePlan, n_q: int, n_k: int, head_dim: int, grids: list) -> Optional[SitePlan]:
+def _text_split(plan: SitePlan, n_q: int, grid: tuple, by_module: dict) -> Optional[tuple]:
+    """``(text_before, text_after)`` of a call with ``n_q`` tokens on ``grid``, or None: as
+    calibrated when that adds up; else, when the tokens before the video came from patch
+    embeddings (FramePack's history latents), as many as those embeddings gave in this forward,
+    the rest after the video; else the one text segment the plan has takes the difference (a
+    prompt of another length). Two text segments of unknown origin: None (ambiguous)."""
+    tb, ta = plan.args["text_before"], plan.args["text_after"]
+    nv = math.prod(grid)
+    if nv + tb + ta == n_q:
+        return tb, ta
+    prefix = plan.__dict__.get("_prefix_modules") or ()
+    if prefix:
+        if not all(m in by_module for m in prefix):
+            return None
+        tb2 = sum(math.prod(by_module[m]) for m in prefix)
+        ta2 = n_q - nv - tb2
+        return (tb2, ta2) if ta2 >= 0 and (ta2 > 0) == (ta > 0) else None
+    if tb and not ta and n_q > nv:
+        return n_q - nv, 0
+    if ta and not tb and n_q > nv:
+        return 0, n_q - nv
+    return None
+
+
+def adapt_plan(plan: SitePlan, n_q: int, n_k: int, head_dim: int, grids: list,
+               by_module: Optional[dict] = None) -> Optional[SitePlan]:
     """``plan`` re-derived for a call with ``n_q`` queries and ``n_k`` keys, or None if no grid in
-    ``grids`` fits (cached per shape on the plan)."""
+    ``grids`` fits (cached per shape on the plan). ``by_module``: the grids of this forward per
+    patch-embedding module; when the plan's grid came from one, only that module's grid is the
+    video's, and a text length that differs from the calibrated one is placed by ``_text_split``."""
     if head_dim != plan.head_dim or plan.method not in ("monarch", "vmoba", "dense"):
         return None
     if plan.method == "dense":
         return replace(plan, seq_q=n_q, seq_k=n_k)
     if n_q != n_k or plan.seq_q != plan.seq_k or not plan.args.get("grid"):
         return None
+    by_module = by_module or {}
     text = plan.args["text_before"] + plan.args["text_after"]
-    match = [g for g in dict.fromkeys(tuple(g) for g in grids) if math.prod(g) + text == n_q]
-    if len(match) != 1:  # none, or ambiguous
-        return None
+    match = [(g, (plan.args["text_before"], plan.args["text_after"]))
+             for g in dict.fromkeys(tuple(g) for g in grids) if math.prod(g) + text == n_q]
+    if len(match) != 1:  # none or ambiguous with the calibrated text: the text length changed?
+        source = plan.__dict__.get("_grid_module")
+        options = ([tuple(by_module[source])] if source in by_module else
+                   list(dict.fromkeys(tuple(g) for g in grids)))
+        match = [(g, t) for g in options for t in [_text_split(plan, n_q, g, by_module)] if t is not None]
+        if len(match) != 1:
+            return None
+    grid, (tb, ta) = match[0]
     cache = plan.__dict__.setdefault("_adapted", {})  # not a dataclass field: never serialised
-    key = (n_q, n_k, match[0])
+    key = (n_q, n_k, grid, tb)
     if key not in cache:
-        cache[key] = replace(plan, args=_adapted_args(plan, match[0]), seq_q=n_q, seq_k=n_k)
+        args = {**_adapted_args(plan, grid), "text_before": tb, "text_after": ta}
+        cache[key] = replace(plan, args=args, seq_q=n_q, seq_k=n_k)
     return cache[key]

@@ -97,16 +97,21 @@ def _follow_grid(plan: SitePlan, a: dict) -> Optional[SitePlan]:
         if (not grids or not plan.__dict__.get("_grid_inferred") or not plan.args.get("grid")
                 or tuple(plan.args["grid"]) in {tuple(g) for g in grids}):
             return None
-    adapted = adapt_plan(plan, q.shape[-2], k.shape[-2], q.shape[-1], tracker.grids)
+    adapted = adapt_plan(plan, q.shape[-2], k.shape[-2], q.shape[-1], tracker.grids, tracker.by_module)
     if adapted is None or runtime_mismatch(adapted, a) is not None:
         return None
     if plan.method != "dense":
         g, p = tuple(adapted.args["grid"]), adapted.args
         params = (f"block {tuple(p['block'])}" if plan.method == "monarch" else f"chunk {tuple(p['chunk'])}")
-        _warn_once(plan, f"grid {g}", f"vmonarch_opt: site {plan.site_id}: the input's token grid is now {g}, "
-                   f"not the {tuple(plan.args['grid'])} it was optimized for; running {plan.method} with {params} "
-                   f"re-derived from its plan (its error was measured at the optimize() shape: call optimize() "
-                   f"with a batch of this shape for a calibrated plan)")
+        text = (p["text_before"], p["text_after"])
+        if g != tuple(plan.args["grid"]):
+            what = f"the input's token grid is now {g}, not the {tuple(plan.args['grid'])} it was optimized for"
+        else:
+            what = (f"the tokens around the video grid {g} are now {text[0]} before / {text[1]} after, not "
+                    f"{plan.args['text_before']} / {plan.args['text_after']} (e.g. a prompt of another length)")
+        _warn_once(plan, f"grid {g} text {text}", f"vmonarch_opt: site {plan.site_id}: {what}; running "
+                   f"{plan.method} with {params} re-derived from its plan (its error was measured at the optimize() "
+                   f"shape: call optimize() with a batch of this shape for a calibrated plan)")
     return adapted
 
 
