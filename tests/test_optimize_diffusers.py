@@ -1,5 +1,6 @@
 """optimize() on diffusers video transformers with small random configs (no downloads)."""
 import copy
+import math
 
 import pytest
 import torch
@@ -345,6 +346,36 @@ def test_other_video_size_keeps_exact_configurations_exact():
         with pytest.warns(RuntimeWarning, match="token grid is now"):
             out = _out(opt, other)
         assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("tb,ta,prefix,call,expect", [
+    (0, 7, (), (60 + 4, {}), ((3, 4, 5), 0, 4)),                     # prompt after the video, shorter
+    (7, 0, (), (60 + 9, {}), ((3, 4, 5), 9, 0)),                     # prompt before the video, longer
+    (5, 7, (), (60 + 10, {}), None),                                 # two segments, origin unknown
+    (5, 7, ("hist",), (60 + 10, {"hist": (1, 1, 5)}), ((3, 4, 5), 5, 5)),   # history as before: prompt 5
+    (5, 7, ("hist",), (50 + 9 + 7, {"video": (2, 5, 5), "hist": (1, 3, 3)}), ((2, 5, 5), 9, 7)),
+    (5, 7, ("hist",), (60 + 10, {}), None),                          # history module did not run
+    (5, 7, ("hist",), (60 + 3, {"hist": (1, 1, 5)}), None),          # no room for the prompt
+])
+def test_text_of_another_length_is_placed_only_when_unambiguous(tb, ta, prefix, call, expect):
+    from vmonarch_opt.config import SitePlan
+    from vmonarch_opt.passes.regrid import adapt_plan
+
+    plan = SitePlan("s", "monarch", args=dict(grid=[3, 4, 5], block=[1, 4, 5], text_before=tb, text_after=ta,
+                                              steps=1, recompute=False), seq_q=60 + tb + ta,
+                    seq_k=60 + tb + ta, head_dim=16)
+    plan.__dict__["_prefix_modules"] = prefix
+    plan.__dict__["_grid_module"] = "video"
+    n, by_module = call
+    by_module = {"video": (3, 4, 5), **by_module}
+    grids = list(by_module.values())
+    got = adapt_plan(plan, n, n, 16, grids, by_module)
+    if expect is None:
+        assert got is None
+    else:
+        g, tb2, ta2 = expect
+        assert (tuple(got.args["grid"]), got.args["text_before"], got.args["text_after"]) == (g, tb2, ta2)
+        assert got.seq_q == n == math.prod(g) + tb2 + ta2
 
 
 def test_other_shape_without_a_grid_source_falls_back_to_dense():
