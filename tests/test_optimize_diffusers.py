@@ -220,6 +220,21 @@ def test_framepack_blocks_sharing_one_captured_graph_all_get_sites():
     assert rel_err(_out(exact, b), ref) < 1e-4
 
 
+def test_two_copies_of_the_video_in_one_sequence():
+    """Motif-Video's decoder block attends over its copy of the video joined with the encoder's
+    output video tokens: both parts come from the grid's patch embedding, so the first is the
+    video and the second is attended densely like text (exact with one Monarch block)."""
+    model, b = models.motif_video()
+    ref = _out(model, b)
+    opt = vmonarch_opt.optimize(model, b, methods=("monarch",), min_seq_len=0, budget=None)
+    s = opt.report.site("single_transformer_blocks.1.attn")["site"]
+    assert (tuple(s["grid"]), s["text_before"], s["text_after"], s["seq_q"]) == ((3, 6, 8), 0, 144, 288)
+    exact = vmonarch_opt.optimize(model, b, overrides={"*attn": MonarchConfig(block=(3, 6, 8))}, min_seq_len=0,
+                                  budget=None)
+    assert exact.report.totals["by_method"].get("monarch") == 3
+    assert rel_err(_out(exact, b), ref) < 1e-4
+
+
 def test_hunyuan_text_padding_mask_is_handled_exactly():
     model, batch = models.hunyuan(batch=2)
     batch["encoder_attention_mask"][0, 4:] = 0  # prompt 0 has 4 real tokens, prompt 1 has 7

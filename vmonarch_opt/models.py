@@ -216,6 +216,25 @@ def framepack(frames: int = 3, height: int = 4, width: int = 5, heads: int = 2, 
     return m, _to(b, device, dtype)
 
 
+def motif_video(frames: int = 3, height: int = 6, width: int = 8, text: int = 7, image: int = 4, seed: int = 0,
+                dtype=torch.float32, device="cpu"):
+    """MotifVideoTransformer3DModel with a decoder block: its joint attention joins the decoder's copy
+    of the video with the encoder's output video tokens (two sequences on one grid)."""
+    _need_diffusers()
+    from diffusers.models.transformers.transformer_motif_video import MotifVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = MotifVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=64,
+                                     num_layers=1, num_single_layers=2, num_decoder_layers=1, mlp_ratio=2.0,
+                                     patch_size=2, patch_size_t=1, text_embed_dim=32, image_embed_dim=16,
+                                     rope_axes_dim=(16, 24, 24)).to(device, dtype).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    b = dict(hidden_states=torch.randn(1, 4, frames, 2 * height, 2 * width, generator=g), timestep=torch.tensor([500.0]),
+             encoder_hidden_states=torch.randn(1, text, 32, generator=g), encoder_attention_mask=torch.ones(1, text),
+             image_embeds=torch.randn(1, image, 16, generator=g), return_dict=False)
+    return m, _to(b, device, dtype)
+
+
 def wan_1_3b(frames: int = 21, height: int = 30, width: int = 52, dtype=torch.bfloat16, device="cuda", seed: int = 0):
     """Wan2.1-T2V-1.3B architecture at full size with random weights; 480p/81f = 21×30×52 tokens."""
     _need_diffusers()

@@ -203,19 +203,21 @@ def _cat_parts(n) -> Optional[list]:
 
 
 def _video_offsets(parts: list, n_video: int, graphs, graph, depth: int, is_video=None) -> list:
-    """``[(offset, prefix parts)]``: where the video tokens are in the sequence a ``cat`` of
-    ``parts`` builds — a part of exactly ``n_video`` tokens, or (nested packing, e.g. history
+    """``[(offset, prefix parts, confirmed)]``: where the video tokens are in the sequence a ``cat``
+    of ``parts`` builds — a part of exactly ``n_video`` tokens, or (nested packing, e.g. history
     latents put in front of the video) a longer part whose own sequence holds the video — with the
     ``(node, size)`` parts that make up the tokens before it. ``is_video(part)``: False for a part
     of the video's size known to come from another patch embedding (FramePack's clean latents can
-    have as many frames as the video), else True or None (unknown)."""
+    have as many frames as the video), True for one known to come from the grid's own, None when
+    unknown; ``confirmed`` says the video part was known to come from it."""
     out, before = [], 0
     for i, (p, size) in enumerate(parts):
-        if size == n_video and (is_video is None or is_video(p) is not False):
-            out.append((before, parts[:i]))
+        mine = is_video(p) if is_video is not None and size == n_video else None
+        if size == n_video and mine is not False:
+            out.append((before, parts[:i], mine is True))
         elif size > n_video and depth < 4:
-            for o, inner in _locate_video(p, size, n_video, graphs, graph, depth + 1, is_video=is_video):
-                out.append((before + o, parts[:i] + inner))
+            for o, inner, ok in _locate_video(p, size, n_video, graphs, graph, depth + 1, is_video=is_video):
+                out.append((before + o, parts[:i] + inner, ok))
         before += size
     return out
 
@@ -223,11 +225,12 @@ def _video_offsets(parts: list, n_video: int, graphs, graph, depth: int, is_vide
 def _locate_video(start, length: int, n_video: int, graphs, graph, depth: int = 0,
                   max_nodes: int = 400, is_video=None) -> list:
     """Where the ``n_video`` video tokens sit in the ``length``-token sequence ``start`` carries, as
-    ``[(offset, prefix parts)]`` readings that all give the same offset (empty when not found or
-    ambiguous): search its ancestry for the ``cat`` that builds a sequence of that length. When the
-    ancestry starts at a graph input (a graph break between the packing and the attention), the
-    cats of the other captured graphs that build a sequence of that length are asked instead, and
-    must agree."""
+    ``_video_offsets`` readings that all give the same offset (empty when not found or ambiguous):
+    search its ancestry for the ``cat`` that builds a sequence of that length; of several parts
+    that all come from the grid's patch embedding (Motif-Video's decoder joins two copies of the
+    video) the first is the video, the rest dense like text. When the ancestry starts at a graph
+    input (a graph break between the packing and the attention), the cats of the other captured
+    graphs that build a sequence of that length are asked instead, and must agree."""
     if not isinstance(start, torch.fx.Node):
         return []
     seen, todo, from_input = set(), deque([start]), False
@@ -240,8 +243,10 @@ def _locate_video(start, length: int, n_video: int, graphs, graph, depth: int = 
         parts = _cat_parts(n)
         if parts and sum(s for _, s in parts) == length:
             found = _video_offsets(parts, n_video, graphs, graph, depth, is_video)
+            if len({f[0] for f in found}) == 1 or (found and all(f[2] for f in found)):
+                return [f for f in found if f[0] == found[0][0]]
             if found:
-                return found if len({o for o, _ in found}) == 1 else []
+                return []
         todo.extend(n.all_input_nodes)
     if not from_input or depth >= 4:
         return []
@@ -253,7 +258,7 @@ def _locate_video(start, length: int, n_video: int, graphs, graph, depth: int = 
             parts = _cat_parts(n)
             if parts and sum(s for _, s in parts) == length:
                 found += _video_offsets(parts, n_video, graphs, g.gm.graph, depth + 1, is_video)
-    return found if len({o for o, _ in found}) == 1 else []
+    return found if len({f[0] for f in found}) == 1 else []
 
 
 def _conv_source(part, size: int, convs: dict, batch_size, modules: dict, max_nodes: int = 200) -> Optional[str]:
@@ -292,7 +297,7 @@ def _find_text_split(ds: DetectedSite, n_video: int, graphs: list[CapturedGraph]
         return None
     at = found[0][0]
     mods: tuple = ()
-    for _, prefix in found if prefix_source is not None and at else ():
+    for _, prefix, _ in found if prefix_source is not None and at else ():
         src = [prefix_source(p, size) for p, size in prefix]
         if src and all(src):
             mods = tuple(src)
