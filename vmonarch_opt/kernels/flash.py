@@ -287,8 +287,8 @@ def sdpa_text_rows(q: torch.Tensor) -> bool:
     """Whether the text query rows of joint attention go to torch's SDPA: on CUDA in fp16/bf16
     (cuDNN / FlashAttention), which is 1.3–2.8× our split-K Triton pass and 1.0–1.5× ``_flash_into``
     there (H200, torch 2.11: FramePack's 4587 text/history rows × 18051 keys 4.5 → 1.9 ms;
-    HunyuanVideo 1.5's 1049 × 26489 1.34 → 0.71 ms; CogVideoX's 226 × 17776 0.48 → 0.20 ms;
-    ``.probe``-style timing in BENCHMARKS.md). Elsewhere (CPU, the interpreter, fp32) our kernels."""
+    HunyuanVideo 1.5's 1049 × 26489 1.34 → 0.71 ms; CogVideoX's 226 × 17776 0.48 → 0.20 ms; the
+    "Text query rows" table in BENCHMARKS.md). Elsewhere (CPU, the interpreter, fp32) our kernels."""
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not interpreting()
 
 
@@ -296,8 +296,9 @@ def text_rows_sdpa_into(q, k, v, out, text_before: int, n_video: int, scale: flo
     """Exact attention of the text query rows (the ``text_before`` first rows and those after the
     ``n_video`` video rows) over all keys, by one torch SDPA call, written into ``out``."""
     N = q.shape[2]
-    if text_before + n_video == N:  # text only before the video: a plain slice
-        out[:, :, :text_before] = F.scaled_dot_product_attention(q[:, :, :text_before], k, v, scale=scale)
+    if text_before == 0 or text_before + n_video == N:  # text on one side only: one slice of rows
+        rows = slice(0, text_before) if text_before else slice(n_video, N)
+        out[:, :, rows] = F.scaled_dot_product_attention(q[:, :, rows], k, v, scale=scale)
         return
     idx = torch.cat([torch.arange(text_before, device=q.device), torch.arange(text_before + n_video, N, device=q.device)])
     out.index_copy_(2, idx, F.scaled_dot_product_attention(q.index_select(2, idx), k, v, scale=scale).to(out.dtype))

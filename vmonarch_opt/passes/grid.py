@@ -19,8 +19,11 @@ graph. Packing may be nested (Framepack puts clean/2×/4× history latents in fr
 one ``cat`` each, before a graph break; the text joins in the attention block's graph): a part
 longer than the video is searched the same way, and a sequence that enters a graph as an input is
 looked up in the cats of the other captured graphs, which must agree. The non-video tokens found
-are treated as text (attended densely). If the grid is known but the text position is not, the
-site gets no grid (1D blocks) and the report says so. Nothing is guessed silently: every site records where its grid came from.
+are treated as text (attended densely); where they came from patch embeddings (history latents),
+the site records those modules so that a later call can count them (``regrid.py``). A part of the
+video's size made by another patch embedding is not the video. If the grid is known but the text
+position is not, the site gets no grid (1D blocks) and the report says so. Nothing is guessed
+silently: every site records where its grid came from.
 """
 from __future__ import annotations
 
@@ -278,11 +281,11 @@ def _conv_source(part, size: int, convs: dict, batch_size, modules: dict, max_no
 
 
 def _find_text_split(ds: DetectedSite, n_video: int, graphs: list[CapturedGraph] = (),
-                     prefix_source: Optional[Callable] = None, video_module: str = "") -> Optional[tuple]:
+                     source_of: Optional[Callable] = None, video_module: str = "") -> Optional[tuple]:
     """(tokens before, tokens after, modules of the tokens before) the video in the site's
     sequence, from the cat(s) in q's ancestry that join video and text (or history) tokens; None
     if not found or ambiguous. The modules are the patch embeddings every part before the video
-    came from (``prefix_source(node, size)``), or () when some part has none (text). With
+    came from (``source_of(node, size)``), or () when some part has none (text). With
     ``video_module`` (the patch embedding that gave the grid), a part of the video's size made by
     another patch embedding is not the video."""
     start = ds.q
@@ -290,15 +293,15 @@ def _find_text_split(ds: DetectedSite, n_video: int, graphs: list[CapturedGraph]
         return None
 
     def is_video(part):
-        src = prefix_source(part, n_video) if prefix_source is not None and video_module else None
+        src = source_of(part, n_video) if source_of is not None and video_module else None
         return None if src is None else src == video_module
     found = _locate_video(start, ds.site.seq_q, n_video, graphs, start.graph, is_video=is_video)
     if not found:
         return None
     at = found[0][0]
     mods: tuple = ()
-    for _, prefix, _ in found if prefix_source is not None and at else ():
-        src = [prefix_source(p, size) for p, size in prefix]
+    for _, prefix, _ in found if source_of is not None and at else ():
+        src = [source_of(p, size) for p, size in prefix]
         if src and all(src):
             mods = tuple(src)
             break
@@ -366,8 +369,12 @@ def assign_grids(sites: list[DetectedSite], graphs: list[CapturedGraph], model, 
     real = dict(model.named_modules())
     convs = dict(_conv_nodes(graphs))
 
-    def prefix_source(part, size):
+    def source_of(part, size):  # the patch embedding a sequence part came from
         return _conv_source(part, size, convs, bsz, real)
+
+    def module_of(c: GridCandidate) -> str:  # the patch embedding that gave a candidate grid
+        path = node_module_path(c.node, real) if c.node is not None else ""
+        return path if path in real else ""
     for ds in sites:
         s = ds.site
         n = s.seq_q
@@ -389,8 +396,7 @@ def assign_grids(sites: list[DetectedSite], graphs: list[CapturedGraph], model, 
                 chosen = (c, 0, 0)
                 break
             if 0 < nv < n:
-                vmod = node_module_path(c.node, real) if c.node is not None else ""
-                split = _find_text_split(ds, nv, graphs, prefix_source, vmod)
+                split = _find_text_split(ds, nv, graphs, source_of, module_of(c))
                 if split is not None:
                     chosen = (c, *split[:2])
                     s.text_before_from = list(split[2])
@@ -405,7 +411,6 @@ def assign_grids(sites: list[DetectedSite], graphs: list[CapturedGraph], model, 
         else:
             c, tb, ta = chosen
             s.grid, s.text_before, s.text_after, s.grid_source = c.grid, tb, ta, c.source
-            path = node_module_path(c.node, real) if c.node is not None else ""
-            s.grid_module = path if path in real else ""
+            s.grid_module = module_of(c)
         if s.seq_q == s.seq_k and (s.text_before or s.text_after):
             s.kind = "joint"

@@ -24,18 +24,16 @@ from typing import Optional
 
 import torch
 
-from .capture import normalize_module_path
+from .capture import node_module_path
 from .detect import DetectedSite
 
 
 def frame_root(ds: DetectedSite, modules: dict) -> Optional[tuple[str, str]]:
     """``(block path, path relative to it)`` when ``ds`` was captured in a frame entered at a block
     below the root (its graph names modules relative to that block), else None."""
-    stack = ds.node.meta.get("nn_module_stack") or {}
-    if not stack or not ds.site.module_resolved:
+    if not ds.site.module_resolved:
         return None
-    raw = list(stack.values())[-1]
-    rel = normalize_module_path(str(raw[0] if isinstance(raw, tuple) else raw))
+    rel = node_module_path(ds.node)  # as the graph names it (unresolved)
     path = ds.site.module_path
     if not rel or rel in modules or not path.endswith("." + rel):
         return None
