@@ -237,3 +237,73 @@ def test_flex_attention_is_named_in_the_report():
             opt = vmonarch_opt.optimize(Mixed(), (X,), methods=("monarch",), min_seq_len=0, budget=None)
     assert "not optimized: flex_attention ran in flex (1 call)" in str(opt.report)
     assert [r["site"]["site_id"] for r in opt.report.rows] == ["sdpa#0", "sdpa#1"]
+
+
+class _SdpaAttn(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.o = torch.nn.Linear(32, 96), torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        return self.o(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, 32))
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = _SdpaAttn()
+
+    def forward(self, x):
+        return x + self.attn(x)
+
+
+class _EagerLoop(torch.nn.Module):
+    """Blocks called from code Dynamo does not trace: each block's forward is a frame of its own,
+    compiled once and rerun for the other blocks of the class (FramePack's situation); the last
+    two blocks see shorter sequences (recompiled: graphs of their own)."""
+
+    def __init__(self, n=5):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_Block() for _ in range(n))
+
+    def forward(self, x):
+        return self._loop(x)
+
+    @torch._dynamo.disable(recursive=False)
+    def _loop(self, x):
+        for i, blk in enumerate(self.blocks):
+            cut = {3: 30, 4: 40}.get(i, x.shape[1])
+            x = torch.cat([blk(x[:, :cut]), x[:, cut:]], 1)
+        return x
+
+
+def test_blocks_rerunning_a_captured_graph_get_its_sites():
+    import warnings
+
+    from vmonarch_opt.passes.capture import capture_dynamo
+    from vmonarch_opt.passes.census import attention_census
+    from vmonarch_opt.passes.detect import detect
+    from vmonarch_opt.passes.siblings import add_sibling_sites
+
+    torch.manual_seed(0)
+    model, x = _EagerLoop().eval(), torch.randn(1, 60, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no uncaptured-attention warning
+        opt = vmonarch_opt.optimize(model, x, methods=("monarch",), grid=(3, 4, 5), min_seq_len=0, budget=None)
+    rows = {r["site"]["site_id"]: r for r in opt.report.rows}
+    assert list(rows) == [f"blocks.{i}.attn" for i in range(5)]
+    assert [rows[f"blocks.{i}.attn"]["site"]["seq_q"] for i in range(5)] == [60, 60, 60, 30, 40]
+    assert all(r["plan"]["method"] == "monarch" for r in rows.values())
+    assert [bool(rows[f"blocks.{i}.attn"]["site"]["notes"]) for i in range(5)] == [False, True, True, False, False]
+    with torch.no_grad():
+        assert rel_err(opt(x), model(x)) == pytest.approx(opt.report.totals["output_error"], rel=1e-4)
+    # a block of the class whose calls had other shapes is not given the template's sites
+    with torch.no_grad(), attention_census(model) as calls:
+        model(x)
+    detected = detect(capture_dynamo(model, x), model)
+    assert [d.site.module_path for d in add_sibling_sites(detected, calls, model)] == [
+        f"blocks.{i}.attn" for i in range(5)]
+    calls.shapes["blocks.2.attn"] = [(50, 50, 16)]
+    assert "blocks.2.attn" not in [d.site.module_path for d in add_sibling_sites(detected, calls, model)]

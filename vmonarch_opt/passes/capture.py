@@ -126,16 +126,15 @@ def capture(model: torch.nn.Module, batch: Any, method: str = "auto") -> list[Ca
         ) from e
 
 
+_FRAME_LOCAL = re.compile(r"""L\[['"][A-Za-z_][A-Za-z0-9_]*['"]\]|self(?=[.\[]|$)""")
 _SEGMENT = re.compile(r"\[['\"]([^'\"]+)['\"]\]|\.([A-Za-z_][A-Za-z0-9_]*|\d+)|\[(\d+)\]")
 
 
 def normalize_module_path(raw: str) -> str:
-    """Turn Dynamo's ``L['self'].__dict__['_modules']['blocks'].0.attn1`` into ``blocks.0.attn1``."""
-    s = raw
-    for prefix in ("L['self']", 'L["self"]', "self"):
-        if s.startswith(prefix):
-            s = s[len(prefix):]
-            break
+    """Turn Dynamo's ``L['self'].__dict__['_modules']['blocks'].0.attn1`` into ``blocks.0.attn1``
+    (the frame's module is whatever its method calls ``self``: ``L['s']`` too)."""
+    m = _FRAME_LOCAL.match(raw)
+    s = raw[m.end():] if m else raw
     parts = []
     for m in _SEGMENT.finditer(s):
         seg = m.group(1) or m.group(2) or m.group(3)

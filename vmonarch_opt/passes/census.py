@@ -25,11 +25,13 @@ __all__ = ["Census", "attention_census", "uncaptured"]
 
 
 class Census(Counter):
-    """SDPA calls per module path (see ``attention_census``); ``flex`` counts flex_attention calls."""
+    """SDPA calls per module path (see ``attention_census``); ``flex`` counts flex_attention calls;
+    ``shapes[path]``: ``(N_q, N_k, head_dim)`` of each SDPA call of the invocation counted."""
 
     def __init__(self):
         super().__init__()
         self.flex: Counter = Counter()
+        self.shapes: dict[str, list] = {}
 
 
 def _is_flex_attention(func) -> bool:
@@ -39,12 +41,16 @@ def _is_flex_attention(func) -> bool:
 class _CountSDPA(TorchFunctionMode):
     def __init__(self, stack: list, flex: Counter):
         super().__init__()
-        self.stack = stack  # [[module path, SDPA calls so far in this invocation], ...]
+        self.stack = stack  # [[module path, SDPA calls so far in this invocation, their shapes], ...]
         self.flex = flex
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in SDPA_TARGETS and self.stack:
             self.stack[-1][1] += 1
+            q = args[0] if args else (kwargs or {}).get("query")
+            k = args[1] if len(args) > 1 else (kwargs or {}).get("key")
+            if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor):
+                self.stack[-1][2].append((int(q.shape[-2]), int(k.shape[-2]), int(q.shape[-1])))
         elif _is_flex_attention(func):
             self.flex[self.stack[-1][0] if self.stack else ""] += 1
         return func(*args, **(kwargs or {}))
@@ -63,13 +69,14 @@ def attention_census(model: torch.nn.Module) -> Iterator[Census]:
     def pre(mod, args):
         name = names.get(id(mod))
         if name is not None:
-            stack.append([name, 0])
+            stack.append([name, 0, []])
 
     def post(mod, args, out):
         if names.get(id(mod)) is not None and stack:
-            name, calls = stack.pop()
-            if calls:
-                counts[name] = max(counts[name], calls)
+            name, calls, shapes = stack.pop()
+            if calls > counts[name]:
+                counts[name] = calls
+                counts.shapes[name] = shapes
 
     from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 

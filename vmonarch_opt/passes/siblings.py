@@ -11,10 +11,10 @@ FramePack got 4 sites.
 For such a module the template is a captured site whose graph was traced in a frame below the root
 (its module path was given relative to the frame's block, e.g. ``attn``): a module at the same
 relative path in a block of the same class, of the same class itself, that made as many attention
-calls per invocation as the template module has sites and has no site of its own, gets copies of
-the template's sites (same graph nodes, its own id). Calibration, validation and the rewrite then
-treat them like any site: each is measured on its own block's q/k/v, and a call that does not
-match its plan runs the model's own attention.
+calls per invocation as the template module has sites, of the same shapes (the census records
+them), and has no site of its own, gets copies of the template's sites (same graph nodes, its own
+id). Calibration, validation and the rewrite then treat them like any site: each is measured on
+its own block's q/k/v, and a call that does not match its plan runs the model's own attention.
 """
 from __future__ import annotations
 
@@ -65,6 +65,9 @@ def add_sibling_sites(detected: list[DetectedSite], calls: Counter, model: torch
             if (block is None or type(modules.get(block)) is not block_cls or n != len(group)
                     or type(modules[path]) is not type(modules[template.module_path])):
                 continue
+            shapes = getattr(calls, "shapes", {}).get(path)
+            if shapes is not None and shapes != [(d.site.seq_q, d.site.seq_k, d.site.head_dim) for d in group]:
+                continue  # same code, other shapes (e.g. a stage of another resolution): not this graph
             root = template.module_path[: -len(rel) - 1]
             clones = []
             for ds in group:
