@@ -307,3 +307,21 @@ def test_blocks_rerunning_a_captured_graph_get_its_sites():
         f"blocks.{i}.attn" for i in range(5)]
     calls.shapes["blocks.2.attn"] = [(50, 50, 16)]
     assert "blocks.2.attn" not in [d.site.module_path for d in add_sibling_sites(detected, calls, model)]
+
+
+def test_sibling_template_is_a_captured_block_of_the_same_shapes():
+    """Blocks 0 (60 tokens) and 3 (30) are captured; if block 4's calls had block 3's shapes, its
+    copies come from block 3, not from the first block of the class."""
+    from vmonarch_opt.passes.capture import capture_dynamo
+    from vmonarch_opt.passes.census import attention_census
+    from vmonarch_opt.passes.detect import detect
+    from vmonarch_opt.passes.siblings import add_sibling_sites
+
+    torch.manual_seed(0)
+    model, x = _EagerLoop().eval(), torch.randn(1, 60, 32)
+    with torch.no_grad(), attention_census(model) as calls:
+        model(x)
+    detected = [d for d in detect(capture_dynamo(model, x), model) if d.site.module_path != "blocks.4.attn"]
+    calls.shapes["blocks.4.attn"] = [(30, 30, 16)]
+    added = {d.site.module_path: d for d in add_sibling_sites(detected, calls, model)}
+    assert added["blocks.4.attn"].site.seq_q == 30 and "blocks.3" in added["blocks.4.attn"].site.notes[-1]

@@ -46,20 +46,16 @@ def add_sibling_sites(detected: list[DetectedSite], calls: Counter, model: torch
     modules = dict(model.named_modules())
     order = {p: i for i, p in enumerate(modules)}
     have = Counter(ds.site.module_path for ds in detected)
-    groups: dict[tuple, list[DetectedSite]] = {}  # (block class, relative path) -> first block's sites
+    groups: dict[tuple, list[DetectedSite]] = {}  # (block class, relative path, module) -> its sites
     for ds in detected:
         fr = frame_root(ds, modules)
-        if fr is None or fr[0] not in modules:
-            continue
-        key = (type(modules[fr[0]]), fr[1])
-        group = groups.setdefault(key, [])
-        if not group or group[0].site.module_path == ds.site.module_path:
-            group.append(ds)
+        if fr is not None and fr[0] in modules:
+            groups.setdefault((type(modules[fr[0]]), fr[1], ds.site.module_path), []).append(ds)
     out = list(detected)
     for path, n in sorted(calls.items(), key=lambda kv: order.get(kv[0], -1)):
         if have[path] or path not in modules:
             continue
-        for (block_cls, rel), group in groups.items():
+        for (block_cls, rel, _), group in groups.items():  # the first captured block that fits
             block = path[: -len(rel) - 1] if path.endswith("." + rel) else None
             template = group[0].site
             if (block is None or type(modules.get(block)) is not block_cls or n != len(group)
