@@ -129,12 +129,12 @@ class Report:
         head = (f"the optimized model is slower than the original at this size ({fm['optimized']:.3g} vs "
                 f"{fm['original']:.3g} ms per eager forward)")
         by = self.totals.get("by_method") or {}
-        rewritten = sum(n for m, n in by.items() if m != "original")
-        if fm["original"] < LAUNCH_BOUND_MS * max(1, rewritten):
+        per_site = fm["original"] / max(1, sum(n for m, n in by.items() if m != "original"))
+        if per_site < LAUNCH_BOUND_MS:
             return (f"{head}: kernel launches and per-call work, not attention FLOPs, dominate. Run it under "
                     f"torch.compile(..., mode=\"reduce-overhead\") (CUDA graphs), or leave short sequences dense "
                     f"(optimize(..., min_seq_len=...))")
-        return (f"{head}: with {fm['original'] / rewritten:.3g} ms of forward per rewritten site this is not "
+        return (f"{head}: with {per_site:.3g} ms of forward per rewritten site this is not "
                 f"launch overhead — the kernels chosen are slower than the dense attention they replace at "
                 f"these shapes (e.g. much of each sequence is text or other tokens attended densely, or little is "
                 f"cut). Calibrate (optimize() with its default budget times every candidate per site and keeps "

@@ -139,13 +139,12 @@ def adapt_plan(plan: SitePlan, n_q: int, n_k: int, head_dim: int, grids: list,
     if n_q != n_k or plan.seq_q != plan.seq_k or not plan.args.get("grid"):
         return None
     by_module = by_module or {}
-    text = plan.args["text_before"] + plan.args["text_after"]
-    match = [(g, (plan.args["text_before"], plan.args["text_after"]))
-             for g in dict.fromkeys(tuple(g) for g in grids) if math.prod(g) + text == n_q]
+    unique = list(dict.fromkeys(tuple(g) for g in grids))
+    tb, ta = plan.args["text_before"], plan.args["text_after"]
+    match = [(g, (tb, ta)) for g in unique if math.prod(g) + tb + ta == n_q]
     if len(match) != 1:  # none or ambiguous with the calibrated text: the text length changed?
         source = plan.__dict__.get("_grid_module")
-        options = ([tuple(by_module[source])] if source in by_module else
-                   list(dict.fromkeys(tuple(g) for g in grids)))
+        options = [tuple(by_module[source])] if source in by_module else unique
         match = [(g, t) for g in options for t in [_text_split(plan, n_q, g, by_module)] if t is not None]
         if len(match) != 1:
             return None

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from .capture import node_module_path
+from .census import Census
 from .detect import DetectedSite
 
 
@@ -40,7 +41,7 @@ def frame_root(ds: DetectedSite, modules: dict) -> Optional[tuple[str, str]]:
     return path[: -len(rel) - 1], rel
 
 
-def add_sibling_sites(detected: list[DetectedSite], calls: Counter, model: torch.nn.Module) -> list[DetectedSite]:
+def add_sibling_sites(detected: list[DetectedSite], calls: Census, model: torch.nn.Module) -> list[DetectedSite]:
     """``detected`` with copies of template sites for the modules described in the module
     docstring, each placed after the sites of the modules that precede it in ``model``."""
     modules = dict(model.named_modules())
@@ -61,7 +62,7 @@ def add_sibling_sites(detected: list[DetectedSite], calls: Counter, model: torch
             if (block is None or type(modules.get(block)) is not block_cls or n != len(group)
                     or type(modules[path]) is not type(modules[template.module_path])):
                 continue
-            shapes = getattr(calls, "shapes", {}).get(path)
+            shapes = calls.shapes.get(path)
             if shapes is not None and shapes != [(d.site.seq_q, d.site.seq_k, d.site.head_dim) for d in group]:
                 continue  # same code, other shapes (e.g. a stage of another resolution): not this graph
             root = template.module_path[: -len(rel) - 1]
