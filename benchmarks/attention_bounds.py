@@ -34,8 +34,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from vmonarch_opt.kernels.vmoba_reference import (VMoBASelection, vmoba_attention_from_selection,  # noqa: E402
-                                                  vmoba_attention_reference, vmoba_layout)
+from vmonarch_opt.kernels.vmoba.layout import VMoBASelection, vmoba_layout  # noqa: E402
+from vmonarch_opt.kernels.vmoba.reference import (vmoba_attention_from_selection,  # noqa: E402
+                                                  vmoba_attention_reference)
 from vmonarch_opt.tiny_dit import attention_replaced, calib_batch, load_tiny_video_dit, record_qkv, sample  # noqa: E402
 from benchmarks.fidelity import psnr, to_unit  # noqa: E402
 from benchmarks.publish import command_line, now, publish  # noqa: E402

@@ -33,8 +33,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.publish import command_line, out_dir, publish  # noqa: E402
 from benchmarks.video_inputs import make_video_qkv  # noqa: E402
-from vmonarch_opt.kernels import monarch as mk  # noqa: E402
-from vmonarch_opt.kernels.monarch_reference import (dense_attention_flops, monarch_attention_reference,  # noqa: E402
+from vmonarch_opt.kernels.monarch import kernel as mk  # noqa: E402
+from vmonarch_opt.kernels.tuning import tuned_configs  # noqa: E402
+from vmonarch_opt.kernels.monarch.reference import (dense_attention_flops, monarch_attention_reference,  # noqa: E402
                                                    monarch_flops)
 
 # name: (grid, heads, head_dim, text_before, text_after, block, steps)
@@ -146,7 +147,7 @@ def main():
     for name in args.shapes.split(","):
         grid, heads, D, tb, ta, block, steps = SHAPES[name]
         n = tb + grid[0] * grid[1] * grid[2] + ta
-        cfg_before = dict(mk._CONFIG)
+        cfg_before = tuned_configs("monarch_r")
         _, _, _, _, err_vid, fin_vid = run_shape(name, "video")
         torch.cuda.empty_cache()
         q, k, v, kw, err_rand, fin_rand = run_shape(name, "random")
@@ -161,7 +162,7 @@ def main():
         phases = {ph: bench(fn, 500) for ph, fn in launches}
         fl_d = dense_attention_flops(1, heads, n, n, D)
         fl_m = monarch_flops(1, heads, n, D, **kw)
-        new_cfg = [vv for kk, vv in mk._CONFIG.items() if kk not in cfg_before]
+        new_cfg = [vv for kk, vv in tuned_configs("monarch_r").items() if kk not in cfg_before]
         r = dict(shape=name, N=n, hxd=f"{heads}x{D}", grid="x".join(map(str, grid)), block="x".join(map(str, block)),
                  text=tb + ta, steps=steps, flash_ms=t_flash, cudnn_ms=t_cudnn, ours_ms=t_ours,
                  vs_flash=t_flash / t_ours, vs_cudnn=t_cudnn / t_ours, flop_cut=fl_d / fl_m,

@@ -36,14 +36,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.publish import command_line, out_dir, publish  # noqa: E402
 from benchmarks.video_inputs import make_video_qkv  # noqa: E402
-from vmonarch_opt.kernels import flash as flash_mod  # noqa: E402
-from vmonarch_opt.kernels import vmoba as vmoba_mod  # noqa: E402
-from vmonarch_opt.kernels.flash import flash_attention_triton  # noqa: E402
-from vmonarch_opt.kernels.flash_reference import attention_stats_reference  # noqa: E402
-from vmonarch_opt.kernels.vmoba import (vmoba_attention_triton,  # noqa: E402
-                                        vmoba_attention_with_selection, vmoba_select_triton)
-from vmonarch_opt.kernels.vmoba_reference import (vmoba_attention_reference,  # noqa: E402
-                                                  vmoba_layout, vmoba_select_reference)
+from vmonarch_opt.kernels.flash import kernel as flash_mod  # noqa: E402
+from vmonarch_opt.kernels.tuning import tuned_configs, tuning_cache  # noqa: E402
+from vmonarch_opt.kernels.vmoba import kernel as vmoba_mod  # noqa: E402
+from vmonarch_opt.kernels.flash.kernel import flash_attention_triton  # noqa: E402
+from vmonarch_opt.kernels.flash.reference import attention_stats_reference  # noqa: E402
+from vmonarch_opt.kernels.vmoba.kernel import (vmoba_attention_triton,  # noqa: E402
+                                               vmoba_attention_with_selection, vmoba_select_triton)
+from vmonarch_opt.kernels.vmoba.layout import vmoba_layout  # noqa: E402
+from vmonarch_opt.kernels.vmoba.reference import vmoba_attention_reference, vmoba_select_reference  # noqa: E402
 
 SHAPES = {
     "16k": dict(grid=(16, 32, 32), heads=12, D=128),
@@ -92,8 +93,8 @@ def run_checks():
     for (Nq, Nk, D) in [(1000, 777, 64), (333, 2049, 128), (515, 515, 80), (4096, 4096, 128)]:
         q, k, v = (torch.randn(2, 3, n, D, device=dev, dtype=torch.bfloat16)
                    for n in (Nq, Nk, Nk))
-        flash_mod._FORCED = (128, 64, 4, 3, D in (64, 128))  # both code paths, no tuning here
-        what = f"flash bf16 Nq={Nq} Nk={Nk} D={D} cfg={flash_mod._FORCED}"
+        tuning_cache("flash").forced = (128, 64, 4, 3, D in (64, 128))  # both code paths, no tuning here
+        what = f"flash bf16 Nq={Nq} Nk={Nk} D={D} cfg={tuning_cache('flash').forced}"
         try:
             out, lse, ent = flash_attention_triton(q, k, v, return_stats=True)
             ro, rl, re_ = attention_stats_reference(q, k, v)
@@ -102,9 +103,9 @@ def run_checks():
                              ok=rel(out, ro) < 1e-2 and rel(lse, rl) < 1e-3))
         except Exception as ex:
             rows.append(dict(what=what, error=f"{type(ex).__name__}: {str(ex)[-400:]}", ok=False))
-    flash_mod._FORCED = None
+    tuning_cache("flash").forced = None
     for mode in (0, 1, 2):
-        vmoba_mod._FORCED = (128, 64, 4, 3, mode)
+        tuning_cache("vmoba").forced = (128, 64, 4, 3, mode)
         for (grid, chunk, tb, ta, D, part, th, topk, pooled) in [
                 ((5, 12, 20), (2, 5, 6), 7, 5, 128, "3d", 0.3, 0, False),
                 ((4, 9, 14), (3, 4, 4), 0, 0, 64, "2d", 0.5, 0, False),
@@ -126,7 +127,7 @@ def run_checks():
             except Exception as ex:
                 rows.append(dict(what=what, error=f"{type(ex).__name__}: {str(ex)[-400:]}",
                                  ok=False))
-    vmoba_mod._FORCED = None
+    tuning_cache("vmoba").forced = None
     RESULTS["check"] = rows
     save()
     log(tabulate(rows, headers="keys", floatfmt=".2e"))
@@ -160,7 +161,7 @@ def run_dense(name, q, k, v, fa2_ms, cudnn_ms, dense_out):
     flops = 4 * B * H * N * N * D
     t_ours = bench(lambda: flash_attention_triton(q, k, v))
     t_stats = bench(lambda: flash_attention_triton(q, k, v, return_stats=True))
-    cfg = [c for kk, c in flash_mod._TUNED.items() if kk[5] == flash_mod._bucket(N)
+    cfg = [c for kk, c in tuned_configs("flash").items() if kk[5] == flash_mod._bucket(N)
            and not kk[3]]
     err = rel(flash_attention_triton(q, k, v), dense_out)
     row = dict(shape=name, N=N, heads=H, D=D, fa2_ms=fa2_ms, cudnn_ms=cudnn_ms, ours_ms=t_ours,
@@ -241,7 +242,7 @@ def run_vmoba(name, q, k, v, grid, cudnn_ms, fa2_ms, dense_out, partitions, flex
                                                          partition=part, threshold=th, topk=topk,
                                                          pooled_rest=pooled))
             dens = sel.density
-            cfg = [c for kk, c in vmoba_mod._TUNED.items() if kk[3] == lay.grid and kk[4] == lay.chunk
+            cfg = [c for kk, c in tuned_configs("vmoba").items() if kk[3] == lay.grid and kk[4] == lay.chunk
                    and kk[8] == pooled]
             row = dict(shape=name, partition=part, chunk=str(lay.chunk), blocks=lay.num_blocks,
                        rule=f"{kind}={val}" + (" +pooled" if pooled else ""), target_sparsity=target, sparsity=1 - dens,
@@ -317,10 +318,10 @@ def main():
         dense_out = sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v)
         log(f"{name}: N={q.shape[2]} FA2 {fa2:.3f} ms cuDNN {cud:.3f} ms ({time.time() - t0:.0f}s)")
         if name == "wan720":  # reuse the configuration tuned at the 32k shape (saves device time)
-            hit = [c for kk, c in flash_mod._TUNED.items() if kk[5] == 32768 and not kk[3]]
-            flash_mod._FORCED = hit[-1] if hit else None
+            hit = [c for kk, c in tuned_configs("flash").items() if kk[5] == 32768 and not kk[3]]
+            tuning_cache("flash").forced = hit[-1] if hit else None
         run_dense(name, q, k, v, fa2, cud, dense_out)
-        flash_mod._FORCED = None
+        tuning_cache("flash").forced = None
         parts = ("3d", "1d", "2d") if name == "wan480" else ("3d",)
         run_vmoba(name, q, k, v, grid, cud, fa2, dense_out, parts, flex)
         log(f"{name} done ({time.time() - t0:.0f}s)")

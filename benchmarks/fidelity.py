@@ -221,8 +221,8 @@ def layer_errors(model, frames: int, size: int, t: float = 0.5) -> str:
     frame (what frame-block Monarch's R factor alone keeps) and to frames t-1..t+1."""
     from tabulate import tabulate
 
-    from vmonarch_opt.kernels.monarch_reference import dense_attention_flops, monarch_attention_reference, monarch_flops
-    from vmonarch_opt.kernels.vmoba_reference import vmoba_attention_reference
+    from vmonarch_opt.kernels.monarch.reference import dense_attention_flops, monarch_attention_reference, monarch_flops
+    from vmonarch_opt.kernels.vmoba.reference import vmoba_attention_reference
 
     dev = next(model.parameters()).device
     b = calib_batch(1, frames, size, t=t, seed=1234, device=dev, detail=model.data_detail)

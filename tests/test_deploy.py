@@ -12,8 +12,8 @@ import vmonarch_opt
 from vmonarch_opt import models
 from vmonarch_opt.deploy import OnnxExportError, export_onnx
 from vmonarch_opt.deploy.lowering import dense_lowered, monarch_lowered, vmoba_lowered
-from vmonarch_opt.kernels.monarch_reference import monarch_attention_reference
-from vmonarch_opt.kernels.vmoba_reference import vmoba_attention_reference
+from vmonarch_opt.kernels.monarch.reference import monarch_attention_reference
+from vmonarch_opt.kernels.vmoba.reference import vmoba_attention_reference
 from conftest import rel_err
 from handwritten_models import Einsum, MulScale, SdpaForms, Stack
 

@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import rel_err
-from vmonarch_opt.kernels import flash_reference
-from vmonarch_opt.kernels.flash_reference import attention_stats_reference
+from vmonarch_opt.kernels.flash import reference as flash_reference
+from vmonarch_opt.kernels.flash.reference import attention_stats_reference
 
 
 def _dense64(q, k, v, scale):
@@ -62,8 +62,9 @@ def test_reference_errors():
 
 
 # ---------------------------------------------------------------- Triton kernel (interpreter)
-from vmonarch_opt.kernels import flash as flash_mod  # noqa: E402
-from vmonarch_opt.kernels.flash import flash_attention_triton  # noqa: E402
+from vmonarch_opt.kernels.flash import kernel as flash_mod  # noqa: E402
+from vmonarch_opt.kernels.flash.kernel import flash_attention_triton  # noqa: E402
+from vmonarch_opt.kernels.tuning import force_config  # noqa: E402
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
@@ -93,15 +94,15 @@ def test_kernel_stats_vs_float64(D, spread, dt):
     assert rel_err(lse, rl) < 1e-6 and (ent - re).abs().max().item() < 1e-4
 
 
-def test_kernel_tma_path_and_strided_inputs(monkeypatch):
+def test_kernel_tma_path_and_strided_inputs():
     """The tensor-descriptor kernel (Hopper path) computes the same thing, on transposed views."""
-    monkeypatch.setattr(flash_mod, "_FORCED", (32, 16, 4, 1, True))
-    q = torch.randn(2, 41, 2, 64).transpose(1, 2)  # [B, H, N, D] view of a [B, N, H, D] tensor
-    k = torch.randn(2, 50, 2, 64).transpose(1, 2)
-    v = torch.randn(2, 50, 2, 64).transpose(1, 2)
-    out, lse, ent = flash_attention_triton(q, k, v, return_stats=True)
-    o64, l64, e64 = _dense64(q, k, v, 1 / 8)
-    assert rel_err(out, o64) < 1e-5 and rel_err(lse, l64) < 1e-6 and rel_err(ent, e64) < 1e-5
+    with force_config("flash", (32, 16, 4, 1, True)):
+        q = torch.randn(2, 41, 2, 64).transpose(1, 2)  # [B, H, N, D] view of a [B, N, H, D] tensor
+        k = torch.randn(2, 50, 2, 64).transpose(1, 2)
+        v = torch.randn(2, 50, 2, 64).transpose(1, 2)
+        out, lse, ent = flash_attention_triton(q, k, v, return_stats=True)
+        o64, l64, e64 = _dense64(q, k, v, 1 / 8)
+        assert rel_err(out, o64) < 1e-5 and rel_err(lse, l64) < 1e-6 and rel_err(ent, e64) < 1e-5
 
 
 def test_kernel_overwrites_poisoned_outputs():

@@ -7,8 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import rel_err
-from vmonarch_opt.kernels.monarch import monarch_attention_triton, monarch_r_step_triton
-from vmonarch_opt.kernels.monarch_reference import monarch_attention_reference, monarch_reference_details
+from vmonarch_opt.kernels.monarch.kernel import monarch_attention_triton, monarch_r_step_triton
+from vmonarch_opt.kernels.monarch.reference import monarch_attention_reference, monarch_reference_details
 
 LAYOUTS = [  # (grid, block)
     ((3, 4, 5), (1, 4, 5)),      # frame blocks (contiguous)
@@ -75,7 +75,7 @@ def test_poisoned_output_fully_written(monkeypatch):
             t.fill_(float("nan"))
         return t
 
-    import vmonarch_opt.kernels.monarch as mk
+    import vmonarch_opt.kernels.monarch.kernel as mk
     monkeypatch.setattr(mk.torch, "empty", poisoned)
     monkeypatch.setattr(mk.torch, "empty_like", lambda x, **kw: poisoned(x.shape, dtype=kw.get("dtype", x.dtype),
                                                                         device=x.device))
@@ -114,7 +114,7 @@ def test_text_rows_through_torch_sdpa(monkeypatch, tb, ta):
     """On CUDA in fp16/bf16 the text query rows go to torch's SDPA (flash.sdpa_text_rows); the same
     gather / write-back path forced here on CPU matches the reference, and the video rows are
     the Triton kernels' as before."""
-    from vmonarch_opt.kernels import monarch as mk
+    from vmonarch_opt.kernels.monarch import kernel as mk
 
     grid, block = (3, 4, 5), (1, 2, 5)
     g = torch.Generator().manual_seed(7)

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import rel_err
-from vmonarch_opt.kernels.monarch_layout import make_layout
-from vmonarch_opt.kernels.monarch_reference import (dense_attention_flops, monarch_attention_reference,
+from vmonarch_opt.kernels.monarch.layout import make_layout
+from vmonarch_opt.kernels.monarch.reference import (dense_attention_flops, monarch_attention_reference,
                                                    monarch_flops, monarch_reference_details)
 
 

@@ -41,7 +41,7 @@ def test_vmoba_op_everything_selected_matches_sdpa_with_gradients():
 def test_vmoba_op_pooled_rest_with_gradients():
     """pooled_rest reaches the kernel through the op (default False), and its gradients are those
     of the reference under autograd (selection constant)."""
-    from vmonarch_opt.kernels.vmoba_reference import vmoba_attention_reference
+    from vmonarch_opt.kernels.vmoba.reference import vmoba_attention_reference
 
     q, k, v = _qkv(n=2 + 3 * 4 * 2)
     args = (q, k, v, [3, 4, 2], [1, 2, 2], 2, 0, "3d", 0.25, 2, 0.25)

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import rel_err
-from vmonarch_opt.kernels.vmoba_reference import (
-    PARTITIONS, QUERY_GROUP, vmoba_attention_from_selection, vmoba_attention_reference,
-    vmoba_flops, vmoba_layout, vmoba_partition_for_layer, vmoba_select, vmoba_select_reference)
+from vmonarch_opt.kernels.dispatch import vmoba_select
+from vmonarch_opt.kernels.vmoba.layout import PARTITIONS, QUERY_GROUP, vmoba_layout, vmoba_partition_for_layer
+from vmonarch_opt.kernels.vmoba.reference import (vmoba_attention_from_selection, vmoba_attention_reference,
+                                                  vmoba_flops, vmoba_select_reference)
 
 
 def _qkv(B, H, N, D, dtype=torch.float32, spread=1.0):
@@ -179,8 +180,9 @@ def test_reference_matches_masked_dense():
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from vmonarch_opt.kernels import vmoba as vmoba_mod  # noqa: E402
-from vmonarch_opt.kernels.vmoba import (vmoba_attention_triton,  # noqa: E402
+from vmonarch_opt.kernels.tuning import force_config  # noqa: E402
+from vmonarch_opt.kernels.vmoba import kernel as vmoba_mod  # noqa: E402
+from vmonarch_opt.kernels.vmoba.kernel import (vmoba_attention_triton,  # noqa: E402
                                         vmoba_attention_with_selection, vmoba_select_triton)
 
 
@@ -327,18 +329,18 @@ def test_kernel_kv_modes_and_poisoned_output(monkeypatch, mode, tch):
     """Gathered (0) and block-order tile-list (1 pointer loads, 2 TMA descriptors) key/value
     paths, tile starts read in chunks of tch (2: several chunks per row); every output element
     written."""
-    monkeypatch.setattr(vmoba_mod, "_FORCED", (32, 16, 4, 1, mode))
-    monkeypatch.setattr(vmoba_mod, "_TCH", tch)
-    tb, ta, grid = 4, 3, (3, 5, 6)
-    q, k, v = _qkv(1, 2, tb + 90 + ta, 64)
-    sel = vmoba_select(q, k, grid=grid, chunk=(2, 2, 4), text_before=tb, text_after=ta,
-                       threshold=0.4)
-    for pooled in (False, True):
-        out = torch.full_like(q, float("nan"))
-        vmoba_attention_with_selection(q, k, v, sel, 0.125, out=out, pooled_rest=pooled)
-        assert torch.isfinite(out).all()
-        ref = vmoba_attention_from_selection(q, k, v, sel, 0.125, pooled_rest=pooled)
-        assert rel_err(out, ref) < 2e-5
+    with force_config("vmoba", (32, 16, 4, 1, mode)):
+        monkeypatch.setattr(vmoba_mod, "_TCH", tch)
+        tb, ta, grid = 4, 3, (3, 5, 6)
+        q, k, v = _qkv(1, 2, tb + 90 + ta, 64)
+        sel = vmoba_select(q, k, grid=grid, chunk=(2, 2, 4), text_before=tb, text_after=ta,
+                           threshold=0.4)
+        for pooled in (False, True):
+            out = torch.full_like(q, float("nan"))
+            vmoba_attention_with_selection(q, k, v, sel, 0.125, out=out, pooled_rest=pooled)
+            assert torch.isfinite(out).all()
+            ref = vmoba_attention_from_selection(q, k, v, sel, 0.125, pooled_rest=pooled)
+            assert rel_err(out, ref) < 2e-5
 
 
 def test_block_order_copy_and_tile_lists():
@@ -370,7 +372,7 @@ def test_kernel_selection_keeps_block_means_for_the_pooled_rest():
     """With ``pooled`` the selection pass keeps every block's mean key and value (one read of
     k/v for both); the attention uses them, or runs the group pass again for a selection
     without them: same output."""
-    from vmonarch_opt.kernels.vmoba_reference import block_means
+    from vmonarch_opt.kernels.vmoba.layout import block_means
     tb, ta, grid = 2, 3, (3, 5, 6)
     q, k, v = _qkv(2, 2, tb + 90 + ta, 80)
     lay = vmoba_layout(grid, (2, 2, 4), "3d", tb, ta)

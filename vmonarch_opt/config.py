@@ -125,7 +125,7 @@ def resolve_args(cfg: Config, site, layer_index: int) -> dict:
         part = cfg.partition
         if part is None:
             try:
-                from .kernels.vmoba_reference import vmoba_partition_for_layer
+                from .kernels.vmoba.layout import vmoba_partition_for_layer
                 part = vmoba_partition_for_layer(layer_index)
             except ImportError:
                 part = ("1d", "2d", "3d")[layer_index % 3]

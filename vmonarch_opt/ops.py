@@ -19,11 +19,12 @@ runs torch's SDPA (cuDNN / FlashAttention on CUDA) unless ``VMONARCH_DENSE_KERNE
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
 
+from .kernels import dispatch
+from .kernels.dispatch import use_triton  # noqa: F401  (re-exported)
 from .kernels.out_layout import attention_out_strides, empty_attention_out
 
 __all__ = ["monarch_attention", "vmoba_attention", "dense_attention", "use_triton"]
@@ -42,13 +43,6 @@ def _in_q_layout(q: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
     return empty_attention_out(q).copy_(res)
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    """True when ``t`` should run through our Triton kernels rather than the reference."""
-    if os.environ.get("VMONARCH_FORCE_REFERENCE", "0") == "1":
-        return False
-    return t.is_cuda
-
-
 @torch.library.custom_op("vmonarch::monarch_attention", mutates_args=(), tags=_TAGS)
 def monarch_attention(
     q: torch.Tensor,
@@ -64,11 +58,7 @@ def monarch_attention(
 ) -> torch.Tensor:
     kw = dict(grid=tuple(grid), block=tuple(block), text_before=text_before,
               text_after=text_after, steps=steps, scale=scale, recompute=recompute)
-    if use_triton(q):
-        from .kernels.monarch import monarch_attention_triton
-        return _in_q_layout(q, monarch_attention_triton(q, k, v, **kw))
-    from .kernels.monarch_reference import monarch_attention_reference
-    return _in_q_layout(q, monarch_attention_reference(q, k, v, **kw))
+    return _in_q_layout(q, dispatch.monarch_attention(q, k, v, **kw))
 
 
 @monarch_attention.register_fake
@@ -94,11 +84,7 @@ def vmoba_attention(
     kw = dict(grid=tuple(grid), chunk=tuple(chunk), text_before=text_before,
               text_after=text_after, partition=partition, threshold=threshold,
               topk=topk, scale=scale, pooled_rest=pooled_rest)
-    if use_triton(q):
-        from .kernels.vmoba import vmoba_attention_triton
-        return _in_q_layout(q, vmoba_attention_triton(q, k, v, **kw))
-    from .kernels.vmoba_reference import vmoba_attention_reference
-    return _in_q_layout(q, vmoba_attention_reference(q, k, v, **kw))
+    return _in_q_layout(q, dispatch.vmoba_attention(q, k, v, **kw))
 
 
 @vmoba_attention.register_fake
@@ -113,12 +99,7 @@ def dense_attention(
     v: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    # Exact attention with the fastest kernel at hand: torch's SDPA picks cuDNN / FlashAttention on
-    # CUDA; VMONARCH_DENSE_KERNEL=triton selects our own flash kernel instead.
-    if use_triton(q) and os.environ.get("VMONARCH_DENSE_KERNEL", "sdpa") == "triton":
-        from .kernels.flash import flash_attention_triton
-        return _in_q_layout(q, flash_attention_triton(q, k, v, scale=scale))
-    return _in_q_layout(q, F.scaled_dot_product_attention(q, k, v, scale=scale))
+    return _in_q_layout(q, dispatch.dense_attention(q, k, v, scale))
 
 
 @dense_attention.register_fake
@@ -134,12 +115,12 @@ def _(q, k, v, scale):
 
 def _reference_forward(name: str, q, k, v, args: tuple) -> torch.Tensor:
     if name == "monarch":
-        from .kernels.monarch_reference import monarch_attention_reference
+        from .kernels.monarch.reference import monarch_attention_reference
         grid, block, tb, ta, steps, scale, recompute = args
         return monarch_attention_reference(q, k, v, grid=tuple(grid), block=tuple(block), text_before=tb,
                                            text_after=ta, steps=steps, scale=scale, recompute=recompute)
     if name == "vmoba":
-        from .kernels.vmoba_reference import vmoba_attention_reference
+        from .kernels.vmoba.reference import vmoba_attention_reference
         grid, chunk, tb, ta, partition, threshold, topk, scale, *rest = args
         return vmoba_attention_reference(q, k, v, grid=tuple(grid), chunk=tuple(chunk), text_before=tb,
                                          text_after=ta, partition=partition, threshold=threshold,

@@ -172,7 +172,8 @@ def _rel_error(a, b) -> Optional[float]:
 def _measure_vmoba(plan: SitePlan, q, k, v, scale: float, mask=None) -> None:
     """Fill a VMoBA plan's density and executed FLOPs from its block selection on real q/k (under a
     text padding ``mask``: per batch element on the tokens the op keeps, as it runs)."""
-    from .kernels.vmoba_reference import vmoba_flops, vmoba_select
+    from .kernels.dispatch import vmoba_select
+    from .kernels.vmoba.reference import vmoba_flops
     from .passes.keypad import run_key_padded
 
     a = plan.args

@@ -81,7 +81,7 @@ def method_flops(site: AttentionSite, plan: SitePlan) -> Optional[int]:
     if plan.method in ("dense", "original"):
         return attention_flops(site)
     if plan.method == "monarch":
-        from .kernels.monarch_reference import monarch_flops
+        from .kernels.monarch.reference import monarch_flops
         a = plan.args
         return int(monarch_flops(site.batch, site.heads, site.seq_q, site.head_dim, grid=tuple(a["grid"]),
                                  block=tuple(a["block"]), text_before=a["text_before"],

@@ -2,7 +2,7 @@
 
 The custom ops (``ops.py``) are opaque to ONNX. For export, every rewritten site is traced through
 the functions below instead; they compute the same function as the references
-(``kernels/monarch_reference.py``, ``kernels/vmoba_reference.py``) using only operations that
+(``kernels/monarch/reference.py``, ``kernels/vmoba/reference.py``) using only operations that
 have standard ONNX equivalents: Reshape/Transpose/Pad/Slice/Concat, batched MatMul, Softmax,
 ReduceMax/ReduceSum, Exp/Log, Where, Gather, TopK (sort), CumSum and ArgMax. Everything that
 depends only on the site's configuration — the block layout, padding masks, token permutations —
@@ -97,7 +97,7 @@ def _text_index(tb: int, nv: int, n: int, device) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------- Monarch
 def _to_blocks(x: torch.Tensor, grid, block, nblk) -> torch.Tensor:
-    """Video tokens [b, h, Nv, D] -> [b, h, M, B, D] in the layout of ``monarch_layout.py``
+    """Video tokens [b, h, Nv, D] -> [b, h, M, B, D] in the layout of ``kernels/monarch/layout.py``
     (tiles in (t, h, w) order, positions inside a tile in (t, h, w) order; zero padding)."""
     b, h, _, d = x.shape
     (T, H, W), (bt, bh, bw), (nT, nH, nW) = grid, block, nblk
@@ -127,8 +127,8 @@ def monarch_lowered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, 
     ``key_valid`` ([batch, N] bool, True everywhere on the video tokens) drops text keys: the
     result equals the reference run on the sequence without them.
     """
-    from ..kernels.monarch_layout import check_qkv, check_steps, make_layout, resolve_scale
-    from ..kernels.monarch_reference import PLAIN_CBAR_EPS, RESET_MASS
+    from ..kernels.monarch.layout import check_qkv, check_steps, make_layout, resolve_scale
+    from ..kernels.monarch.reference import PLAIN_CBAR_EPS, RESET_MASS
 
     check_qkv(q, k, v)
     with _real_tensors():
@@ -281,7 +281,7 @@ def vmoba_lowered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, ch
     ``pooled_rest``: the unselected blocks join the softmax as pooled keys (mean key, logit +
     log(block size), mean value), as in the reference.
     """
-    from ..kernels.vmoba_reference import _check_args
+    from ..kernels.vmoba.layout import _check_args
 
     with _real_tensors():
         scale, lay, threshold, topk = _check_args(q, k, v, grid, chunk, text_before, text_after, partition,

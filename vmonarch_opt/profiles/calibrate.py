@@ -69,7 +69,7 @@ def vmoba_config(site, threshold: float, layer: int, pooled_rest: bool = False,
     """The VMoBA candidate of ``site``: threshold selection, or global top-k keeping
     ``topk_fraction`` of the key blocks per query group (then ``None`` if that is every block)."""
     from ..config import default_vmoba_chunk
-    from ..kernels.vmoba_reference import vmoba_layout, vmoba_partition_for_layer
+    from ..kernels.vmoba.layout import vmoba_layout, vmoba_partition_for_layer
 
     nv = site.seq_q - site.text_before - site.text_after
     if site.grid is None:
@@ -184,7 +184,7 @@ def _run_candidate(cfg, args: dict, q, k, v, scale: float, timed: bool, mask: Op
         return _run_candidate_padded(cfg, args, q, k, v, scale, timed, mask)
     B, H, N, D = q.shape
     if cfg.method == "monarch":
-        from ..kernels.monarch_reference import monarch_flops
+        from ..kernels.monarch.reference import monarch_flops
 
         def fn():
             return torch.ops.vmonarch.monarch_attention(q, k, v, args["grid"], args["block"], args["text_before"],
@@ -194,7 +194,8 @@ def _run_candidate(cfg, args: dict, q, k, v, scale: float, timed: bool, mask: Op
                               text_before=args["text_before"], text_after=args["text_after"], steps=args["steps"])
         return out, int(flops), None, ms
     if cfg.method == "vmoba":
-        from ..kernels.vmoba_reference import vmoba_attention_from_selection, vmoba_flops, vmoba_select
+        from ..kernels.dispatch import vmoba_attention_with_selection, vmoba_select
+        from ..kernels.vmoba.reference import vmoba_flops
 
         pooled = args.get("pooled_rest", False)
 
@@ -203,10 +204,7 @@ def _run_candidate(cfg, args: dict, q, k, v, scale: float, timed: bool, mask: Op
                                text_before=args["text_before"], text_after=args["text_after"],
                                partition=args["partition"], threshold=args["threshold"], topk=args["topk"],
                                scale=scale)
-            if q.is_cuda and not _force_reference():
-                from ..kernels.vmoba import vmoba_attention_with_selection
-                return vmoba_attention_with_selection(q, k, v, sel, scale, pooled_rest=pooled), sel
-            return vmoba_attention_from_selection(q, k, v, sel, scale, pooled_rest=pooled), sel
+            return vmoba_attention_with_selection(q, k, v, sel, scale, pooled_rest=pooled), sel
         (out, sel), ms = _timed(fn, timed)
         return out, int(vmoba_flops(sel, D, pooled)), float(sel.density), ms
     raise ValueError(f"cannot calibrate method {cfg.method!r}")
@@ -217,16 +215,11 @@ def _costlier_than_dense(cand, site, dense_flops: int) -> bool:
     _, cfg, a = cand
     if cfg.method != "monarch":
         return False
-    from ..kernels.monarch_reference import monarch_flops
+    from ..kernels.monarch.reference import monarch_flops
 
     f = monarch_flops(site.batch, site.heads, site.seq_q, site.head_dim, grid=tuple(a["grid"]), block=tuple(a["block"]),
                       text_before=a["text_before"], text_after=a["text_after"], steps=a["steps"])
     return f >= dense_flops
-
-
-def _force_reference() -> bool:
-    import os
-    return os.environ.get("VMONARCH_FORCE_REFERENCE", "0") == "1"
 
 
 class _SiteRecord:

@@ -27,13 +27,9 @@ _CHUNK_ELEMS = 1 << 25  # cap on the largest [rows, keys] temporary per head chu
 
 def dense_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
     """Dense attention ``(out, lse, entropy)``: our Triton flash kernel on CUDA, the reference elsewhere."""
-    if q.is_cuda:
-        from ..kernels.flash import flash_attention_triton
+    from ..kernels.dispatch import dense_with_stats as run
 
-        return flash_attention_triton(q, k, v, scale=scale, return_stats=True)
-    from ..kernels.flash_reference import attention_stats_reference
-
-    return attention_stats_reference(q, k, v, scale=scale)
+    return run(q, k, v, scale)
 
 
 def masked_dense_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

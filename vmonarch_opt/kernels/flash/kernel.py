@@ -20,7 +20,6 @@ once per (device, dtype, head_dim, stats, size bucket) by timing a few candidate
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -28,24 +27,21 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .flash_reference import check_attention_inputs
-from .out_layout import empty_attention_out
-from .tuning import tuning_enabled
+from .reference import check_attention_inputs
+from ..out_layout import empty_attention_out
+from ..dispatch import interpreting
+from ..tuning import tuning_cache, tuning_enabled
 
 try:  # host-side TMA descriptors (triton >= 3.3)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except Exception:  # pragma: no cover - older triton
     TensorDescriptor = None
 
-__all__ = ["flash_attention_triton", "interpreting"]
+__all__ = ["flash_attention_triton"]
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": keeps 0 * (-inf) NaNs out of the entropy sums
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -172,8 +168,7 @@ _CUDA_CANDIDATES = [
     (128, 128, 8, 3, True), (128, 64, 4, 3, True), (128, 128, 8, 2, True), (128, 64, 8, 4, True),
     (128, 128, 8, 3, False), (128, 64, 4, 3, False), (128, 64, 8, 4, False), (64, 64, 4, 3, False),
 ]
-_TUNED: dict = {}
-_FORCED: Optional[tuple] = None  # benchmarks may pin a config (tuple as above)
+_TUNED = tuning_cache("flash")
 
 
 def _head_pad(D: int) -> int:
@@ -225,8 +220,8 @@ def _bucket(n: int) -> int:
 
 
 def _pick_config(q, k, v, out, lse, ent, scale, stats):
-    if _FORCED is not None:
-        return _FORCED
+    if _TUNED.forced is not None:  # tuning.force_config("flash", ...)
+        return _TUNED.forced
     D = q.shape[-1]
     if interpreting() or not q.is_cuda:
         return (16, 16, 4, 1, False)
@@ -256,7 +251,7 @@ def _pick_config(q, k, v, out, lse, ent, scale, stats):
     if best is None:
         raise RuntimeError("flash_attention_triton: no launch configuration compiled on this "
                            "device; set VMONARCH_FORCE_REFERENCE=1 to use the reference")
-    _TUNED[key] = best
+    _TUNED.put(key, best)
     return best
 
 

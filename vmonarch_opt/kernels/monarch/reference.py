@@ -4,7 +4,7 @@ This is the CPU path of ``vmonarch::monarch_attention`` and the oracle of the Tr
 tests. It is written for clarity; the Triton kernel in ``monarch.py`` computes the same function.
 
 Notation (DESIGN.md §2). The video tokens are split into M blocks of B positions by the layout
-(``monarch_layout.py``): token (i, j) is position j of block i; ``idx[i, j]`` is its sequence
+(``layout.py``): token (i, j) is position j of block i; ``idx[i, j]`` is its sequence
 index and ``valid[i, j]`` whether it exists (partial tiles are padded). Attention row of video
 query (i, j) is restricted to ``a[(m, l)] = L[j, i, m] * R[m, j, l]``: pick block m with
 probability ``L``, then key l inside block m with probability ``R``. Each row maximises
@@ -45,7 +45,7 @@ from typing import Optional
 
 import torch
 
-from .monarch_layout import MonarchLayout, check_qkv, check_steps, make_layout, resolve_scale
+from .layout import MonarchLayout, check_qkv, check_steps, make_layout, resolve_scale
 
 __all__ = ["monarch_attention_reference", "monarch_flops", "dense_attention_flops",
            "monarch_reference_details", "RESET_MASS", "PLAIN_CBAR_EPS"]

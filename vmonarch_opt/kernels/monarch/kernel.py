@@ -1,6 +1,6 @@
 """Monarch attention (MonarchAttention / VMonarch) forward in Triton.
 
-Computes the same function as ``monarch_reference.monarch_attention_reference`` (read its
+Computes the same function as ``reference.monarch_attention_reference`` (read its
 docstring for the algorithm, the text-token handling and ``recompute``) with three kernels:
 
 * ``_r_step_kernel``: the R-step of every block as a flash-attention pass over the block's keys.
@@ -42,11 +42,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import sdpa_text_rows, text_rows_sdpa_into
-from .out_layout import empty_attention_out
-from .monarch_layout import check_qkv, check_steps, make_layout, resolve_scale
-from .monarch_reference import PLAIN_CBAR_EPS, RESET_MASS
-from .tuning import tuning_enabled
+from ..flash.kernel import sdpa_text_rows, text_rows_sdpa_into
+from ..out_layout import empty_attention_out
+from .layout import check_qkv, check_steps, make_layout, resolve_scale
+from .reference import PLAIN_CBAR_EPS, RESET_MASS
+from ..dispatch import interpreting
+from ..tuning import tuning_cache, tuning_enabled
 
 __all__ = ["monarch_attention_triton", "monarch_r_step_triton"]
 
@@ -54,10 +55,6 @@ _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": keeps 0 * (-inf) NaNs out of the entropy sums
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ----------------------------------------------------------------------------- index helpers
@@ -395,8 +392,7 @@ def _text_rows_kernel(Q, K, V, PO, PL, sqb, sqh, sqn, skb, skh, skn, svb, svh, s
 
 
 # ----------------------------------------------------------------------------- launch
-_CONFIG: dict = {}
-_FORCED_R: Optional[tuple] = None   # benchmarks may pin the R-step config (BLOCK_M, BLOCK_N, warps, stages)
+_CONFIG = tuning_cache("monarch_r")
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 _R_CANDIDATES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3),
@@ -437,9 +433,9 @@ def _launch_r(cfg, q, k, v, qbar, ak, cl, y, lay, scale, final, use_qbar, tx=Non
 
 
 def _pick_r_config(q, k, v, qbar, ak, cl, y, lay, scale, final, use_qbar, tx=None, tls=None):
-    if _FORCED_R is not None:
-        return _FORCED_R
-    if _interpreting() or not q.is_cuda:
+    if _CONFIG.forced is not None:  # tuning.force_config("monarch_r", (BLOCK_M, BLOCK_N, warps, stages))
+        return _CONFIG.forced
+    if interpreting() or not q.is_cuda:
         return (16, 16, 4, 1)
     D = q.shape[-1]
     if q.dtype == torch.float32:  # IEEE fp32 dots: correctness path, smallest tiles were fastest
@@ -471,13 +467,13 @@ def _pick_r_config(q, k, v, qbar, ak, cl, y, lay, scale, final, use_qbar, tx=Non
     if best is None:
         raise RuntimeError("monarch_attention_triton: no R-step launch configuration compiled on this device; "
                            "set VMONARCH_FORCE_REFERENCE=1 to use the reference")
-    _CONFIG[key] = best
+    _CONFIG.put(key, best)
     return best
 
 
 def _l_cfg(q, M):
     """(BLOCK_I, BLOCK_MB, num_warps) of the L-step kernels."""
-    if _interpreting() or not q.is_cuda:
+    if interpreting() or not q.is_cuda:
         return 16, 16, 4
     bm = min(64, max(16, triton.next_power_of_2(M)))
     # memory-bound: many small programs hide latency best (H100, Wan 480p, M=21: 2 warps
@@ -549,7 +545,7 @@ def _plan(q, k, v, lay, steps, s, recompute):
     if lay.n_text and sdpa_text_rows(q):
         launches.append(("text_rows", lambda: text_rows_sdpa_into(q, k, v, out, lay.text_before, lay.Nv, s)))
     elif lay.n_text:
-        interp = _interpreting() or not q.is_cuda
+        interp = interpreting() or not q.is_cuda
         TBM, TBN, tw = (16, 16, 4) if interp else (64, 64, 8)
         NT = lay.n_text
         row_tiles = triton.cdiv(NT, TBM) * b * h

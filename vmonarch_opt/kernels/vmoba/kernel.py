@@ -1,4 +1,4 @@
-"""VMoBA block-sparse video attention in Triton (semantics: ``vmoba_reference.py``).
+"""VMoBA block-sparse video attention in Triton (semantics: ``reference.py``).
 
 Two stages, nothing of size N x N anywhere:
 
@@ -42,11 +42,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import (_LOG2E, _NEG, TensorDescriptor, _bucket, _flash_into, _online_tile, interpreting,
-                    sdpa_text_rows, text_rows_sdpa_into)
-from .out_layout import empty_attention_out
-from .tuning import tuning_enabled
-from .vmoba_reference import (QUERY_GROUP, VMoBALayout, VMoBASelection, _check_args)
+from ..dispatch import interpreting
+from ..flash.kernel import (_LOG2E, _NEG, TensorDescriptor, _bucket, _flash_into, _online_tile, sdpa_text_rows,
+                            text_rows_sdpa_into)
+from ..out_layout import empty_attention_out
+from ..tuning import tuning_cache, tuning_enabled
+from .layout import (QUERY_GROUP, VMoBALayout, VMoBASelection, _check_args)
 
 __all__ = ["vmoba_attention_triton", "vmoba_select_triton", "vmoba_attention_with_selection"]
 
@@ -427,7 +428,7 @@ def _head_pad(D: int) -> int:
 # program per head walks its G x C entries 8 times, so wider blocks and more warps keep more
 # loads in flight
 _CUT_CANDIDATES = [(512, 8), (1024, 16), (2048, 16), (1024, 8)]
-_CUT_TUNED: dict = {}
+_CUT_TUNED = tuning_cache("vmoba_cut")
 
 
 def _cut_config(launch, E: int, device) -> tuple:
@@ -445,7 +446,8 @@ def _cut_config(launch, E: int, device) -> tuple:
                 continue
             if t < best_t:
                 hit, best_t = cfg, t
-        _CUT_TUNED[key] = hit = hit or _CUT_CANDIDATES[0]
+        hit = hit or _CUT_CANDIDATES[0]
+        _CUT_TUNED.put(key, hit)
     return hit
 
 
@@ -542,9 +544,8 @@ def vmoba_select_triton(q: torch.Tensor, k: torch.Tensor, *, layout: VMoBALayout
 _CUDA_CANDIDATES = [(128, 64, 4, 3, 0), (128, 128, 8, 3, 1), (128, 64, 4, 3, 1),
                     (128, 128, 8, 3, 2), (128, 128, 8, 2, 2), (128, 64, 8, 3, 2),
                     (128, 64, 4, 3, 2), (64, 64, 4, 3, 2)]
-_TUNED: dict = {}
+_TUNED = tuning_cache("vmoba")
 _TCH = 32  # tile starts read into registers per chunk in kv modes 1/2
-_FORCED: Optional[tuple] = None  # benchmarks/tests may pin a config (tuple as above)
 
 
 def _tma_capable(device) -> bool:
@@ -669,8 +670,8 @@ def _config_key(q, lay, pooled: bool = False):
 
 def _fixed_config(q) -> Optional[tuple]:
     """The configuration used without tuning, or None where tuning decides."""
-    if _FORCED is not None:
-        return _FORCED
+    if _TUNED.forced is not None:  # tuning.force_config("vmoba", ...)
+        return _TUNED.forced
     if interpreting() or not q.is_cuda:
         return (32, 16, 4, 1, 1)
     if q.shape[-1] > 128 or q.dtype == torch.float32:
@@ -732,7 +733,7 @@ def _pick_config(q, k, v, out, sel, scale, pooled=None):
     if best is None:
         raise RuntimeError("vmoba_attention_triton: no launch configuration compiled on this "
                            "device; set VMONARCH_FORCE_REFERENCE=1 to use the reference")
-    _TUNED[key] = best
+    _TUNED.put(key, best)
     return best
 
 
@@ -740,7 +741,7 @@ def vmoba_attention_with_selection(q, k, v, selection: VMoBASelection, scale: fl
                                    out: Optional[torch.Tensor] = None,
                                    pooled_rest: bool = False) -> torch.Tensor:
     """Block-sparse attention over an existing selection (text rows/columns dense); with
-    ``pooled_rest`` the unselected blocks join as pooled keys (``vmoba_reference``)."""
+    ``pooled_rest`` the unselected blocks join as pooled keys (``reference.py``)."""
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     lay = selection.layout
@@ -775,7 +776,7 @@ def vmoba_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         raise ValueError(f"vmoba_attention_triton: head_dim {q.shape[-1]} > 256 is unsupported")
     if topk == 0 and threshold >= 1.0:
         # every block selected: exactly dense attention, run by the dense flash kernel
-        from .flash import flash_attention_triton
+        from ..flash.kernel import flash_attention_triton
         return flash_attention_triton(q, k, v, scale=s)
     # the selection pass also copies k/v into block order unless the kernel will gather
     cfg = _known_config(q, lay, pooled_rest)

@@ -1,0 +1,87 @@
+"""The one place that decides whether a call runs our Triton kernels or the pure-PyTorch reference.
+
+CUDA tensors run the Triton kernels; every other device runs the reference beside them, and so
+does CUDA when ``VMONARCH_FORCE_REFERENCE=1`` (the escape hatch when a kernel misbehaves on a new
+GPU or Triton version). The dense op runs torch's SDPA (cuDNN / FlashAttention on CUDA) unless
+``VMONARCH_DENSE_KERNEL=triton`` selects our own flash kernel. Kernel modules are imported on
+first use, so the references work where Triton cannot compile.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["use_triton", "interpreting", "monarch_attention", "vmoba_attention", "vmoba_select",
+           "vmoba_attention_with_selection", "dense_attention", "dense_with_stats"]
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when ``t`` should run through our Triton kernels rather than the reference."""
+    if os.environ.get("VMONARCH_FORCE_REFERENCE", "0") == "1":
+        return False
+    return t.is_cuda
+
+
+def interpreting() -> bool:
+    """Triton's CPU interpreter is active (``TRITON_INTERPRET=1``): kernels launch one small config."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def monarch_attention(q, k, v, **kw) -> torch.Tensor:
+    if use_triton(q):
+        from .monarch.kernel import monarch_attention_triton
+        return monarch_attention_triton(q, k, v, **kw)
+    from .monarch.reference import monarch_attention_reference
+    return monarch_attention_reference(q, k, v, **kw)
+
+
+def vmoba_attention(q, k, v, **kw) -> torch.Tensor:
+    if use_triton(q):
+        from .vmoba.kernel import vmoba_attention_triton
+        return vmoba_attention_triton(q, k, v, **kw)
+    from .vmoba.reference import vmoba_attention_reference
+    return vmoba_attention_reference(q, k, v, **kw)
+
+
+def vmoba_select(q: torch.Tensor, k: torch.Tensor, *, grid, chunk, text_before: int = 0,
+                 text_after: int = 0, partition: str = "3d", threshold: float = 0.25,
+                 topk: int = 0, scale: Optional[float] = None):
+    """VMoBA's block selection alone (a ``VMoBASelection``)."""
+    from .vmoba.layout import _check_args
+
+    s, lay, threshold, topk = _check_args(q, k, k, grid, chunk, text_before, text_after,
+                                          partition, threshold, topk, scale, "vmoba_select")
+    if use_triton(q):
+        from .vmoba.kernel import vmoba_select_triton
+        return vmoba_select_triton(q, k, layout=lay, threshold=threshold, topk=topk, scale=s)
+    from .vmoba.reference import vmoba_select_reference
+    return vmoba_select_reference(q, k, layout=lay, threshold=threshold, topk=topk, scale=s)
+
+
+def vmoba_attention_with_selection(q, k, v, selection, scale: float, pooled_rest: bool = False) -> torch.Tensor:
+    """VMoBA attention on a selection made earlier (calibration reuses one selection)."""
+    if use_triton(q):
+        from .vmoba.kernel import vmoba_attention_with_selection as run
+        return run(q, k, v, selection, scale, pooled_rest=pooled_rest)
+    from .vmoba.reference import vmoba_attention_from_selection
+    return vmoba_attention_from_selection(q, k, v, selection, scale, pooled_rest=pooled_rest)
+
+
+def dense_attention(q, k, v, scale: float) -> torch.Tensor:
+    """Exact attention with the fastest kernel at hand (torch SDPA unless VMONARCH_DENSE_KERNEL=triton)."""
+    if use_triton(q) and os.environ.get("VMONARCH_DENSE_KERNEL", "sdpa") == "triton":
+        from .flash.kernel import flash_attention_triton
+        return flash_attention_triton(q, k, v, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def dense_with_stats(q, k, v, scale: float):
+    """Dense attention ``(out, lse, entropy)``: our flash kernel with statistics, or the reference."""
+    if use_triton(q):
+        from .flash.kernel import flash_attention_triton
+        return flash_attention_triton(q, k, v, scale=scale, return_stats=True)
+    from .flash.reference import attention_stats_reference
+    return attention_stats_reference(q, k, v, scale=scale)

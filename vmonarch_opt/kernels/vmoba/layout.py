@@ -1,0 +1,268 @@
+"""Geometry of VMoBA's key blocks and query groups on a video grid, the selection record, and
+argument checks: shared by the pure-PyTorch reference and the Triton kernels (see
+``reference.py`` for the algorithm)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from ..flash.reference import check_attention_inputs
+
+__all__ = ["QUERY_GROUP", "PARTITIONS", "VMoBALayout", "VMoBASelection", "vmoba_partition_for_layer",
+           "vmoba_layout", "block_means"]
+
+QUERY_GROUP = 128
+PARTITIONS = ("1d", "2d", "3d")
+
+
+
+def vmoba_partition_for_layer(layer_index: int) -> str:
+    """The layer-wise recurrent partition: layer 0 -> "1d", 1 -> "2d", 2 -> "3d", 3 -> "1d", ..."""
+    if isinstance(layer_index, bool) or not isinstance(layer_index, int) or layer_index < 0:
+        raise ValueError(f"layer_index must be a non-negative int, got {layer_index!r}")
+    return PARTITIONS[layer_index % 3]
+
+
+def _triple(x, name: str) -> tuple:
+    try:
+        t = tuple(int(v) for v in x)
+    except TypeError:
+        raise ValueError(f"{name} must be three positive ints (t, h, w), got {x!r}") from None
+    if len(t) != 3 or any(v < 1 for v in t) or any(int(v) != v for v in x):
+        raise ValueError(f"{name} must be three positive ints (t, h, w), got {x!r}")
+    return t
+
+
+@dataclass(frozen=True)
+class VMoBALayout:
+    """Geometry of the key blocks and query groups of one (grid, chunk, partition).
+
+    All index tensors are int64 on CPU unless moved with :meth:`to`.
+
+    * ``perm[p]``: video-token index (0-based within the video tokens) of block-order position p.
+    * ``block_off[c]``, ``block_len[c]``: block c occupies ``perm[block_off[c] : +block_len[c]]``.
+    * ``group_block[g]``: the block ("own block") of query group g; ``group_start[g]`` its first
+      position *inside* that block; ``group_len[g]`` its token count (<= QUERY_GROUP).
+      Groups of one block are consecutive.
+    """
+
+    grid: tuple
+    chunk: tuple  # effective (ct, ch, cw) after applying the partition and clipping to the grid
+    partition: str
+    text_before: int
+    text_after: int
+    perm: torch.Tensor
+    block_off: torch.Tensor
+    block_len: torch.Tensor
+    group_block: torch.Tensor
+    group_start: torch.Tensor
+    group_len: torch.Tensor
+
+    @property
+    def n_video(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    @property
+    def n_text(self) -> int:
+        return self.text_before + self.text_after
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_video + self.n_text
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.block_len.numel())
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.group_len.numel())
+
+    @property
+    def max_block_len(self) -> int:
+        return int(self.block_len.max())
+
+
+def _effective_chunk(grid: tuple, chunk: tuple, partition: str) -> tuple:
+    T, H, W = grid
+    ct, ch, cw = chunk
+    if partition == "1d":
+        eff = (ct, H, W)
+    elif partition == "2d":
+        eff = (T, ch, cw)
+    elif partition == "3d":
+        eff = (ct, ch, cw)
+    else:
+        raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r} "
+                         f"(vmoba_partition_for_layer(i) gives the layer's place in the cycle)")
+    return tuple(min(e, g) for e, g in zip(eff, grid))
+
+
+_LAYOUT_CACHE: dict = {}
+
+
+def vmoba_layout(grid: Sequence[int], chunk: Sequence[int], partition: str = "3d",
+                 text_before: int = 0, text_after: int = 0) -> VMoBALayout:
+    """Block / query-group geometry (pure index arithmetic, cached on CPU)."""
+    grid = _triple(grid, "grid")
+    chunk = _triple(chunk, "chunk")
+    for name, val in (("text_before", text_before), ("text_after", text_after)):
+        if isinstance(val, bool) or int(val) != val or val < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {val!r}")
+    eff = _effective_chunk(grid, chunk, partition)
+    key = (grid, eff, partition, int(text_before), int(text_after))
+    hit = _LAYOUT_CACHE.get(key)
+    if hit is not None:
+        return hit
+    T, H, W = grid
+    ct, ch, cw = eff
+    nbt, nbh, nbw = -(-T // ct), -(-H // ch), -(-W // cw)
+    tok = torch.arange(T * H * W).view(T, H, W)
+    perm, lens = [], []
+    for bt in range(nbt):
+        for bh in range(nbh):
+            for bw in range(nbw):
+                blk = tok[bt * ct:(bt + 1) * ct, bh * ch:(bh + 1) * ch, bw * cw:(bw + 1) * cw]
+                perm.append(blk.reshape(-1))
+                lens.append(blk.numel())
+    block_len = torch.tensor(lens, dtype=torch.int64)
+    block_off = torch.cumsum(block_len, 0) - block_len
+    gb, gs, gl = [], [], []
+    for c, n in enumerate(lens):
+        for s in range(0, n, QUERY_GROUP):
+            gb.append(c)
+            gs.append(s)
+            gl.append(min(QUERY_GROUP, n - s))
+    lay = VMoBALayout(grid=grid, chunk=eff, partition=partition, text_before=int(text_before),
+                      text_after=int(text_after), perm=torch.cat(perm), block_off=block_off,
+                      block_len=block_len, group_block=torch.tensor(gb, dtype=torch.int64),
+                      group_start=torch.tensor(gs, dtype=torch.int64),
+                      group_len=torch.tensor(gl, dtype=torch.int64))
+    if len(_LAYOUT_CACHE) > 64:
+        _LAYOUT_CACHE.clear()
+    _LAYOUT_CACHE[key] = lay
+    return lay
+
+
+@dataclass
+class VMoBASelection:
+    """The selected (query-group, key-block) pairs of every (batch, head).
+
+    * ``layout``: the :class:`VMoBALayout` (blocks, groups, token permutation).
+    * ``kv_idx``: int32 [B, H, G, C]; row (b, h, g) lists the selected key blocks of query group
+      g in ascending order in its first ``kv_cnt[b, h, g]`` entries, the rest is -1.
+    * ``kv_cnt``: int32 [B, H, G], >= 1 (the own block is always selected).
+    * ``threshold``, ``topk``: the rule that produced it.
+
+    Text keys are attended by every query and text queries attend to all keys; they are not
+    listed here (see :func:`vmoba_flops`).
+    """
+
+    layout: VMoBALayout
+    kv_idx: torch.Tensor
+    kv_cnt: torch.Tensor
+    threshold: float
+    topk: int
+    # (k, v) video rows copied into block order by the Triton selection when it was given v;
+    # the attention kernel reads them instead of copying again (None: not made)
+    block_kv: Optional[tuple] = field(default=None, repr=False, compare=False)
+    # (mean key, mean value) per block, float32 [B*H, C, padded head_dim], made by the Triton
+    # selection when asked to (pooled rest); None: not made
+    block_means: Optional[tuple] = field(default=None, repr=False, compare=False)
+
+    @property
+    def batch(self) -> int:
+        return int(self.kv_cnt.shape[0])
+
+    @property
+    def heads(self) -> int:
+        return int(self.kv_cnt.shape[1])
+
+    @property
+    def num_pairs(self) -> int:
+        """Total selected (query-group, key-block) pairs over batch and heads."""
+        return int(self.kv_cnt.long().sum())
+
+    def mask(self) -> torch.Tensor:
+        """Dense bool [B, H, G, C] view of the selection (G x C per head, never tokens^2)."""
+        B, H, G, C = self.kv_idx.shape
+        m = torch.zeros(B, H, G, C + 1, dtype=torch.bool, device=self.kv_idx.device)
+        idx = self.kv_idx.long()
+        idx = idx.masked_fill(idx < 0, C)  # no boolean indexing: no device sync (CUDA graphs)
+        m.scatter_(3, idx, True)
+        return m[..., :C]
+
+    def video_pairs(self) -> torch.Tensor:
+        """Selected video (query token, key token) pairs per (batch, head), int64 [B, H]."""
+        lay = self.layout
+        m = self.mask().to(torch.float64)
+        bl = lay.block_len.to(m.device, torch.float64)
+        gl = lay.group_len.to(m.device, torch.float64)
+        return torch.einsum("bhgc,g,c->bh", m, gl, bl).round().long()
+
+    @property
+    def density(self) -> float:
+        """Fraction of the video x video token pairs that are computed (1.0 = dense)."""
+        nv = self.layout.n_video
+        return float(self.video_pairs().double().mean()) / float(nv * nv)
+
+
+def _check_args(q, k, v, grid, chunk, text_before, text_after, partition, threshold, topk,
+                scale, who):
+    s = check_attention_inputs(q, k, v, scale, who)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"{who}: VMoBA is self-attention over one token sequence; q has "
+                         f"{q.shape[2]} tokens and k has {k.shape[2]}")
+    lay = vmoba_layout(grid, chunk, partition, text_before, text_after)
+    if q.shape[2] != lay.n_tokens:
+        raise ValueError(f"{who}: sequence length {q.shape[2]} != text_before + T*H*W + text_after "
+                         f"= {lay.text_before} + {lay.n_video} + {lay.text_after} = {lay.n_tokens}; "
+                         f"pass the grid and text token counts of this attention site")
+    try:
+        threshold = float(threshold)
+    except (TypeError, ValueError):
+        raise ValueError(f"{who}: threshold must be a number in (0, 1], got {threshold!r}") from None
+    if not math.isfinite(threshold) or threshold <= 0.0:
+        raise ValueError(f"{who}: threshold must be a finite number > 0 (1.0 keeps every block), "
+                         f"got {threshold}")
+    if isinstance(topk, bool) or int(topk) != topk or topk < 0:
+        raise ValueError(f"{who}: topk must be a non-negative int (0 = threshold selection), "
+                         f"got {topk!r}")
+    return s, lay, threshold, int(topk)
+
+
+
+def _block_table(layout: VMoBALayout, device) -> tuple:
+    """``(idx [C, Lmax], valid [C, Lmax])``: sequence index of each block's tokens, padded."""
+    key = (layout.grid, layout.chunk, layout.partition, layout.text_before, layout.text_after, str(device))
+    hit = _TABLE_CACHE.get(key)
+    if hit is None:
+        L = layout.max_block_len
+        pos = torch.arange(L)[None, :]
+        valid = pos < layout.block_len[:, None]
+        idx = torch.where(valid, layout.block_off[:, None] + pos, 0)
+        idx = layout.perm[idx] + layout.text_before
+        hit = (idx.to(device), valid.to(device))
+        if len(_TABLE_CACHE) > 64:
+            _TABLE_CACHE.clear()
+        _TABLE_CACHE[key] = hit
+    return hit
+
+
+_TABLE_CACHE: dict = {}
+
+
+def block_means(x: torch.Tensor, layout: VMoBALayout, dtype=None) -> torch.Tensor:
+    """Mean of ``x [B, H, N, D]``'s video rows over each key block: ``[B, H, C, D]``, summed
+    in float32 (float64 for float64 input) or ``dtype``. One gather of the video rows into a
+    padded [C, longest block] table and a sum (no atomics: fast on the GPU too)."""
+    cdt = dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    idx, valid = _block_table(layout, x.device)
+    rows = x[:, :, idx]  # [B, H, C, Lmax, D]
+    if not bool(valid.all()):
+        rows = rows.masked_fill(~valid[:, :, None], 0)
+    n = layout.block_len.to(x.device, cdt)[:, None]
+    return torch.sum(rows, dim=3, dtype=cdt) / n
