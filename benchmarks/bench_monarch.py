@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python3 benchmarks/bench_monarch.py [--shapes wan13b,wan14b] [--no-append]
 
-For each canonical shape (DESIGN.md §5 + issue 3) it times, on the same bf16 inputs, SDPA with the
+For each canonical shape (Wan, CogVideoX, HunyuanVideo sizes; see SHAPES below) it times, on the same bf16 inputs, SDPA with the
 FLASH and CUDNN backends and our kernel (T=1 frame blocks unless stated), and reports the median
 ms (``triton.testing.do_bench``), speed-ups, the attention-FLOP reduction, the TFLOP/s achieved on
 our own FLOP count (``monarch_flops``), a per-phase time split, and the relative error vs dense

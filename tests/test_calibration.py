@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import vmonarch_opt
 from vmonarch_opt import Budget, DenseConfig, MonarchConfig, VMoBAConfig
-from vmonarch_opt.profiles.calibrate import _global_allocation, candidate_configs
+from vmonarch_opt.profiles.allocation import _global_allocation
+from vmonarch_opt.profiles.calibrate import candidate_configs
 from vmonarch_opt.site import AttentionSite
 from conftest import rel_err
 
@@ -314,18 +315,18 @@ def test_output_budget_measured_on_sampled_videos():
 def test_output_budget_never_picks_a_candidate_that_blows_up(monkeypatch):
     """A candidate whose model output has NaN/inf counts as infinitely wrong (a NaN compares as
     neither larger nor smaller and must not slip through the allocation)."""
-    from vmonarch_opt.passes import rewrite
+    from vmonarch_opt import runtime
     from vmonarch_opt.tiny_dit import calib_batch, load_tiny_video_dit
 
     model = load_tiny_video_dit()
     batch = calib_batch(1, 4, 16, detail=model.data_detail)
-    real = rewrite.run_site
+    real = runtime.run_site
 
-    def poisoned(plan, a, original):
-        out = real(plan, a, original)
-        return out * float("nan") if plan.site_id == "blocks.1.attn" else out
+    def poisoned(site, a, original):
+        out = real(site, a, original)
+        return out * float("nan") if site.site_id == "blocks.1.attn" else out
 
-    monkeypatch.setattr(rewrite, "run_site", poisoned)
+    monkeypatch.setattr(runtime, "run_site", poisoned)
     opt = vmonarch_opt.optimize(model, batch, budget=Budget(max_rel_error=0.5, output_rel_error=0.2),
                                 min_seq_len=0, evaluate=lambda m: m(**batch), validate=False)
     rows = opt.vmonarch.profile.sites

@@ -198,7 +198,7 @@ def test_flops():
     m = monarch_flops(1, 12, 32760, 128, grid=(21, 30, 52), block=(1, 30, 52))
     n, B, M = 32760, 1560, 21
     assert m == 12 * (6 * n * B * 128 + 4 * n * M * 128)
-    assert 13 < d / m < 15                               # DESIGN.md: ~14x at Wan 480p
+    assert 13 < d / m < 15                               # frame blocks: ~14x fewer FLOPs at Wan 480p
     m2 = monarch_flops(2, 12, 32760, 128, grid=(21, 30, 52), block=(1, 30, 52), steps=2)
     assert m2 > 2 * m
     mt = monarch_flops(1, 1, 30 + 4, 8, grid=(2, 3, 5), block=(2, 3, 5), text_before=4)

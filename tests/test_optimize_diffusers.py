@@ -373,18 +373,16 @@ def test_other_video_size_keeps_exact_configurations_exact():
     (5, 7, ("hist",), (60 + 3, {"hist": (1, 1, 5)}), None),          # no room for the prompt
 ])
 def test_text_of_another_length_is_placed_only_when_unambiguous(tb, ta, prefix, call, expect):
-    from vmonarch_opt.config import SitePlan
     from vmonarch_opt.passes.regrid import adapt_plan
+    from vmonarch_opt.plan import SitePlan
 
     plan = SitePlan("s", "monarch", args=dict(grid=[3, 4, 5], block=[1, 4, 5], text_before=tb, text_after=ta,
                                               steps=1, recompute=False), seq_q=60 + tb + ta,
                     seq_k=60 + tb + ta, head_dim=16)
-    plan.__dict__["_prefix_modules"] = prefix
-    plan.__dict__["_grid_module"] = "video"
     n, by_module = call
     by_module = {"video": (3, 4, 5), **by_module}
     grids = list(by_module.values())
-    got = adapt_plan(plan, n, n, 16, grids, by_module)
+    got = adapt_plan(plan, n, n, 16, grids, by_module, grid_module="video", prefix_modules=prefix)
     if expect is None:
         assert got is None
     else:

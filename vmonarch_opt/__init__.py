@@ -4,8 +4,8 @@
     optimized = vmonarch_opt.optimize(model, calib_batch)
     print(optimized.report)
 """
-from . import ops  # noqa: F401  registers torch.ops.vmonarch.*
-from .config import DenseConfig, MonarchConfig, VMoBAConfig
+from . import methods  # noqa: F401  registers the methods and their torch.ops.vmonarch.* ops
+from .methods import DenseConfig, MonarchConfig, VMoBAConfig
 from .errors import CalibrationBatchError, CaptureError, ProfileError, VMonarchError
 from .optimize import optimize, restore
 from .deploy import export_onnx  # noqa: F401  (ONNX export; needs onnx + onnxscript at call time)

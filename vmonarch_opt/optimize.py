@@ -1,8 +1,11 @@
-"""``optimize(model, calib_batch)``: capture → detect → plan → rewrite → report."""
+"""``optimize(model, calib_batch)``: analyse → plan → calibrate → validate → apply → report.
+
+Each stage is a function of ``pipeline.py`` (calibration: ``profiles/``) that takes values and
+returns values; this module strings them together and attaches the result to the model.
+"""
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -10,21 +13,16 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .batch import as_batches, batch_device, run_calibration_call
-from .config import METHODS, SitePlan
+from . import methods as registry
+from . import pipeline
+from .batch import as_batches
 from .errors import VMonarchError
-from .passes.capture import capture as capture_graphs
-from .passes.census import attention_census, uncaptured
-from .passes.detect import DetectedSite, detect
-from .passes.grid import assign_grids, check_grid_spec, grid_modules, lookup_user_grid
-from .passes.normalize import NormalizeError, normalize_module
-from .passes.regrid import GridTracker
-from .passes.rewrite import install, plan_handler, prepare_qkv, run_site, runtime_mismatch, uninstall
-from .passes.siblings import add_sibling_sites
-from .planner import plan_sites
+from .passes.grid import check_grid_spec
+from .profiles.output_budget import check_evaluate
 from .report import Report
 from .site import AttentionSite
-from .switch import AttentionSwitch, set_original_attention
+
+__all__ = ["optimize", "restore", "OptimizationState"]
 
 
 @dataclass
@@ -32,227 +30,15 @@ class OptimizationState:
     """Attached to the optimized model as ``model.vmonarch``."""
 
     sites: list[AttentionSite]
-    plans: dict[str, SitePlan]
+    plans: dict  # site id -> SitePlan (immutable)
     report: Report
-    modules: list[str] = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)  # owning modules with routed sites
     profile: Any = None
     normalized: dict = field(default_factory=dict)  # module path -> fx.GraphModule
+    runtimes: dict = field(default_factory=dict)  # site id -> runtime.SiteRuntime (what changes while it runs)
+    route: Any = None  # router.Route installed on the model
     tracker: Any = None  # passes.regrid.GridTracker: the input's token grid, for other video sizes
     switch: Any = None  # switch.AttentionSwitch: run the model's own attention (set_original_attention)
-
-
-def _owning_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
-    return model.get_submodule(path) if path else model
-
-
-def _record_inputs(model, paths: set[str], batch) -> dict:
-    """Run the batch once, remembering the (args, kwargs) each module in ``paths`` was called with."""
-    seen: dict = {}
-    hooks = []
-    for p in paths:
-        mod = _owning_module(model, p)
-
-        def pre(m, args, kwargs, p=p):
-            seen.setdefault(p, (args, kwargs))
-
-        hooks.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            run_calibration_call(model, batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
-def _normalize_handwritten(model, detected: list[DetectedSite], plans: dict, batch) -> dict:
-    """Turn rewritable hand-written sites into SDPA calls; mark the others as left dense."""
-    by_module: dict[str, list[DetectedSite]] = {}
-    for ds in detected:
-        if ds.site.form == "handwritten":
-            by_module.setdefault(ds.site.module_path, []).append(ds)
-    wanted = {p for p, lst in by_module.items() if any(plans[d.site.site_id].method != "original" for d in lst)}
-    if not wanted:
-        return {}
-    inputs = _record_inputs(model, wanted, batch)
-    forwards = {}
-    for path in wanted:
-        lst = by_module[path]
-        rewrite = [plans[d.site.site_id].method != "original" for d in lst]
-        mod = _owning_module(model, path)
-        try:
-            if path not in inputs:
-                raise NormalizeError("the module was not called by the calibration batch in eager mode")
-            args, kwargs = inputs[path]
-            fwd, gm, skipped = normalize_module(mod, args, kwargs, expected=len(lst), rewrite=rewrite)
-            forwards[path] = (fwd, gm)
-            for i, why in skipped.items():
-                p = plans[lst[i].site.site_id]
-                p.method, p.args, p.flops_after, p.reason = "original", {}, p.flops_before, why
-        except NormalizeError as e:
-            for d in lst:
-                p = plans[d.site.site_id]
-                if p.method != "original":
-                    p.method, p.args, p.flops_after = "original", {}, p.flops_before
-                    p.reason = f"hand-written attention could not be rewritten: {e}"
-    return forwards
-
-
-def _runtime_index(detected: list[DetectedSite], plans: dict, forwards: dict) -> dict[str, list]:
-    """Per owning module, the plan of its k-th SDPA call at run time."""
-    out: dict[str, list] = {}
-    for ds in detected:
-        s = ds.site
-        if s.form == "handwritten" and (s.module_path not in forwards or plans[s.site_id].method == "original"):
-            continue  # stays a hand-written attention: never reaches the SDPA interceptor
-        out.setdefault(s.module_path, []).append(plans[s.site_id])
-    return out
-
-
-def _replan(sites, old: dict, methods, overrides, min_seq_len, chosen: dict) -> dict:
-    """Plans with calibrated choices; sites the normalisation already left dense stay so."""
-    new = plan_sites(sites, methods=methods, overrides=overrides, min_seq_len=min_seq_len, chosen=chosen)
-    for sid, p in old.items():
-        if p.method == "original":
-            new[sid] = p
-    return new
-
-
-def observe(model, detected: list[DetectedSite], plans: dict, forwards: dict, batches: list,
-            callback: Callable) -> None:
-    """Run ``batches`` through ``model`` with its own attention, calling
-    ``callback(site, plan, q, k, v, scale, mask)`` at every site whose plan is not "original".
-
-    q/k/v are 4-D ``[B, H, N, D]`` with GQA expanded — what our ops receive; ``mask`` is the
-    call's text key-padding mask (sites planned with ``key_padding``) or None. ``forwards`` maps
-    module paths to normalised forwards (hand-written attention as SDPA). The model is restored
-    afterwards.
-    """
-    site_of = {d.site.site_id: d.site for d in detected}
-    runtime = _runtime_index(detected, plans, {p: (f, None) for p, f in forwards.items()})
-
-    def make(plan):
-        site = site_of[plan.site_id]
-
-        def handler(a, original):
-            if plan.method != "original" and runtime_mismatch(plan, a) is None:
-                q, k, v, scale = prepare_qkv(a)
-                callback(site, plan, q, k, v, scale, a["attn_mask"])
-            return original()
-        return handler
-
-    mods = []
-    try:
-        for path, plist in runtime.items():
-            mod = _owning_module(model, path)
-            install(mod, [make(p) for p in plist], forward=forwards.get(path))
-            mods.append(mod)
-        with torch.no_grad():
-            for b in batches:
-                run_calibration_call(model, b)
-    finally:
-        for mod in mods:
-            uninstall(mod)
-
-
-def _rel_error(a, b) -> Optional[float]:
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and a and b:
-        return _rel_error(a[0], b[0])
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in a:
-            if k in b:
-                return _rel_error(a[k], b[k])
-    if hasattr(a, "sample") and hasattr(b, "sample"):
-        return _rel_error(a.sample, b.sample)
-    return None
-
-
-def _measure_vmoba(plan: SitePlan, q, k, v, scale: float, mask=None) -> None:
-    """Fill a VMoBA plan's density and executed FLOPs from its block selection on real q/k (under a
-    text padding ``mask``: per batch element on the tokens the op keeps, as it runs)."""
-    from .kernels.dispatch import vmoba_select
-    from .kernels.vmoba.reference import vmoba_flops
-    from .passes.keypad import run_key_padded
-
-    a = plan.args
-    flops, dens = [], []
-
-    def measure(qq, kk, vv, tb, ta):
-        sel = vmoba_select(qq, kk, grid=tuple(a["grid"]), chunk=tuple(a["chunk"]), text_before=tb,
-                           text_after=ta, partition=a["partition"], threshold=a["threshold"],
-                           topk=a["topk"], scale=scale)
-        flops.append(vmoba_flops(sel, qq.shape[-1], a.get("pooled_rest", False)))
-        dens.append(sel.density)
-        return torch.zeros_like(qq)  # only the selection is wanted
-
-    if mask is None:
-        measure(q, k, v, a["text_before"], a["text_after"])
-    elif run_key_padded(q, k, v, mask, a["text_before"], a["text_after"], scale, measure) is None:
-        return  # not a padding mask: the call ran the model's attention
-    plan.density = sum(dens) / len(dens)
-    plan.flops_after = int(sum(flops))
-
-
-def _validate(model, runtime: dict, forwards: dict, batch, reference) -> tuple[dict, Optional[float], set]:
-    """Run the optimized model once, measuring each site's error vs dense and the output error;
-    also returns the ids of the sites whose planned method really ran."""
-    errors: dict[str, float] = {}
-    ran: set = set()
-
-    def measuring(plan):
-        def handler(a, original):
-            out = run_site(plan, a, original)
-            if plan.method != "original":
-                if runtime_mismatch(plan, a) is None:
-                    ran.add(plan.site_id)
-                ref = original()
-                errors[plan.site_id] = max(errors.get(plan.site_id, 0.0), _rel_error(out, ref) or 0.0)
-                if plan.method == "vmoba" and plan.density is None:
-                    _measure_vmoba(plan, *prepare_qkv(a), mask=a["attn_mask"])
-            return out
-        return handler
-
-    for path, plans in runtime.items():
-        install(_owning_module(model, path), [measuring(p) for p in plans], forward=forwards.get(path))
-    with torch.no_grad():
-        out = run_calibration_call(model, batch)
-    return errors, _rel_error(out, reference), ran
-
-
-def _on_cuda(batch) -> bool:
-    dev = batch_device([batch])
-    return dev is not None and dev.type == "cuda"
-
-
-def _time_forwards(model, batch) -> dict:
-    """Milliseconds of one eager forward on ``batch``, optimized and with the model's own attention
-    (median of 3 after a warm-up; 1 when a forward takes over a second)."""
-    def once() -> float:
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            run_calibration_call(model, batch)
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t0) * 1e3
-
-    out = {}
-    for name, original in (("optimized", False), ("original", True)):
-        with set_original_attention(model, original):
-            first = once()  # warm-up: kernel tuning, allocator, caches
-            out[name] = statistics.median([once() for _ in range(3 if first < 1000 else 1)])
-    return out
-
-
-def _never_ran(plans: dict, ran: set) -> None:
-    """Sites planned for a kernel that the validation run never routed to it: the report must not
-    claim them. They keep the model's own attention."""
-    for sid, p in plans.items():
-        if p.method != "original" and sid not in ran:
-            p.reason = (f"planned {p.method}, but the validation run never reached this site with the detected "
-                        f"shape and module: kept the model's own attention")
-            p.method, p.args, p.flops_after = "original", {}, p.flops_before
 
 
 def _calls_where(calls: dict) -> str:
@@ -277,19 +63,7 @@ def _flex_text(flex: dict) -> str:
             f"so it keeps the model's own attention.")
 
 
-def _check_evaluate(evaluate, profile, budget) -> None:
-    if evaluate is None:
-        return
-    if not callable(evaluate):
-        raise TypeError(f"evaluate must be a function evaluate(model) -> tensor(s), got {type(evaluate).__name__}")
-    if profile is not None:
-        raise ValueError("evaluate= is used while calibrating; with profile= nothing is calibrated (drop one)")
-    if getattr(budget, "output_rel_error", None) is None:
-        raise ValueError("evaluate= is what an output budget is measured on: pass "
-                         "budget=Budget(max_rel_error=0.5, output_rel_error=e) with it")
-
-
-def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=METHODS,
+def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=None,
              budget="auto", grid=None, inplace: bool = False, overrides: Optional[dict] = None,
              min_seq_len: Optional[int] = None, capture: str = "auto", validate: bool = True,
              evaluate: Optional[Callable] = None) -> torch.nn.Module:
@@ -303,13 +77,14 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
         calib_batch: what the model is called with: a dict (``model(**b)``), a tuple/list
             (``model(*b)``) or a tensor; a list of dicts for several batches (timesteps).
         profile: a calibration profile (``load_profile(path)``) whose per-site choices are reused.
-        methods: allowed methods, a subset of ``("monarch", "vmoba", "dense")``.
+        methods: allowed methods: names of registered methods (``"monarch"``, ``"vmoba"``,
+            ``"dense"``, …); default: every registered method.
         budget: quality budget for calibration: ``"auto"`` (default) calibrates under ``Budget()``
             (each site's attention error ≤ 5 %), a ``Budget`` calibrates under it, ``None`` skips
             calibration and uses the default policy (Monarch frame blocks, then VMoBA, then dense,
             as ``methods`` allow). Ignored when ``profile`` is given.
         grid: ``(T, H, W)`` latent token grid, or ``{site_glob: (T, H, W)}``, overriding inference.
-        overrides: ``{site_glob: "dense" | "monarch" | "vmoba" | "original" | Config}`` pins.
+        overrides: ``{site_glob: method name | "original" | config}`` pins.
         min_seq_len: sites with fewer tokens stay dense (unless pinned by ``overrides``); default
             1024, or with ``profile`` the value the profile was calibrated with.
         capture: "auto" (torch.compile, then torch.fx), "dynamo" or "fx".
@@ -327,8 +102,8 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
         raise TypeError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}; "
                         f"wrap your function in an nn.Module")
     t0 = time.perf_counter()
-    plan_sites([], methods=methods)  # option errors before any model run
-    _check_evaluate(evaluate, profile, budget)
+    methods = registry.check_methods(methods)  # option errors before any model run
+    check_evaluate(evaluate, profile, budget)
     if profile is not None:
         from .profiles.profile import as_profile
         profile = as_profile(profile)
@@ -340,90 +115,68 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
     target = model if inplace else copy.deepcopy(model)
     if getattr(target, "vmonarch", None) is not None:
         raise VMonarchError("this model is already optimized; call optimize() on the original model")
-    with torch.no_grad(), attention_census(target) as calls:
-        reference = run_calibration_call(target, batches[0])
-    graphs = capture_graphs(target, batches[0], capture)
-    detected = add_sibling_sites(detect(graphs, target), calls, target)
-    assign_grids(detected, graphs, target, batches[0], grid)
-    sites = [d.site for d in detected]
-    if not calls.get("") and uncaptured(calls, [s for s in sites if s.module_path]):
-        # A graph Dynamo resumed after a graph break inside a function (not a module) carries no
-        # module stack: its SDPA looks like the root's own. Routed at the root it would take the
-        # first same-shaped call of the whole forward. The eager census says the root calls no
-        # attention itself while some module's calls are unaccounted for: these are those.
-        for s in sites:
-            if s.form == "sdpa" and s.module_path == "":
-                s.module_resolved = False
-    missed = uncaptured(calls, sites)
-    unrouted = any(not s.module_resolved and not s.module_path for s in sites)
-    if missed:
-        warnings.warn(f"vmonarch_opt: {_uncaptured_text(missed, unrouted)}", RuntimeWarning, stacklevel=2)
-    if calls.flex:
-        warnings.warn(f"vmonarch_opt: {_flex_text(calls.flex)}", RuntimeWarning, stacklevel=2)
 
-    # Eligibility and default choices first: hand-written attention that may be rewritten is
-    # normalised to SDPA before calibration, so calibration observes every candidate site.
-    plans = plan_sites(sites, methods=methods, overrides=overrides, min_seq_len=min_seq_len)
-    forwards = _normalize_handwritten(target, detected, plans, batches[0])
-    fwd_by_path = {p: f for p, (f, _) in forwards.items()}
+    # analyse: sites, grids, what capture missed
+    analysis = pipeline.analyse(target, batches, grid=grid, capture=capture)
+    sites = analysis.sites
+    if analysis.missed:
+        warnings.warn(f"vmonarch_opt: {_uncaptured_text(analysis.missed, analysis.unrouted)}", RuntimeWarning,
+                      stacklevel=2)
+    if analysis.census.flex:
+        warnings.warn(f"vmonarch_opt: {_flex_text(analysis.census.flex)}", RuntimeWarning, stacklevel=2)
+
+    # plan: eligibility and default choices (hand-written attention normalised to SDPA)
+    choose = dict(methods=methods, overrides=overrides, min_seq_len=min_seq_len)
+    plans, routing = pipeline.plan(target, analysis, batches[0], **choose)
+
+    # calibrate: a profile's choices, or measured under the budget
     if profile is not None:
         from .profiles.profile import annotate_plans, apply_profile
         chosen = apply_profile(profile, sites, model=model)
-        plans = _replan(sites, plans, methods, overrides, min_seq_len, chosen)
-        annotate_plans(plans, sites, profile)
+        plans = annotate_plans(pipeline.replan(sites, plans, chosen=chosen, **choose), sites, profile)
     elif budget is not None:
         from .profiles.budget import Budget
         from .profiles.calibrate import calibrate_sites
         from .profiles.profile import annotate_plans
         if isinstance(budget, str) and budget == "auto":
             budget = Budget()
-        profile = calibrate_sites(target, batches, detected, plans, fwd_by_path, methods=methods,
+        profile = calibrate_sites(target, batches, analysis.detected, plans, routing, methods=methods,
                                   budget=budget, overrides=overrides)
         if budget.output_rel_error is not None:  # re-choose by the model's output error
             from .profiles.output_budget import allocate_by_output
-            allocate_by_output(target, detected, plans, fwd_by_path, batches, profile, budget, evaluate)
+            allocate_by_output(target, analysis.detected, plans, routing, batches, profile, budget, evaluate)
         profile.data["min_seq_len"] = min_seq_len  # optimize(profile=...) reuses it
-        plans = _replan(sites, plans, methods, overrides, min_seq_len, profile.choices())
-        annotate_plans(plans, sites, profile)
-    runtime = _runtime_index(detected, plans, forwards)
+        plans = annotate_plans(pipeline.replan(sites, plans, chosen=profile.choices(), **choose), sites, profile)
 
+    # validate: error per site and of the output; sites that never ran their method are not claimed
     site_errors, out_error = {}, None
     if validate:
-        site_errors, out_error, ran = _validate(target, runtime, fwd_by_path, batches[0], reference)
-        _never_ran(plans, ran)
-    switch = AttentionSwitch()
-    for p in plans.values():
-        p.__dict__["_switch"] = switch  # not a dataclass field: never serialised
-    for path, plist in runtime.items():
-        install(_owning_module(target, path), [plan_handler(p) for p in plist], forward=fwd_by_path.get(path))
-    tracker = None
-    if any(p.method in ("monarch", "vmoba", "dense") for p in plans.values()):
-        tracker = GridTracker(target, grid_modules(graphs, target))
-        user_grid = {s.site_id for s in sites if lookup_user_grid(grid, s.site_id) is not None}
-        by_id = {s.site_id: s for s in sites}
-        for p in plans.values():
-            p.__dict__["_tracker"] = tracker  # not dataclass fields: never serialised
-            p.__dict__["_grid_inferred"] = p.site_id not in user_grid
-            p.__dict__["_grid_module"] = by_id[p.site_id].grid_module
-            p.__dict__["_prefix_modules"] = tuple(by_id[p.site_id].text_before_from)
+        val = pipeline.validate(target, plans, routing, batches[0], analysis.reference)
+        plans = pipeline.validated_plans(plans, val)
+        site_errors, out_error = val.errors, val.output_error
 
-    meta = {"capture": graphs[0].source if graphs else "none", "graphs": len(graphs),
+    # apply: the plans installed for good
+    applied = pipeline.apply(target, analysis, plans, routing, grid)
+
+    # report
+    meta = {"capture": analysis.graphs[0].source if analysis.graphs else "none", "graphs": len(analysis.graphs),
             "methods": list(methods), "min_seq_len": min_seq_len,
             "optimize_seconds": round(time.perf_counter() - t0, 3),
             "torch": torch.__version__}
-    if missed:
-        meta["uncaptured"] = {"calls": missed, "note": _uncaptured_text(missed, unrouted)}
-    if calls.flex:
-        meta["flex_attention"] = {"calls": dict(calls.flex), "note": _flex_text(calls.flex)}
+    if analysis.missed:
+        meta["uncaptured"] = {"calls": analysis.missed, "note": _uncaptured_text(analysis.missed, analysis.unrouted)}
+    if analysis.census.flex:
+        meta["flex_attention"] = {"calls": dict(analysis.census.flex), "note": _flex_text(analysis.census.flex)}
     report = Report.build(type(model).__name__, sites, plans, meta=meta, site_errors=site_errors,
                           output_error=out_error)
-    state = OptimizationState(sites=sites, plans=plans, report=report, modules=sorted(runtime),
-                              profile=profile, normalized={p: g for p, (_, g) in forwards.items()},
-                              tracker=tracker, switch=switch)
+    state = OptimizationState(sites=sites, plans=plans, report=report, modules=sorted(applied.route.paths),
+                              profile=profile, normalized=dict(routing.graphs),
+                              runtimes=applied.runtimes, route=applied.route, tracker=applied.tracker,
+                              switch=applied.switch)
     target.__dict__["vmonarch"] = state
     target.__dict__["report"] = report
-    if validate and _on_cuda(batches[0]) and _uses_structured(plans):
-        report.totals["forward_ms"] = _time_forwards(target, batches[0])
+    if validate and pipeline.on_cuda(batches[0]) and _uses_structured(plans):
+        report.totals["forward_ms"] = pipeline.time_forwards(target, batches[0])
         slower = report.slower_note()
         if slower:
             warnings.warn(f"vmonarch_opt: {slower}", RuntimeWarning, stacklevel=2)
@@ -431,8 +184,8 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
 
 
 def _uses_structured(plans: dict) -> bool:
-    """Some site runs one of our structured kernels (not only dense / the model's own)."""
-    return any(p.method in ("monarch", "vmoba") for p in plans.values())
+    """Some site runs a method that cuts attention FLOPs (not only dense / the model's own)."""
+    return any(p.rewritten and registry.get(p.method).structured for p in plans.values())
 
 
 def restore(model: torch.nn.Module) -> torch.nn.Module:
@@ -441,8 +194,8 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
     model.__dict__.pop("report", None)
     if state is None:
         return model
-    for path in state.modules:
-        uninstall(_owning_module(model, path))
+    if state.route is not None:
+        state.route.remove()
     if state.tracker is not None:
         state.tracker.remove()
     return model

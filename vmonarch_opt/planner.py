@@ -4,7 +4,9 @@ from __future__ import annotations
 import fnmatch
 from typing import Optional
 
-from .config import METHODS, Config, DenseConfig, SitePlan, parse_config, resolve_args
+from . import methods as registry
+from .methods import Shape
+from .plan import ORIGINAL, SitePlan
 from .site import AttentionSite
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
@@ -64,83 +66,64 @@ def _override_for(site_id: str, overrides: Optional[dict]):
     return None
 
 
-def default_config(site: AttentionSite, methods: tuple) -> Config:
-    """The choice without calibration data: Monarch, then VMoBA, then dense, as allowed."""
-    for m in ("monarch", "vmoba", "dense"):
-        if m in methods:
-            return parse_config(m)
-    return DenseConfig()
+def default_config(site: AttentionSite, methods: tuple):
+    """The choice without calibration data: the allowed method of best default rank (Monarch,
+    then VMoBA, then dense) that can take the site."""
+    for m in registry.ranked(methods):
+        if m.unsupported(site) is None:
+            return m.config()
+    return registry.get(methods[0]).config()
 
 
 def attention_flops(site: AttentionSite) -> int:
-    return 4 * site.batch * site.heads * site.seq_q * site.seq_k * site.head_dim
+    return Shape.of(site).dense_flops
 
 
 def method_flops(site: AttentionSite, plan: SitePlan) -> Optional[int]:
     """Attention FLOPs of the chosen method (None when it depends on data not yet measured)."""
-    if plan.method in ("dense", "original"):
+    if not plan.rewritten:
         return attention_flops(site)
-    if plan.method == "monarch":
-        from .kernels.monarch.reference import monarch_flops
-        a = plan.args
-        return int(monarch_flops(site.batch, site.heads, site.seq_q, site.head_dim, grid=tuple(a["grid"]),
-                                 block=tuple(a["block"]), text_before=a["text_before"],
-                                 text_after=a["text_after"], steps=a["steps"]))
-    if plan.method == "vmoba" and plan.density is not None:
-        n_text = site.text_before + site.text_after
-        nv = site.seq_q - n_text
-        # text rows and columns stay dense; video×video pairs at the measured density
-        dense_pairs = site.seq_q * site.seq_k
-        video_pairs = nv * nv
-        pairs = dense_pairs - video_pairs + plan.density * video_pairs
-        return int(4 * site.batch * site.heads * pairs * site.head_dim)
-    return None
+    return registry.get(plan.method).flops(Shape.of(site), plan.args, plan.density)
 
 
-def plan_sites(sites: list[AttentionSite], *, methods=METHODS, overrides: Optional[dict] = None,
+def plan_sites(sites: list[AttentionSite], *, methods=None, overrides: Optional[dict] = None,
                min_seq_len: int = 1024, chosen: Optional[dict] = None) -> dict[str, SitePlan]:
     """One ``SitePlan`` per site. ``chosen`` maps site ids to configs picked by calibration."""
-    methods = tuple(methods)
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise ValueError(f"methods={methods!r}: choose a non-empty subset of {METHODS}")
+    methods = registry.check_methods(methods)
     plans: dict[str, SitePlan] = {}
     layer = 0
     for s in sites:
         spec = _override_for(s.site_id, overrides)
-        plan = SitePlan(site_id=s.site_id, method="original", seq_q=s.seq_q, seq_k=s.seq_k,
-                        head_dim=s.head_dim)
-        plan.flops_before = attention_flops(s)
-        why = unsupported_reason(s, min_seq_len, forced=spec is not None and spec != "original")
-        if spec == "original":
+        base = SitePlan(site_id=s.site_id, method=ORIGINAL, seq_q=s.seq_q, seq_k=s.seq_k, head_dim=s.head_dim,
+                        flops_before=attention_flops(s))
+        why = unsupported_reason(s, min_seq_len, forced=spec is not None and spec != ORIGINAL)
+        if spec == ORIGINAL:
             why = "pinned by overrides= to the model's own attention"
+        if why is None:
+            if spec is not None:
+                cfg, source, reason = registry.parse(spec), "override", "pinned by overrides="
+            elif chosen and s.site_id in chosen:
+                cfg, source, reason = chosen[s.site_id], "profile", "chosen by calibration"
+            else:
+                cfg, source = default_config(s, methods), "default"
+                reason = ("default (no calibration profile)" if registry.of(cfg).structured
+                          else "only dense allowed")
+            method = registry.of(cfg)
+            why = method.unsupported(s)
+            if why is not None and spec is not None:
+                why = f"pinned to {method.name} by overrides=, which cannot run here: {why}"
         if why is not None:
-            plan.reason = why
-            plan.flops_after = plan.flops_before
-            plans[s.site_id] = plan
+            plans[s.site_id] = base.replace(reason=why, flops_after=base.flops_before)
             continue
-        if spec is not None:
-            cfg, plan.source = parse_config(spec), "override"
-            plan.reason = "pinned by overrides="
-        elif chosen and s.site_id in chosen:
-            cfg, plan.source = chosen[s.site_id], "profile"
-            plan.reason = "chosen by calibration"
-        else:
-            cfg = default_config(s, methods)
-            plan.reason = "default (no calibration profile)" if cfg.method != "dense" else "only dense allowed"
-        plan.method = cfg.method
-        plan.args = resolve_args(cfg, s, layer)
+        args = method.resolve_args(cfg, s, layer)
         layer += 1
         if s.has_mask:
             # dense too: with the padded tokens dropped our dense kernel runs unmasked, where the
             # model's masked SDPA cannot use FlashAttention and runs cuDNN at a third of its speed
-            plan.args["key_padding"] = True
-            plan.args.setdefault("text_before", s.text_before)  # where the padded text may be
-            plan.args.setdefault("text_after", s.text_after)
-            plan.reason += "; text padding mask: padded text tokens dropped at run time"
-        if plan.method == "monarch" and s.grid is None:
-            plan.reason += "; 1D blocks: " + s.grid_source
+            args = {"text_before": s.text_before, "text_after": s.text_after, **args, "key_padding": True}
+            reason += "; text padding mask: padded text tokens dropped at run time"
+        reason += method.plan_note(s, args)
+        plan = base.replace(method=method.name, args=args, source=source, reason=reason)
         f = method_flops(s, plan)
-        plan.flops_after = f if f is not None else 0
-        plans[s.site_id] = plan
+        plans[s.site_id] = plan.replace(flops_after=f if f is not None else 0)
     return plans

@@ -8,7 +8,9 @@ from typing import Any, Optional
 
 from tabulate import tabulate
 
+from . import methods as registry
 from .io import atomic_write_text
+from .plan import ORIGINAL
 
 REPORT_FORMAT = "vmonarch_opt.report/1"
 
@@ -22,15 +24,8 @@ def _gflop(x: Optional[int]) -> str:
 
 
 def _params(p: dict) -> str:
-    m, a = p["method"], p.get("args") or {}
-    if m == "monarch":
-        s = f"block={'×'.join(map(str, a['block']))} steps={a['steps']}"
-        return s + (" recompute" if a.get("recompute") else "")
-    if m == "vmoba":
-        s = f"{a['partition']} chunk={'×'.join(map(str, a['chunk']))} thr={a['threshold']:g}"
-        s += f" top{a['topk']}" if a.get("topk") else ""
-        return s + (" +pooled rest" if a.get("pooled_rest") else "")
-    return ""
+    method = registry.find(p["method"])
+    return method.params(p.get("args") or {}) if method is not None else ""
 
 
 def _grid(s: dict) -> str:
@@ -93,9 +88,9 @@ class Report:
             b, a = p["flops_before"], p["flops_after"] or p["flops_before"]
             cut = f"{b / a:.1f}×" if a else "?"
             err = "" if r["error"] is None else f"{r['error']:.2e}"
-            method = "dense (model's own)" if p["method"] == "original" else p["method"]
+            method = "dense (model's own)" if p["method"] == ORIGINAL else p["method"]
             why = p["reason"]
-            if s.get("grid_source") and p["method"] != "original":
+            if s.get("grid_source") and p["method"] != ORIGINAL:
                 why += f"; grid from {s['grid_source']}" if s.get("grid") else ""
             out.append([s["site_id"], s["kind"], "×".join(map(str, (s["batch"], s["heads"], s["seq_q"], s["head_dim"]))),
                         _grid(s), method, _params(p), f"{_gflop(b)}→{_gflop(a)}", cut, err, why])
@@ -129,7 +124,7 @@ class Report:
         head = (f"the optimized model is slower than the original at this size ({fm['optimized']:.3g} vs "
                 f"{fm['original']:.3g} ms per eager forward)")
         by = self.totals.get("by_method") or {}
-        per_site = fm["original"] / max(1, sum(n for m, n in by.items() if m != "original"))
+        per_site = fm["original"] / max(1, sum(n for m, n in by.items() if m != ORIGINAL))
         if per_site < LAUNCH_BOUND_MS:
             return (f"{head}: kernel launches and per-call work, not attention FLOPs, dominate. Run it under "
                     f"torch.compile(..., mode=\"reduce-overhead\") (CUDA graphs), or leave short sequences dense "
@@ -137,8 +132,8 @@ class Report:
         return (f"{head}: with {per_site:.3g} ms of forward per rewritten site this is not "
                 f"launch overhead — the kernels chosen are slower than the dense attention they replace at "
                 f"these shapes (e.g. much of each sequence is text or other tokens attended densely, or little is "
-                f"cut). Calibrate (optimize() with its default budget times every candidate per site and keeps "
-                f"the faster), or pin another method (methods=... / overrides=...)")
+                f"cut). Calibrate with Budget(cost=\"time\") (every candidate is timed per site and the fastest "
+                f"within the error budget kept), or pin another method (methods=... / overrides=...)")
 
     def _notes(self) -> str:
         meta = self.data.get("meta") or {}

@@ -23,7 +23,7 @@ __all__ = ["set_original_attention", "AttentionSwitch"]
 
 
 class AttentionSwitch:
-    """Shared by every site plan of one optimized model (``plan.__dict__["_switch"]``)."""
+    """Shared by every site of one optimized model (``SiteRuntime.switch``)."""
 
     def __init__(self) -> None:
         self.original = False

@@ -2,7 +2,7 @@
 
 The ``vmonarch::*`` custom ops have no ONNX equivalent, so during export every rewritten site is
 traced through the pure-PyTorch decompositions of ``lowering.py`` instead (through the
-``passes.rewrite.lowering`` hook): Monarch attention becomes reshapes, batched MatMuls and
+``runtime.lowering`` hook): Monarch attention becomes reshapes, batched MatMuls and
 Softmaxes, VMoBA a gather-based block attention whose block selection is computed in the graph,
 dense attention the standard MatMul/Softmax/MatMul pattern. The model is exported with
 ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript), the file is checked with
@@ -29,8 +29,8 @@ import torch
 
 from ..errors import VMonarchError
 from ..passes.keypad import is_key_padding_shape
-from ..passes.rewrite import lowering, prepare_qkv, runtime_mismatch
-from .lowering import dense_lowered, monarch_lowered, vmoba_lowered
+from .. import methods as registry
+from ..runtime import lowering, prepare_qkv, runtime_mismatch
 
 __all__ = ["export_onnx", "OnnxExport", "OnnxExportError", "lower_site"]
 
@@ -70,13 +70,6 @@ def _size(path: str) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-_LOWERED_AS = {
-    "monarch": "block reshape/transpose + batched MatMul/Softmax (R and L steps, entropy via Log/Mul)",
-    "vmoba": "in-graph block selection (MatMul/Softmax/TopK/CumSum) + gather-based block attention",
-    "dense": "MatMul/Softmax/MatMul",
-}
-
-
 def _padding_mask(mask: torch.Tensor, batch: int, n: int, video: slice):
     """In-graph version of ``keypad.valid_keys``: ``(key_valid [batch, n] bool, ok)`` where ``ok``
     (a 0-d bool tensor) says the mask really is a text key-padding mask; None if its shape is not one."""
@@ -98,24 +91,16 @@ def _padding_mask(mask: torch.Tensor, batch: int, n: int, video: slice):
 def lower_site(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                key_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The ONNX-friendly decomposition of ``plan``'s op on 4-D q/k/v (what ``call_method`` runs)."""
-    a = plan.args
-    if plan.method == "monarch":
-        return monarch_lowered(q, k, v, grid=a["grid"], block=a["block"], text_before=a["text_before"],
-                               text_after=a["text_after"], steps=a["steps"], scale=scale,
-                               recompute=a["recompute"], key_valid=key_valid)
-    if plan.method == "vmoba":
-        return vmoba_lowered(q, k, v, grid=a["grid"], chunk=a["chunk"], text_before=a["text_before"],
-                             text_after=a["text_after"], partition=a["partition"], threshold=a["threshold"],
-                             topk=a["topk"], scale=scale, key_valid=key_valid,
-                             pooled_rest=a.get("pooled_rest", False))
-    if plan.method == "dense":
-        return dense_lowered(q, k, v, scale, key_valid=key_valid)
-    raise OnnxExportError(f"site {plan.site_id}: method {plan.method!r} has no ONNX lowering "
-                          f"(supported: monarch, vmoba, dense); pin it with overrides={{{plan.site_id!r}: 'dense'}}")
+    method = registry.find(plan.method)
+    if method is None or not method.lowered_as:
+        raise OnnxExportError(f"site {plan.site_id}: method {plan.method!r} has no ONNX lowering "
+                              f"(lowered: {', '.join(n for n in registry.names() if registry.get(n).lowered_as)}); "
+                              f"pin it with overrides={{{plan.site_id!r}: 'dense'}}")
+    return method.lower(q, k, v, plan.args, scale, key_valid=key_valid)
 
 
 class _Lowerer:
-    """The ``rewrite.lowering`` hook used while tracing: records what it did per site."""
+    """The ``runtime.lowering`` hook used while tracing: records what it did per site."""
 
     def __init__(self, strict: bool):
         self.strict = strict
@@ -151,7 +136,7 @@ class _Lowerer:
                 return self._unsupported(plan, why, original)
             key_valid, ok = pm
         out = lower_site(plan, q4, k4, v4, scale, key_valid).reshape(q.shape[:-1] + (v.shape[-1],))
-        how = _LOWERED_AS[plan.method]
+        how = registry.get(plan.method).lowered_as
         if ok is not None:
             # as at run time: a mask that hides video keys runs the model's own attention
             out = torch.where(ok, out, original())

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["use_triton", "interpreting", "monarch_attention", "vmoba_attention", "vmoba_select",
+__all__ = ["use_triton", "monarch_attention", "vmoba_attention", "vmoba_select",
            "vmoba_attention_with_selection", "dense_attention", "dense_with_stats"]
 
 
@@ -23,11 +23,6 @@ def use_triton(t: torch.Tensor) -> bool:
     if os.environ.get("VMONARCH_FORCE_REFERENCE", "0") == "1":
         return False
     return t.is_cuda
-
-
-def interpreting() -> bool:
-    """Triton's CPU interpreter is active (``TRITON_INTERPRET=1``): kernels launch one small config."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def monarch_attention(q, k, v, **kw) -> torch.Tensor:

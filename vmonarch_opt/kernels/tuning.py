@@ -10,11 +10,17 @@ caching it; configs tuned earlier still apply.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 
-__all__ = ["untuned", "tuning_enabled", "TuningCache", "tuning_cache", "tuned_configs", "force_config", "clear_tuned"]
+__all__ = ["untuned", "tuning_enabled", "interpreting", "TuningCache", "tuning_cache", "tuned_configs", "force_config", "clear_tuned"]
 
 _state = threading.local()
+
+
+def interpreting() -> bool:
+    """Triton's CPU interpreter is active (``TRITON_INTERPRET=1``): kernels launch one small config."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def tuning_enabled() -> bool:

@@ -98,22 +98,22 @@ def _positional_args(model, batch) -> list:
     return out
 
 
-def capture(model: torch.nn.Module, batch: Any, method: str = "auto") -> list[CapturedGraph]:
-    """Capture ``model`` on ``batch`` by ``method`` ("dynamo", "fx" or "auto": Dynamo, then FX)."""
-    if method not in ("auto", "dynamo", "fx"):
-        raise ValueError(f"capture={method!r}: choose 'auto', 'dynamo' or 'fx'")
+def capture(model: torch.nn.Module, batch: Any, how: str = "auto") -> list[CapturedGraph]:
+    """Capture ``model`` on ``batch`` by ``how`` ("dynamo", "fx" or "auto": Dynamo, then FX)."""
+    if how not in ("auto", "dynamo", "fx"):
+        raise ValueError(f"capture={how!r}: choose 'auto', 'dynamo' or 'fx'")
     errors = []
-    if method in ("auto", "dynamo"):
+    if how in ("auto", "dynamo"):
         try:
             graphs = capture_dynamo(model, batch)
-            if graphs or method == "dynamo":
+            if graphs or how == "dynamo":
                 return graphs
             errors.append("dynamo: no graph was captured (the whole forward fell back to eager)")
         except CalibrationBatchError:
             raise
         except Exception as e:  # Dynamo failures are varied; fall back to FX and report both
             errors.append(f"dynamo: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            if method == "dynamo":
+            if how == "dynamo":
                 raise CaptureError(f"torch.compile could not capture {type(model).__name__}: {errors[-1]}") from e
     try:
         return capture_fx(model, batch)

@@ -3,7 +3,7 @@
 The owning module is traced on its calibration inputs — with ``torch.fx`` (non-tensor arguments
 become constants) or, when fx cannot trace it, with Dynamo's ``export`` — every
 ``softmax(q·kᵀ·s) @ v`` it computes is replaced by one SDPA node with the same q, k, v and scale,
-and the result is checked against the module's own output on those inputs. The rewrite pass then
+and the result is checked against the module's own output on those inputs. The router then
 intercepts the SDPA call like any other.
 
 At run time the traced graph is used only for calls like the traced one (same non-tensor

@@ -32,12 +32,12 @@ model's own attention at others.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Optional
 
 import torch
 
-from ..config import SitePlan
+from .. import methods as registry
+from ..plan import SitePlan
 from .grid import _batch_candidates, _batch_size, conv_grid
 
 
@@ -89,20 +89,7 @@ class GridTracker:
         self._hooks = []
 
 
-def _adapted_args(plan: SitePlan, grid: tuple) -> dict:
-    a = dict(plan.args)
-    old = tuple(a["grid"])
-    a["grid"] = list(grid)
-    if plan.method == "monarch":
-        a["block"] = [g_new if b == g_old else min(b, g_new)
-                      for b, g_old, g_new in zip(a["block"], old, grid)]
-    elif plan.method == "vmoba":
-        n_chunks = [math.ceil(g / c) for g, c in zip(old, a["chunk"])]
-        a["chunk"] = [max(1, math.ceil(g / n)) for g, n in zip(grid, n_chunks)]
-    return a
-
-
-def _text_split(plan: SitePlan, n_q: int, grid: tuple, by_module: dict) -> Optional[tuple]:
+def _text_split(plan: SitePlan, n_q: int, grid: tuple, by_module: dict, prefix: tuple = ()) -> Optional[tuple]:
     """``(text_before, text_after)`` of a call with ``n_q`` tokens on ``grid``, or None: as
     calibrated when that adds up; else, when the tokens before the video came from patch
     embeddings (FramePack's history latents), as many as those embeddings gave in this forward,
@@ -112,7 +99,6 @@ def _text_split(plan: SitePlan, n_q: int, grid: tuple, by_module: dict) -> Optio
     nv = math.prod(grid)
     if nv + tb + ta == n_q:
         return tb, ta
-    prefix = plan.__dict__.get("_prefix_modules") or ()
     if prefix:
         if not all(m in by_module for m in prefix):
             return None
@@ -127,15 +113,19 @@ def _text_split(plan: SitePlan, n_q: int, grid: tuple, by_module: dict) -> Optio
 
 
 def adapt_plan(plan: SitePlan, n_q: int, n_k: int, head_dim: int, grids: list,
-               by_module: Optional[dict] = None) -> Optional[SitePlan]:
+               by_module: Optional[dict] = None, *, grid_module: str = "", prefix_modules: tuple = (),
+               cache: Optional[dict] = None) -> Optional[SitePlan]:
     """``plan`` re-derived for a call with ``n_q`` queries and ``n_k`` keys, or None if no grid in
-    ``grids`` fits (cached per shape on the plan). ``by_module``: the grids of this forward per
-    patch-embedding module; when the plan's grid came from one, only that module's grid is the
-    video's, and a text length that differs from the calibrated one is placed by ``_text_split``."""
-    if head_dim != plan.head_dim or plan.method not in ("monarch", "vmoba", "dense"):
+    ``grids`` fits. ``by_module``: the grids of this forward per patch-embedding module; when the
+    plan's grid came from one (``grid_module``), only that module's grid is the video's, and a text
+    length that differs from the calibrated one is placed by ``_text_split`` (``prefix_modules``:
+    the patch embeddings of the tokens before the video). ``cache``: re-derived plans per shape
+    (the site's runtime keeps it)."""
+    method = registry.find(plan.method)
+    if head_dim != plan.head_dim or method is None:
         return None
-    if plan.method == "dense":
-        return replace(plan, seq_q=n_q, seq_k=n_k)
+    if not method.uses_grid:
+        return plan.replace(seq_q=n_q, seq_k=n_k)
     if n_q != n_k or plan.seq_q != plan.seq_k or not plan.args.get("grid"):
         return None
     by_module = by_module or {}
@@ -143,15 +133,15 @@ def adapt_plan(plan: SitePlan, n_q: int, n_k: int, head_dim: int, grids: list,
     tb, ta = plan.args["text_before"], plan.args["text_after"]
     match = [(g, (tb, ta)) for g in unique if math.prod(g) + tb + ta == n_q]
     if len(match) != 1:  # none or ambiguous with the calibrated text: the text length changed?
-        source = plan.__dict__.get("_grid_module")
-        options = [tuple(by_module[source])] if source in by_module else unique
-        match = [(g, t) for g in options for t in [_text_split(plan, n_q, g, by_module)] if t is not None]
+        options = [tuple(by_module[grid_module])] if grid_module in by_module else unique
+        match = [(g, t) for g in options for t in [_text_split(plan, n_q, g, by_module, prefix_modules)]
+                 if t is not None]
         if len(match) != 1:
             return None
     grid, (tb, ta) = match[0]
-    cache = plan.__dict__.setdefault("_adapted", {})  # not a dataclass field: never serialised
+    cache = {} if cache is None else cache
     key = (n_q, n_k, grid, tb)
     if key not in cache:
-        args = {**_adapted_args(plan, grid), "text_before": tb, "text_after": ta}
-        cache[key] = replace(plan, args=args, seq_q=n_q, seq_k=n_k)
+        args = {**method.adapt_args(plan.args, tuple(plan.args["grid"]), grid), "text_before": tb, "text_after": ta}
+        cache[key] = plan.replace(args=args, seq_q=n_q, seq_k=n_k)
     return cache[key]

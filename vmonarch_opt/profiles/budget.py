@@ -138,40 +138,19 @@ class Budget:
 
 def config_to_dict(cfg) -> dict:
     """A config (or method name) as JSON: ``{"method": ..., **fields}``."""
-    from ..config import parse_config
+    from .. import methods as registry
 
-    cfg = parse_config(cfg)
-    d = {"method": cfg.method}
-    for k, v in asdict(cfg).items():
-        d[k] = list(v) if isinstance(v, tuple) else v
-    return d
+    return registry.config_to_dict(cfg)
 
 
 def config_from_dict(d: dict):
-    from ..config import DenseConfig, MonarchConfig, VMoBAConfig
+    from .. import methods as registry
 
-    d = dict(d)
-    m = d.pop("method", None)
-    cls = {"monarch": MonarchConfig, "vmoba": VMoBAConfig, "dense": DenseConfig}.get(m)
-    if cls is None:
-        raise ValueError(f"unknown method {m!r} in a saved config")
-    for k in ("block", "chunk"):
-        if d.get(k) is not None:
-            d[k] = tuple(d[k])
-    return cls(**d)
+    return registry.config_from_dict(d)
 
 
 def describe_config(cfg) -> str:
     """Short human label: ``monarch 1×30×52 s1``, ``vmoba 3d thr0.25``, ``dense``."""
-    from ..config import parse_config
+    from .. import methods as registry
 
-    cfg = parse_config(cfg)
-    if cfg.method == "monarch":
-        b = "×".join(map(str, cfg.block)) if cfg.block else "auto"
-        return f"monarch {b} s{cfg.steps}" + ("r" if cfg.recompute and cfg.steps > 1 else "")
-    if cfg.method == "vmoba":
-        c = "×".join(map(str, cfg.chunk)) if cfg.chunk else "auto"
-        s = f"vmoba {cfg.partition or 'cycle'} {c} thr{cfg.threshold:g}"
-        s += f" top{cfg.topk}" if cfg.topk else ""
-        return s + (" +pooled" if cfg.pooled_rest else "")
-    return "dense"
+    return registry.describe(cfg)

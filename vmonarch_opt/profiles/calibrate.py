@@ -1,6 +1,6 @@
 """Calibration: measure every candidate site on the user's data and choose its method under a budget.
 
-For each calibration batch the model runs once with its own attention; ``optimize.observe`` hands
+For each calibration batch the model runs once with its own attention; ``pipeline.observe`` hands
 us q/k/v of one site at a time, and everything is measured right there (nothing of the site is
 kept afterwards): the dense output with per-row entropy (flash kernel with statistics), block
 concentration on the video grid, and for every candidate config its relative output error
@@ -25,90 +25,34 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..config import METHODS, DenseConfig, MonarchConfig, VMoBAConfig, default_monarch_block, resolve_args
+from .. import methods as registry
+from .. import pipeline
+from ..errors import VMonarchError
 from ..kernels.tuning import untuned
+from ..methods import Shape
+from .allocation import _choice_entry, _choose, _global_allocation
 from .budget import Budget, config_to_dict, describe_config
 from .profile import PROFILE_FORMAT, Profile, fingerprint
 from .stats import block_concentration, dense_with_stats, entropy_stats, masked_dense_with_stats
 
-__all__ = ["calibrate", "calibrate_sites", "candidate_configs", "layout_config"]
+__all__ = ["calibrate", "calibrate_sites", "candidate_configs"]
 
 
 # --------------------------------------------------------------------------------- candidates
-def layout_config(layout: str, site, steps: int = 1) -> Optional[MonarchConfig]:
-    """The Monarch config of a named layout at ``site``'s grid (None where it does not apply)."""
-    nv = site.seq_q - site.text_before - site.text_after
-    rec = steps > 1
-    if site.grid is None:
-        if layout != "1d" or nv < 4:
-            return None
-        return MonarchConfig(block=(1, 1, math.isqrt(nv - 1) + 1), steps=steps, recompute=rec)
-    T, H, W = site.grid
-    if layout == "frame":
-        block = default_monarch_block(site.grid)
-    elif layout == "frame_group":
-        if T < 4:
-            return None
-        block = (2, H, W)
-    elif layout == "tile":
-        if H * W < 4:
-            return None
-        block = (1, -(-H // 2), -(-W // 2))
-    elif layout == "1d":
-        return None  # 1D blocks are for sites without a grid; with one, the layouts above apply
-    else:
-        raise ValueError(f"unknown layout {layout!r}")
-    block = tuple(min(b, g) for b, g in zip(block, site.grid))
-    if block == tuple(site.grid):
-        return None  # one block: exactly dense, never cheaper
-    return MonarchConfig(block=block, steps=steps, recompute=rec)
-
-
-def vmoba_config(site, threshold: float, layer: int, pooled_rest: bool = False,
-                 topk_fraction: Optional[float] = None) -> Optional[VMoBAConfig]:
-    """The VMoBA candidate of ``site``: threshold selection, or global top-k keeping
-    ``topk_fraction`` of the key blocks per query group (then ``None`` if that is every block)."""
-    from ..config import default_vmoba_chunk
-    from ..kernels.vmoba.layout import vmoba_layout, vmoba_partition_for_layer
-
-    nv = site.seq_q - site.text_before - site.text_after
-    if site.grid is None:
-        if nv < 16:
-            return None
-        grid, chunk, part = (1, 1, nv), (1, 1, -(-nv // 8)), "3d"
-    else:
-        grid, chunk, part = tuple(site.grid), default_vmoba_chunk(site.grid), vmoba_partition_for_layer(layer)
-    topk = 0
-    if topk_fraction is not None:
-        blocks = vmoba_layout(grid, chunk, part).num_blocks
-        topk = max(1, round(topk_fraction * blocks))
-        if topk >= blocks:
-            return None  # every block: exactly dense
-    return VMoBAConfig(chunk=chunk, partition=part, threshold=threshold, topk=topk, pooled_rest=pooled_rest)
-
-
-def candidate_configs(site, budget: Budget, methods=METHODS, layer: int = 0) -> list[tuple[str, Any]]:
-    """``[(layout name, config)]`` tried at ``site``: Monarch layouts × steps, VMoBA thresholds."""
+def candidate_configs(site, budget: Budget, methods=None, layer: int = 0) -> list[tuple[str, Any]]:
+    """``[(layout name, config)]`` tried at ``site``: each allowed method's candidates (Monarch
+    layouts × steps, VMoBA thresholds, …), or ``budget.candidates`` when given."""
+    methods = registry.check_methods(methods)
     if budget.candidates is not None:
         cands = budget.candidates(site) if callable(budget.candidates) else list(budget.candidates)
-        return [("given", c) for c in cands if c.method in methods and c.method != "dense"]
+        return [("given", c) for c in cands
+                if registry.of(c).name in methods and registry.of(c).structured]
     out, seen = [], set()
-    if "monarch" in methods:
-        for layout in budget.layouts:
-            for steps in budget.monarch_steps:
-                cfg = layout_config(layout, site, steps)
-                if cfg is not None and cfg not in seen:
-                    seen.add(cfg)
-                    out.append((layout, cfg))
-    if "vmoba" in methods:
-        rules = [(thr, None) for thr in budget.vmoba_thresholds if thr < 1.0]  # 1.0: exactly dense
-        rules += [(0.25, frac) for frac in budget.vmoba_topk]
-        for thr, frac in rules:
-            for pooled in budget.vmoba_pooled:
-                cfg = vmoba_config(site, thr, layer, pooled, frac)
-                if cfg is not None and cfg not in seen:
-                    seen.add(cfg)
-                    out.append(("vmoba", cfg))
+    for name in methods:
+        for layout, cfg in registry.get(name).candidates(site, budget, layer):
+            if cfg not in seen:
+                seen.add(cfg)
+                out.append((layout, cfg))
     return out
 
 
@@ -182,44 +126,16 @@ def _run_candidate(cfg, args: dict, q, k, v, scale: float, timed: bool, mask: Op
     """(out, flops, density, time_ms) of one candidate on one site's q/k/v."""
     if mask is not None:
         return _run_candidate_padded(cfg, args, q, k, v, scale, timed, mask)
-    B, H, N, D = q.shape
-    if cfg.method == "monarch":
-        from ..kernels.monarch.reference import monarch_flops
-
-        def fn():
-            return torch.ops.vmonarch.monarch_attention(q, k, v, args["grid"], args["block"], args["text_before"],
-                                                        args["text_after"], args["steps"], scale, args["recompute"])
-        out, ms = _timed(fn, timed)
-        flops = monarch_flops(B, H, N, D, grid=tuple(args["grid"]), block=tuple(args["block"]),
-                              text_before=args["text_before"], text_after=args["text_after"], steps=args["steps"])
-        return out, int(flops), None, ms
-    if cfg.method == "vmoba":
-        from ..kernels.dispatch import vmoba_attention_with_selection, vmoba_select
-        from ..kernels.vmoba.reference import vmoba_flops
-
-        pooled = args.get("pooled_rest", False)
-
-        def fn():
-            sel = vmoba_select(q, k, grid=tuple(args["grid"]), chunk=tuple(args["chunk"]),
-                               text_before=args["text_before"], text_after=args["text_after"],
-                               partition=args["partition"], threshold=args["threshold"], topk=args["topk"],
-                               scale=scale)
-            return vmoba_attention_with_selection(q, k, v, sel, scale, pooled_rest=pooled), sel
-        (out, sel), ms = _timed(fn, timed)
-        return out, int(vmoba_flops(sel, D, pooled)), float(sel.density), ms
-    raise ValueError(f"cannot calibrate method {cfg.method!r}")
+    method = registry.of(cfg)
+    (out, flops, density), ms = _timed(lambda: method.calibration_run(q, k, v, args, scale), timed)
+    return out, int(flops), density, ms
 
 
 def _costlier_than_dense(cand, site, dense_flops: int) -> bool:
-    """Monarch layouts whose FLOPs (known before measuring) are not below dense: never chosen."""
+    """Candidates whose FLOPs, known before measuring, are not below dense: never chosen."""
     _, cfg, a = cand
-    if cfg.method != "monarch":
-        return False
-    from ..kernels.monarch.reference import monarch_flops
-
-    f = monarch_flops(site.batch, site.heads, site.seq_q, site.head_dim, grid=tuple(a["grid"]), block=tuple(a["block"]),
-                      text_before=a["text_before"], text_after=a["text_after"], steps=a["steps"])
-    return f >= dense_flops
+    f = registry.of(cfg).flops(Shape.of(site), a)
+    return f is not None and f >= dense_flops
 
 
 class _SiteRecord:
@@ -298,73 +214,6 @@ class _SiteRecord:
         return out
 
 
-def _cost(x: dict, dense: dict, cost: str) -> float:
-    """A candidate's cost in dense-FLOP units: its FLOPs, or with ``cost="time"`` its measured
-    time relative to dense SDPA times the dense FLOPs (FLOPs where no time was measured)."""
-    if cost == "time" and x.get("time_ms") is not None and dense.get("time_ms"):
-        return x["time_ms"] / dense["time_ms"] * dense["flops"]
-    return float(x["flops"])
-
-
-def _eligible(x: dict, dense: dict, cost: str) -> bool:
-    """A candidate that may replace dense: within its error budget and cheaper than dense."""
-    return x["meets_budget"] and math.isfinite(x["error"]) and _cost(x, dense, cost) < float(dense["flops"])
-
-
-def _choose(cands: list[dict], dense: dict, cost: str, lam: Optional[float] = None,
-            error_of: Optional[Callable] = None) -> Optional[int]:
-    """Index of the cheapest candidate that meets its budget and is cheaper than dense (None =
-    dense). With ``lam`` the objective is ``cost + lam * error * dense_flops`` (global trade-off);
-    ``error_of(i, candidate)`` replaces the candidate's attention error there (None: not eligible)."""
-    dense_cost = float(dense["flops"])
-    best, best_obj, best_err = None, dense_cost, None
-    for i, x in enumerate(cands):
-        e = x["error"] if error_of is None else error_of(i, x)
-        if e is None or not _eligible(x, dense, cost):
-            continue
-        obj = _cost(x, dense, cost) + (lam * e * dense["flops"] if lam else 0.0)
-        if obj < best_obj or (obj == best_obj and best is not None and e < best_err):
-            best, best_obj, best_err = i, obj, e
-    return best
-
-
-def lagrangian_allocation(rows: dict, target: float, cost: str, measure: Callable[[dict], float],
-                          error_of: Optional[Callable] = None) -> dict:
-    """Per site choice (``{site_id: candidate index or None}``) of least total cost with
-    ``measure(choice) ≤ target``: bisection on the multiplier of the error term of
-    :func:`_choose` (``error_of(site_id, i, candidate)`` as there, per site)."""
-    def pick(lam):
-        return {sid: _choose(r["candidates"], r["dense"], cost, lam,
-                             None if error_of is None else (lambda i, x, sid=sid: error_of(sid, i, x)))
-                for sid, r in rows.items()}
-
-    lo_choice = pick(0.0)
-    if measure(lo_choice) <= target:
-        return lo_choice
-    lo, hi = 1e-6, 1.0
-    while measure(pick(hi)) > target and hi < 1e12:
-        hi *= 10
-    best = pick(hi)
-    for _ in range(60):
-        mid = math.sqrt(lo * hi)
-        ch = pick(mid)
-        if measure(ch) <= target:
-            hi, best = mid, ch
-        else:
-            lo = mid
-    return best
-
-
-def _global_allocation(rows: dict, target: float, cost: str) -> dict:
-    """Per site choice minimising total cost with FLOP-weighted mean error ≤ ``target``."""
-    def mean_err(ch):
-        w = sum(r["dense"]["flops"] for r in rows.values()) or 1
-        return sum(rows[s]["dense"]["flops"] * (rows[s]["candidates"][i]["error"] if i is not None else 0.0)
-                   for s, i in ch.items()) / w
-
-    return lagrangian_allocation(rows, target, cost, mean_err)
-
-
 # --------------------------------------------------------------------------------- progress
 _progress_override: Optional[bool] = None
 
@@ -389,16 +238,15 @@ def _bar(total: int):
 
 
 # --------------------------------------------------------------------------------- entry points
-def calibrate_sites(model, batches: list, detected: list, plans: dict, forwards: dict, *, methods=METHODS,
+def calibrate_sites(model, batches: list, detected: list, plans: dict, routing, *, methods=None,
                     budget: Optional[Budget] = None, overrides: Optional[dict] = None) -> Profile:
-    """Measure every candidate site of ``model`` on ``batches`` and choose per site (the spine's hook).
+    """Measure every candidate site of ``model`` on ``batches`` and choose per site.
 
-    ``plans`` are the default plans (sites already left to the model's own attention have
-    ``method == "original"`` and are recorded with their reason). Sites pinned by ``overrides``
-    keep their pinned config; their statistics and its error are still measured.
+    ``plans`` are the default plans of ``pipeline.plan`` (sites already left to the model's own
+    attention are recorded with their reason), ``routing`` where their sites run. Sites pinned by
+    ``overrides`` keep their pinned config; their statistics and its error are still measured.
     """
-    from ..optimize import observe
-
+    methods = registry.check_methods(methods)
     budget = Budget() if budget is None else budget
     if not isinstance(budget, Budget):
         raise TypeError(f"budget must be a vmonarch_opt.Budget (or None for no calibration), got {type(budget).__name__}")
@@ -408,15 +256,16 @@ def calibrate_sites(model, batches: list, detected: list, plans: dict, forwards:
     layer = 0
     for s in sites:
         p = plans[s.site_id]
-        if p.method == "original":
+        if not p.rewritten:
             continue
         if p.source == "override":
             cfg = _config_from_plan(p)
             pinned = (cfg, dict(p.args))
-            cands = [("pinned", cfg, dict(p.args))] if cfg.method != "dense" else []
+            cands = [("pinned", cfg, dict(p.args))] if registry.of(cfg).structured else []
         else:
             pinned = None
-            cands = [(lay, c, resolve_args(c, s, layer)) for lay, c in candidate_configs(s, budget, methods, layer)]
+            cands = [(lay, c, registry.of(c).resolve_args(c, s, layer))
+                     for lay, c in candidate_configs(s, budget, methods, layer)]
             cands = [x for x in cands if not _costlier_than_dense(x, s, p.flops_before)]
         rec = _SiteRecord(s, p, layer, budget, cands, pinned)
         records[s.site_id] = rec
@@ -438,7 +287,7 @@ def calibrate_sites(model, batches: list, detected: list, plans: dict, forwards:
 
     try:
         if records:
-            observe(model, detected, plans, forwards, batches, callback)
+            pipeline.observe(model, detected, plans, routing, batches, callback)
     finally:
         bar.close()
 
@@ -489,37 +338,8 @@ def calibrate_sites(model, batches: list, detected: list, plans: dict, forwards:
     return Profile(data)
 
 
-def _choice_entry(row: dict, i: Optional[int], budget: Budget) -> dict:
-    cands, dense, limit = row["candidates"], row["dense"], row["limit"]
-    if i is None:
-        ok = [c for c in cands if c["meets_budget"]]
-        if not cands:
-            why = "no structured candidate applies to this site (methods= or grid) or is cheaper than dense"
-        elif not ok:
-            b = min(cands, key=lambda c: c["error"])
-            why = f"no candidate meets the error budget {limit:.2g} (best: {b['label']} at {b['error']:.2e})"
-        else:
-            why = "no candidate within the budget is cheaper than dense" + (
-                " under the global mean-error budget" if budget.mean_rel_error is not None else "")
-        return {"config": {"method": "dense"}, "label": "dense", "layout": "dense", "error": 0.0,
-                "flops": dense["flops"], "time_ms": dense.get("time_ms"), "density": None, "why": why}
-    c = cands[i]
-    cut = dense["flops"] / c["flops"] if c["flops"] else float("inf")
-    why = f"cheapest within the budget: error {c['error']:.2e} ≤ {limit:.2g}, {cut:.1f}× fewer attention FLOPs"
-    if budget.cost == "time" and c.get("time_ms") and dense.get("time_ms"):
-        why += f", {dense['time_ms'] / c['time_ms']:.1f}× faster than SDPA"
-    return {"config": c["config"], "label": c["label"], "layout": c["layout"], "error": c["error"],
-            "flops": c["flops"], "time_ms": c.get("time_ms"), "density": c.get("density"), "why": why}
-
-
 def _config_from_plan(p):
-    a = p.args
-    if p.method == "monarch":
-        return MonarchConfig(block=tuple(a["block"]), steps=a["steps"], recompute=a["recompute"])
-    if p.method == "vmoba":
-        return VMoBAConfig(chunk=tuple(a["chunk"]), partition=a["partition"], threshold=a["threshold"],
-                           topk=a["topk"], pooled_rest=a.get("pooled_rest", False))
-    return DenseConfig()
+    return registry.get(p.method).config_from_args(p.args)
 
 
 def _device_name(batches) -> str:
@@ -531,24 +351,35 @@ def _device_name(batches) -> str:
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
 
 
-def calibrate(model: torch.nn.Module, calib_batch: Any, *, budget: Optional[Budget] = None, methods=METHODS,
+def calibrate(model: torch.nn.Module, calib_batch: Any, *, budget: Optional[Budget] = None, methods=None,
               grid=None, overrides: Optional[dict] = None, min_seq_len: int = 1024, capture: str = "auto",
               progress: Optional[bool] = None, evaluate: Optional[Callable] = None) -> Profile:
     """Calibrate ``model`` on ``calib_batch`` (one batch, or a list of batch dicts such as several
     diffusion timesteps) and return the :class:`Profile` of per-site choices under ``budget``
     (default ``Budget()``). The model is left as it was. ``progress``: tqdm bar (default: when
     stderr is a terminal). ``evaluate``: what an output budget is measured on (see ``optimize``)."""
-    from ..optimize import optimize, restore
+    from ..batch import as_batches
+    from ..passes.grid import check_grid_spec
+    from .output_budget import check_evaluate
 
     if budget is None:
         budget = Budget()
     if not isinstance(budget, Budget):
         raise TypeError(f"budget must be a vmonarch_opt.Budget, got {type(budget).__name__}")
+    methods = registry.check_methods(methods)
+    check_evaluate(evaluate, None, budget)
+    check_grid_spec(grid)
+    if getattr(model, "vmonarch", None) is not None:
+        raise VMonarchError("this model is already optimized; calibrate the original model")
+    batches = as_batches(calib_batch)
+    choose = dict(methods=methods, overrides=overrides, min_seq_len=min_seq_len)
     with _progress(progress):
-        opt = optimize(model, calib_batch, budget=budget, methods=methods, grid=grid, overrides=overrides,
-                       min_seq_len=min_seq_len, capture=capture, validate=False, inplace=True,
-                       evaluate=evaluate)
-    try:
-        return opt.vmonarch.profile
-    finally:
-        restore(model)
+        analysis = pipeline.analyse(model, batches, grid=grid, capture=capture)
+        plans, routing = pipeline.plan(model, analysis, batches[0], **choose)
+        profile = calibrate_sites(model, batches, analysis.detected, plans, routing, methods=methods, budget=budget,
+                                  overrides=overrides)
+        if budget.output_rel_error is not None:
+            from .output_budget import allocate_by_output
+            allocate_by_output(model, analysis.detected, plans, routing, batches, profile, budget, evaluate)
+    profile.data["min_seq_len"] = min_seq_len
+    return profile

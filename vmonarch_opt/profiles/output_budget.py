@@ -24,16 +24,28 @@ round (plus twice for the reference, which also checks that it is deterministic)
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 import torch
 
-from ..config import resolve_args
+from .. import methods as registry
 from ..errors import VMonarchError
+from .allocation import _choice_entry, _eligible, lagrangian_allocation
 from .budget import config_from_dict
 
-__all__ = ["allocate_by_output"]
+__all__ = ["allocate_by_output", "check_evaluate"]
 
 _ROUNDS = 6
+
+
+def check_evaluate(evaluate, profile, budget) -> None:
+    if evaluate is None:
+        return
+    if not callable(evaluate):
+        raise TypeError(f"evaluate must be a function evaluate(model) -> tensor(s), got {type(evaluate).__name__}")
+    if profile is not None:
+        raise ValueError("evaluate= is used while calibrating; with profile= nothing is calibrated (drop one)")
+    if getattr(budget, "output_rel_error", None) is None:
+        raise ValueError("evaluate= is what an output budget is measured on: pass "
+                         "budget=Budget(max_rel_error=0.5, output_rel_error=e) with it")
 
 
 def _as_outputs(out, name: str = "evaluate(model)") -> list:
@@ -53,16 +65,16 @@ def _estimate(picks: dict, out_err: dict) -> float:
     return math.sqrt(sum(out_err[(s, i)] ** 2 for s, i in picks.items() if i is not None))
 
 
-def allocate_by_output(model, detected: list, plans: dict, forwards: dict, batches: list, profile,
+def allocate_by_output(model, detected: list, plans: dict, routing, batches: list, profile,
                        budget, evaluate=None) -> None:
     """Re-choose the calibrated sites of ``profile`` under ``budget.output_rel_error`` (see the
     module docstring), measuring the output on the calibration batches or, if given, on
     ``evaluate(model)``. Updates the profile's rows in place (``choice``, each measured candidate's
     ``output_error``) and records the verified output error in ``profile.data["output_budget"]``."""
+    from .. import runtime
     from ..batch import run_calibration_call
-    from ..optimize import _owning_module, _rel_error, _runtime_index
-    from ..passes.rewrite import install, run_site, runtime_mismatch, uninstall
-    from .calibrate import _choice_entry, _eligible, lagrangian_allocation
+    from ..metrics import rel_error
+    from ..router import Route
 
     target = float(budget.output_rel_error)
     rows = {sid: r for sid, r in profile.data["sites"].items() if r["status"] == "calibrated"}
@@ -72,29 +84,28 @@ def allocate_by_output(model, detected: list, plans: dict, forwards: dict, batch
         for i, c in enumerate(r["candidates"]):
             if _eligible(c, r["dense"], budget.cost):
                 cfg = config_from_dict(c["config"])
-                cand_plans[(sid, i)] = replace(plans[sid], method=cfg.method,
-                                               args=resolve_args(cfg, sites[sid], r["layer"]))
+                method = registry.of(cfg)
+                cand_plans[(sid, i)] = runtime.SiteRuntime(plans[sid].replace(
+                    method=method.name, args=method.resolve_args(cfg, sites[sid], r["layer"])))
 
     assignment: dict = {}
     ran: set = set()  # sites that ran a candidate during the last evaluation
 
-    def handler(plan):
+    def handler(sid):
         def run(a, original):
-            p = assignment.get(plan.site_id)
-            if p is None:
+            rt = assignment.get(sid)
+            if rt is None:
                 return original()
-            why = runtime_mismatch(p, a) if evaluate is not None else None
+            why = runtime.runtime_mismatch(rt.plan, a) if evaluate is not None else None
             if why is not None:  # the kernel would fall back to dense: the measurement would be void
-                raise VMonarchError(f"evaluate(model) called site {plan.site_id} in a way its calibrated plan "
+                raise VMonarchError(f"evaluate(model) called site {sid} in a way its calibrated plan "
                                     f"cannot run ({why}); evaluate must call the model like the calibration "
                                     f"batches (same video size, no mask changes)")
-            ran.add(plan.site_id)
-            return run_site(p, a, original)
+            ran.add(sid)
+            return runtime.run_site(rt, a, original)
         return run
 
-    runtime = _runtime_index(detected, plans, forwards)
-    for path, plist in runtime.items():
-        install(_owning_module(model, path), [handler(p) for p in plist], forward=forwards.get(path))
+    route = Route(model, routing, handler).install()
     forwards_run = 0
     try:
         def outputs():
@@ -109,7 +120,7 @@ def allocate_by_output(model, detected: list, plans: dict, forwards: dict, batch
         refs = outputs()
 
         def error(outs) -> float:  # worst output; NaN/inf (a candidate that blew up) counts as inf
-            errs = [_rel_error(o, r) or 0.0 for o, r in zip(outs, refs)]
+            errs = [rel_error(o, r) or 0.0 for o, r in zip(outs, refs)]
             return max(e if math.isfinite(e) else math.inf for e in errs)
 
         if evaluate is not None:
@@ -144,8 +155,7 @@ def allocate_by_output(model, detected: list, plans: dict, forwards: dict, batch
             picks, measured = {sid: None for sid in rows}, 0.0
     finally:
         assignment.clear()
-        for path in runtime:
-            uninstall(_owning_module(model, path))
+        route.remove()
 
     what = "model output" if evaluate is None else "evaluate() output"
     for (sid, i), e in out_err.items():

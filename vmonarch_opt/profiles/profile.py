@@ -350,17 +350,10 @@ def _norm(x):
 
 def _rederive(choice: dict, site):
     """A choice's config at another shape: named layouts re-derived for the site's grid."""
-    from ..config import MonarchConfig, VMoBAConfig
-    from .calibrate import layout_config
+    from .. import methods as registry
 
     cfg = config_from_dict(choice["config"])
-    lay = choice.get("layout")
-    if cfg.method == "monarch" and lay in ("frame", "frame_group", "tile", "1d"):
-        return layout_config(lay, site, cfg.steps) or MonarchConfig(steps=cfg.steps, recompute=cfg.recompute)
-    if cfg.method == "vmoba" and lay == "vmoba":
-        return VMoBAConfig(chunk=None, partition=cfg.partition, threshold=cfg.threshold, topk=cfg.topk,
-                           pooled_rest=cfg.pooled_rest)
-    return cfg
+    return registry.of(cfg).rederive(cfg, choice.get("layout"), site)
 
 
 def as_profile(profile) -> Profile:
@@ -402,11 +395,14 @@ def apply_profile(profile: Profile, sites: list, *, model=None, allow_shape_chan
     return out
 
 
-def annotate_plans(plans: dict, sites: list, profile: Profile) -> None:
-    """Put the profile's calibrated error (and VMoBA density) on the plans it chose, for the report."""
+def annotate_plans(plans: dict, sites: list, profile: Profile) -> dict:
+    """The plans with the profile's calibrated error (and measured density, for methods whose cost
+    depends on the data) on those it chose, for the report."""
+    from .. import methods as registry
     from ..planner import method_flops
 
     by_id = {s.site_id: s for s in sites}
+    out = dict(plans)
     for sid, plan in plans.items():
         r = profile.sites.get(sid)
         if r is None or not r.get("choice") or plan.source not in ("profile", "override") or sid not in by_id:
@@ -414,14 +410,17 @@ def annotate_plans(plans: dict, sites: list, profile: Profile) -> None:
         ch, site = r["choice"], by_id[sid]
         same = all(_norm(r["site"].get(k)) == _norm(getattr(site, k)) for k in _SHAPE_KEYS)
         if not same:
-            plan.reason = "chosen by calibration at another shape (allow_shape_change=True); error not calibrated here"
+            out[sid] = plan.replace(reason="chosen by calibration at another shape (allow_shape_change=True); "
+                                           "error not calibrated here")
             continue
-        if plan.method == ch["config"]["method"]:
-            plan.calibrated_error = ch.get("error")
-            if plan.method == "vmoba" and ch.get("density") is not None:
-                plan.density = float(ch["density"])
+        if registry.find(plan.method) is registry.find(ch["config"]["method"]):  # the profile's choice runs
+            plan = plan.replace(calibrated_error=ch.get("error"))
+            if ch.get("density") is not None:
+                plan = plan.replace(density=float(ch["density"]))
                 f = method_flops(site, plan)
                 if f is not None:
-                    plan.flops_after = f
+                    plan = plan.replace(flops_after=f)
         if plan.source == "profile":
-            plan.reason = f"calibrated: {ch['why']}"
+            plan = plan.replace(reason=f"calibrated: {ch['why']}")
+        out[sid] = plan
+    return out

@@ -8,7 +8,7 @@ attention entropy ``H = -sum_j p_j log p_j`` (float32 [B, H, Nq]) from the same 
 
 The online softmax runs in base 2 (``y = s * log2(e)``) with a running max ``m``, running sum
 ``l = sum 2^(y - m)`` and, for the entropy, ``w = sum 2^(y - m) (y - m)`` (the running
-``u = sum e^(x-m) x`` of DESIGN.md §3 taken relative to the running max, which avoids the
+``u = sum e^(x-m) x`` (online entropy) taken relative to the running max, which avoids the
 cancellation of ``lse - u/l`` at large logits). When the max moves from m to m',
 ``alpha = 2^(m - m')`` and ``w <- alpha (w + l (m - m'))``, ``l <- alpha l``. At the end
 ``lse = ln2 (m + log2 l)`` and ``H = ln2 (log2 l - w / l)``. Nothing of size Nq x Nk is stored.
@@ -29,8 +29,7 @@ import triton.language as tl
 
 from .reference import check_attention_inputs
 from ..out_layout import empty_attention_out
-from ..dispatch import interpreting
-from ..tuning import tuning_cache, tuning_enabled
+from ..tuning import interpreting, tuning_cache, tuning_enabled
 
 try:  # host-side TMA descriptors (triton >= 3.3)
     from triton.tools.tensor_descriptor import TensorDescriptor

@@ -9,7 +9,7 @@ For every query row ``i`` with logits ``s_ij = scale * q_i . k_j`` and probabili
 * ``lse_i     = log sum_j exp(s_ij)``                 (float32, natural log)
 * ``entropy_i = -sum_j p_ij log p_ij = lse_i - sum_j p_ij s_ij``   (float32, nats)
 
-The Triton kernel (``flash.py``) computes the same three quantities online in one pass; this
+The Triton kernel (``kernel.py``) computes the same three quantities online in one pass; this
 reference is written for clarity. It works in float32 (float64 when the inputs are float64) and
 processes the query rows in chunks so that the logits it materialises never exceed about
 256 MB, whatever the sequence length.

@@ -23,7 +23,7 @@ docstring for the algorithm, the text-token handling and ``recompute``) with thr
   recomputation with reset of ``recompute=True``), written as the next R-step's query.
 
 Text query rows (joint attention) are exact dense attention over all N keys: on CUDA in fp16/bf16
-one torch SDPA call on the gathered rows (cuDNN / FlashAttention; ``flash.sdpa_text_rows`` says
+one torch SDPA call on the gathered rows (cuDNN / FlashAttention; ``flash/kernel.py: sdpa_text_rows`` says
 why), elsewhere ``_text_rows_kernel``, a dense flash pass split over key ranges (split-K) so that
 the few text rows still fill the GPU, the partial results merged with their log-sum-exps on the
 host side. Everything takes q/k/v in the caller's ``[batch, heads, N, head_dim]`` layout (any
@@ -46,8 +46,7 @@ from ..flash.kernel import sdpa_text_rows, text_rows_sdpa_into
 from ..out_layout import empty_attention_out
 from .layout import check_qkv, check_steps, make_layout, resolve_scale
 from .reference import PLAIN_CBAR_EPS, RESET_MASS
-from ..dispatch import interpreting
-from ..tuning import tuning_cache, tuning_enabled
+from ..tuning import interpreting, tuning_cache, tuning_enabled
 
 __all__ = ["monarch_attention_triton", "monarch_r_step_triton"]
 

@@ -1,9 +1,9 @@
 """Pure-PyTorch reference of Monarch attention (MonarchAttention / VMonarch) on a video token grid.
 
 This is the CPU path of ``vmonarch::monarch_attention`` and the oracle of the Triton kernel's
-tests. It is written for clarity; the Triton kernel in ``monarch.py`` computes the same function.
+tests. It is written for clarity; the Triton kernel in ``kernel.py`` computes the same function.
 
-Notation (DESIGN.md §2). The video tokens are split into M blocks of B positions by the layout
+Notation (docs/design.md). The video tokens are split into M blocks of B positions by the layout
 (``layout.py``): token (i, j) is position j of block i; ``idx[i, j]`` is its sequence
 index and ``valid[i, j]`` whether it exists (partial tiles are padded). Attention row of video
 query (i, j) is restricted to ``a[(m, l)] = L[j, i, m] * R[m, j, l]``: pick block m with
@@ -20,7 +20,7 @@ Alternating updates, s = softmax scale, ``steps`` = T (T=1: only the final pass)
   text keys t (joint attention) enter the same softmax with their exact logits
   ``s * q[i, j] . k_t``; ``L[j, i, :]`` is the softmax over [blocks, text keys];
 * between steps: ``Qbar[m, j] = sum_i L[j, i, m] q[i, j] / sum_i L[j, i, m]``
-  (= Abar / cbar of DESIGN.md, over valid queries i);
+  (the L-weighted mean of the block's queries, over valid queries i);
 * final: ``out[i, j] = sum_m L[j, i, m] Y[m, j] + sum_t L[j, i, t] v_t``.
 
 Text tokens: text *query* rows attend densely to all N keys (exact). Video query rows combine

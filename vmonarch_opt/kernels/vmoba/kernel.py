@@ -15,7 +15,7 @@ Two stages, nothing of size N x N anywhere:
    key blocks (own block always, plus the others with ``P >= v*``) as an ascending index list
    ``kv_idx`` with count ``kv_cnt``.
 2. Attention (``_vmoba_fwd``): one program per (query tile of a group, batch*head). It loads
-   its query rows through the block-order permutation, runs the online softmax of ``flash.py``
+   its query rows through the block-order permutation, runs the online softmax of ``flash/kernel.py``
    (fp32 accumulation) over the group's selected key blocks, then the text keys, and scatters
    the normalised rows back to token order. Text query rows (joint attention) attend to all
    keys through the dense flash kernel. With ``pooled_rest`` the program then visits the C
@@ -42,11 +42,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import interpreting
 from ..flash.kernel import (_LOG2E, _NEG, TensorDescriptor, _bucket, _flash_into, _online_tile, sdpa_text_rows,
                             text_rows_sdpa_into)
 from ..out_layout import empty_attention_out
-from ..tuning import tuning_cache, tuning_enabled
+from ..tuning import interpreting, tuning_cache, tuning_enabled
 from .layout import (QUERY_GROUP, VMoBALayout, VMoBASelection, _check_args)
 
 __all__ = ["vmoba_attention_triton", "vmoba_select_triton", "vmoba_attention_with_selection"]

@@ -26,8 +26,8 @@ Selection (global + threshold; top-k as an option)
     Upstream normalises the gates (min-max) and, in its ``head_global`` mode (the "global block
     selection" of the paper; default threshold 0.25), ranks all (query, block) entries of a
     head together and keeps the best until their cumulative normalised gate reaches
-    ``threshold`` of the head's total, always keeping each query's own block. Ours, as
-    DESIGN.md §4 specifies, uses softmaxed similarity: per group ``P[g, c] = softmax_c(logit)``
+    ``threshold`` of the head's total, always keeping each query's own block. Ours
+    uses softmaxed similarity: per group ``P[g, c] = softmax_c(logit)``
     and weight ``w[g, c] = n_g * P[g, c]`` (n_g = tokens in the group, so the head's total mass
     is the number of video tokens ``Nv``). Per (batch, head):
 

@@ -1,0 +1,163 @@
+"""``Method``: everything the optimizer knows about one way of computing a site's attention.
+
+A method is one module in this package that defines a config dataclass, a ``Method`` subclass and
+(usually) a ``torch.library`` custom op, and registers one instance with
+:func:`vmonarch_opt.methods.register`. The rest of the optimizer asks the registry and calls
+these hooks; nothing else knows method names:
+
+=====================  ==========================================================================
+planning               ``resolve_args`` (config → op arguments at a site), ``unsupported`` (a
+                       site this method cannot take), ``flops`` (attention FLOPs of the plan),
+                       ``plan_note`` (what the report adds to the plan's reason)
+calibration            ``candidates`` (configs tried at a site), ``calibration_run`` (output,
+                       FLOPs and density of one candidate on real q/k/v), ``config_from_args``,
+                       ``rederive`` (a calibrated choice at another shape)
+running                ``run`` (the op on ``[B, H, N, D]`` q/k/v), ``adapt_args`` (the plan at
+                       another token grid), ``executed`` (FLOPs and density measured on a call,
+                       for methods whose cost depends on the data)
+deployment             ``lower`` (an ONNX-exportable decomposition)
+report                 ``describe`` (short label of a config), ``params`` (the plan's parameters)
+=====================  ==========================================================================
+
+Class attributes say what kind of method it is: ``name``, ``config_cls``, ``default_rank`` (its
+place in the default choice without calibration), ``structured`` (cuts attention FLOPs),
+``uses_grid`` (its arguments depend on the video grid), ``grid_params`` (the arguments
+``adapt_args`` re-derives), ``measured_flops`` (its cost depends on the data), ``lowered_as``
+(what ONNX export turns it into).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["Method", "Shape"]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The attention problem of a site or a call: what FLOP counts need."""
+
+    batch: int
+    heads: int
+    seq_q: int
+    seq_k: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, site) -> "Shape":
+        return cls(site.batch, site.heads, site.seq_q, site.seq_k, site.head_dim)
+
+    @classmethod
+    def of_qk(cls, q: torch.Tensor, k: torch.Tensor) -> "Shape":
+        B, H, N, D = q.shape
+        return cls(B, H, N, k.shape[-2], D)
+
+    @property
+    def dense_flops(self) -> int:
+        return 4 * self.batch * self.heads * self.seq_q * self.seq_k * self.head_dim
+
+
+class Method:
+    """Base class of a registered method; subclasses set the class attributes and override hooks."""
+
+    name: str = ""
+    config_cls: type = type(None)
+    #: preference when no calibration chooses (lower first); None: only used when asked for
+    default_rank: Optional[int] = None
+    #: cuts attention FLOPs (dense does not): the report times the optimized forward only then
+    structured: bool = True
+    #: its op arguments depend on the video grid: re-derived when the input's grid changes
+    uses_grid: bool = True
+    #: its FLOPs depend on the data (measured on calls, e.g. a block selection)
+    measured_flops: bool = False
+    #: how ONNX export lowers it (shown by ``export_onnx``); empty: no lowering
+    lowered_as: str = ""
+    #: op arguments that ``adapt_args`` re-derives for another grid (named in its warning)
+    grid_params: tuple = ()
+
+    # ------------------------------------------------------------------------------ configs
+    def config(self, **kw):
+        return self.config_cls(**kw)
+
+    def config_to_dict(self, cfg) -> dict:
+        d = {"method": self.name}
+        for k, v in asdict(cfg).items():
+            d[k] = list(v) if isinstance(v, tuple) else v
+        return d
+
+    def config_from_dict(self, d: dict):
+        d = dict(d)
+        d.pop("method", None)
+        names = {f.name for f in fields(self.config_cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"saved {self.name} config has unknown fields {unknown}")
+        for f in fields(self.config_cls):
+            if isinstance(d.get(f.name), list):
+                d[f.name] = tuple(d[f.name])
+        return self.config_cls(**d)
+
+    def describe(self, cfg) -> str:
+        """Short human label of a config (profiles, tables)."""
+        return self.name
+
+    def config_from_args(self, args: dict):
+        """The config that resolves to these op arguments (a pinned plan's config)."""
+        return self.config_cls()
+
+    # ------------------------------------------------------------------------------ planning
+    def unsupported(self, site) -> Optional[str]:
+        """Why this method cannot run ``site`` (beyond the optimizer's own checks), or None."""
+        return None
+
+    def resolve_args(self, cfg, site, layer: int) -> dict:
+        """Op arguments of ``cfg`` at ``site`` (``layer``: index among the rewritten sites)."""
+        return {}
+
+    def flops(self, shape: Shape, args: dict, density: Optional[float] = None) -> Optional[int]:
+        """Attention FLOPs of a plan with ``args`` (None when it depends on data not yet measured)."""
+        return shape.dense_flops
+
+    def plan_note(self, site, args: dict) -> str:
+        """Appended to the plan's reason in the report (e.g. why 1D blocks)."""
+        return ""
+
+    def params(self, args: dict) -> str:
+        """The plan's parameters for the report's ``params`` column."""
+        return ""
+
+    # ------------------------------------------------------------------------------ calibration
+    def candidates(self, site, budget, layer: int) -> list[tuple[str, Any]]:
+        """``[(layout name, config)]`` calibration tries at ``site`` under ``budget``."""
+        return []
+
+    def calibration_run(self, q, k, v, args: dict, scale: float) -> tuple[torch.Tensor, int, Optional[float]]:
+        """``(output, FLOPs, density or None)`` of one candidate on one site's q/k/v."""
+        return self.run(q, k, v, args, scale), int(self.flops(Shape.of_qk(q, k), args) or 0), None
+
+    def rederive(self, cfg, layout: Optional[str], site):
+        """A calibrated choice (``cfg``, made with named ``layout``) for ``site`` at another shape."""
+        return cfg
+
+    # ------------------------------------------------------------------------------ running
+    def run(self, q, k, v, args: dict, scale: float) -> torch.Tensor:
+        """The method's op on ``[B, H, N, D]`` q/k/v (GQA expanded)."""
+        raise NotImplementedError(f"method {self.name!r} defines no run()")
+
+    def adapt_args(self, args: dict, old_grid: tuple, new_grid: tuple) -> dict:
+        """``args`` for the video grid ``new_grid`` (the plan was made for ``old_grid``)."""
+        return {**args, "grid": list(new_grid)}
+
+    def executed(self, q, k, v, args: dict, scale: float) -> Optional[tuple[int, float]]:
+        """``(FLOPs, density)`` of this call, for ``measured_flops`` methods; None otherwise."""
+        return None
+
+    # ------------------------------------------------------------------------------ deployment
+    def lower(self, q, k, v, args: dict, scale: float, key_valid=None) -> torch.Tensor:
+        """A decomposition into standard torch ops that ONNX export can trace."""
+        raise NotImplementedError(f"method {self.name!r} has no ONNX lowering")
+
+    def __repr__(self) -> str:
+        return f"<method {self.name}>"

@@ -1,0 +1,277 @@
+"""The stages of ``optimize``: analyse → plan → (calibrate) → validate → apply → report.
+
+Each stage takes values and returns values; ``optimize.py`` strings them together, and
+``profiles/calibrate.py`` runs analyse → plan → calibrate on its own. Every stage that runs the
+model with something at its sites goes through the router (``router.Route``).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import methods as registry
+from . import runtime
+from .batch import batch_device, run_calibration_call
+from .metrics import rel_error
+from .passes.capture import capture as capture_graphs
+from .passes.census import Census, attention_census, uncaptured
+from .passes.detect import DetectedSite, detect
+from .passes.grid import assign_grids, grid_modules, lookup_user_grid
+from .passes.normalize import NormalizeError, normalize_module
+from .passes.regrid import GridTracker
+from .passes.siblings import add_sibling_sites
+from .planner import plan_sites
+from .router import Route, Routing, owning_module
+from .runtime import SiteRuntime, executed_cost, prepare_qkv, runtime_mismatch
+from .site import AttentionSite
+from .switch import AttentionSwitch, set_original_attention
+
+__all__ = ["Analysis", "Applied", "Validation", "analyse", "plan", "replan", "observe", "validate",
+           "validated_plans", "apply", "on_cuda", "time_forwards"]
+
+
+# ------------------------------------------------------------------------------------- analyse
+@dataclass
+class Analysis:
+    """What the model is: its attention sites, the graphs they were found in, and what was missed."""
+
+    reference: Any  # the model's output on the first calibration batch
+    graphs: list
+    detected: list[DetectedSite]
+    census: Census
+    missed: dict  # {module path: SDPA calls per invocation that no site accounts for}
+    unrouted: bool  # some attention was captured in graphs that do not say which module runs it
+
+    @property
+    def sites(self) -> list[AttentionSite]:
+        return [d.site for d in self.detected]
+
+
+def analyse(model: torch.nn.Module, batches: list, *, grid=None, capture: str = "auto") -> Analysis:
+    """Run the model once (the reference output, SDPA calls counted per module), capture its
+    graphs, detect every attention site and find the video grid each one runs over."""
+    with torch.no_grad(), attention_census(model) as calls:
+        reference = run_calibration_call(model, batches[0])
+    graphs = capture_graphs(model, batches[0], capture)
+    detected = add_sibling_sites(detect(graphs, model), calls, model)
+    assign_grids(detected, graphs, model, batches[0], grid)
+    sites = [d.site for d in detected]
+    if not calls.get("") and uncaptured(calls, [s for s in sites if s.module_path]):
+        # A graph Dynamo resumed after a graph break inside a function (not a module) carries no
+        # module stack: its SDPA looks like the root's own. Routed at the root it would take the
+        # first same-shaped call of the whole forward. The eager census says the root calls no
+        # attention itself while some module's calls are unaccounted for: these are those.
+        for s in sites:
+            if s.form == "sdpa" and s.module_path == "":
+                s.module_resolved = False
+    missed = uncaptured(calls, sites)
+    unrouted = any(not s.module_resolved and not s.module_path for s in sites)
+    return Analysis(reference=reference, graphs=graphs, detected=detected, census=calls, missed=missed,
+                    unrouted=unrouted)
+
+
+# ------------------------------------------------------------------------------------- plan
+def _record_inputs(model, paths: set[str], batch) -> dict:
+    """Run the batch once, remembering the (args, kwargs) each module in ``paths`` was called with."""
+    seen: dict = {}
+    hooks = []
+    for p in paths:
+        def pre(m, args, kwargs, p=p):
+            seen.setdefault(p, (args, kwargs))
+
+        hooks.append(owning_module(model, p).register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            run_calibration_call(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _normalize_handwritten(model, detected: list[DetectedSite], plans: dict, batch) -> tuple[dict, dict]:
+    """Hand-written sites that may be rewritten become SDPA calls: ``(forwards, plans)`` with
+    ``forwards[module path] = (normalised forward, fx graph)`` and the plans of the sites that
+    could not be normalised changed to keep the model's own attention."""
+    plans = dict(plans)
+    by_module: dict[str, list[DetectedSite]] = {}
+    for ds in detected:
+        if ds.site.form == "handwritten":
+            by_module.setdefault(ds.site.module_path, []).append(ds)
+    wanted = {p for p, lst in by_module.items() if any(plans[d.site.site_id].rewritten for d in lst)}
+    if not wanted:
+        return {}, plans
+    inputs = _record_inputs(model, wanted, batch)
+    forwards = {}
+    for path in wanted:
+        lst = by_module[path]
+        rewrite = [plans[d.site.site_id].rewritten for d in lst]
+        try:
+            if path not in inputs:
+                raise NormalizeError("the module was not called by the calibration batch in eager mode")
+            args, kwargs = inputs[path]
+            fwd, gm, skipped = normalize_module(owning_module(model, path), args, kwargs, expected=len(lst),
+                                                rewrite=rewrite)
+            forwards[path] = (fwd, gm)
+            for i, why in skipped.items():
+                sid = lst[i].site.site_id
+                plans[sid] = plans[sid].left_original(why)
+        except NormalizeError as e:
+            for d in lst:
+                sid = d.site.site_id
+                if plans[sid].rewritten:
+                    plans[sid] = plans[sid].left_original(f"hand-written attention could not be rewritten: {e}")
+    return forwards, plans
+
+
+def plan(model, analysis: Analysis, batch, *, methods=None, overrides: Optional[dict] = None,
+         min_seq_len: int = 1024) -> tuple[dict, Routing]:
+    """Eligibility and default choice per site, then hand-written attention that may be rewritten
+    normalised to SDPA (so that calibration observes every candidate site): ``(plans, routing)``."""
+    plans = plan_sites(analysis.sites, methods=methods, overrides=overrides, min_seq_len=min_seq_len)
+    normalised, plans = _normalize_handwritten(model, analysis.detected, plans, batch)
+    return plans, Routing.build(analysis.detected, plans, normalised)
+
+
+def replan(sites, old: dict, *, methods, overrides, min_seq_len, chosen: dict) -> dict:
+    """Plans with calibrated choices; sites the normalisation already left dense stay so."""
+    new = plan_sites(sites, methods=methods, overrides=overrides, min_seq_len=min_seq_len, chosen=chosen)
+    return {sid: (old[sid] if sid in old and not old[sid].rewritten else p) for sid, p in new.items()}
+
+
+# ------------------------------------------------------------------------------------- observe
+def observe(model, detected: list[DetectedSite], plans: dict, routing: Routing, batches: list,
+            callback: Callable) -> None:
+    """Run ``batches`` through ``model`` with its own attention, calling
+    ``callback(site, plan, q, k, v, scale, mask)`` at every rewritten site.
+
+    q/k/v are 4-D ``[B, H, N, D]`` with GQA expanded — what our ops receive; ``mask`` is the
+    call's text key-padding mask (sites planned with ``key_padding``) or None.
+    """
+    site_of = {d.site.site_id: d.site for d in detected}
+
+    def make(sid: str):
+        site, plan = site_of[sid], plans[sid]
+
+        def handler(a, original):
+            if plan.rewritten and runtime_mismatch(plan, a) is None:
+                q, k, v, scale = prepare_qkv(a)
+                callback(site, plan, q, k, v, scale, a["attn_mask"])
+            return original()
+        return handler
+
+    with Route(model, routing, make), torch.no_grad():
+        for b in batches:
+            run_calibration_call(model, b)
+
+
+# ------------------------------------------------------------------------------------- validate
+@dataclass
+class Validation:
+    errors: dict = field(default_factory=dict)  # site id -> worst relative error vs dense on the batch
+    output_error: Optional[float] = None
+    ran: set = field(default_factory=set)  # sites whose planned method really ran
+    executed: dict = field(default_factory=dict)  # site id -> (FLOPs, density) of data-dependent methods
+
+
+def validate(model, plans: dict, routing: Routing, batch, reference) -> Validation:
+    """Run the model once with the plans in place, measuring each site's error vs the model's own
+    attention and the output error; record which sites ran their method, and what the methods
+    whose cost depends on the data executed."""
+    val = Validation()
+
+    def make(sid: str):
+        plan = plans[sid]
+        rt = SiteRuntime(plan)
+
+        def handler(a, original):
+            out = runtime.run_site(rt, a, original)
+            if plan.rewritten:
+                if runtime_mismatch(plan, a) is None:
+                    val.ran.add(plan.site_id)
+                ref = original()
+                val.errors[plan.site_id] = max(val.errors.get(plan.site_id, 0.0), rel_error(out, ref) or 0.0)
+                if registry.get(plan.method).measured_flops and plan.site_id not in val.executed:
+                    cost = executed_cost(plan, *prepare_qkv(a), mask=a["attn_mask"])
+                    if cost is not None:
+                        val.executed[plan.site_id] = cost
+            return out
+        return handler
+
+    with Route(model, routing, make), torch.no_grad():
+        out = run_calibration_call(model, batch)
+    val.output_error = rel_error(out, reference)
+    return val
+
+
+def validated_plans(plans: dict, val: Validation) -> dict:
+    """Plans after validation: measured costs recorded; sites planned for a kernel that the
+    validation run never routed to it keep the model's own attention (the report must not claim them)."""
+    out = {}
+    for sid, p in plans.items():
+        if p.rewritten and sid not in val.ran:
+            p = p.left_original(f"planned {p.method}, but the validation run never reached this site with the "
+                                f"detected shape and module: kept the model's own attention")
+        elif sid in val.executed:
+            flops, density = val.executed[sid]
+            p = p.replace(density=density, flops_after=flops)
+        out[sid] = p
+    return out
+
+
+# ------------------------------------------------------------------------------------- apply
+@dataclass
+class Applied:
+    """What ``apply`` installed on the model."""
+
+    route: Route
+    runtimes: dict  # site id -> SiteRuntime
+    switch: AttentionSwitch
+    tracker: Optional[GridTracker]
+
+
+def apply(model, analysis: Analysis, plans: dict, routing: Routing, grid=None) -> Applied:
+    """Install the plans on ``model`` for good: one runtime per site, routed by the router; a grid
+    tracker when a rewritten site may follow the input's video size."""
+    switch = AttentionSwitch()
+    tracker = None
+    if any(p.rewritten for p in plans.values()):
+        tracker = GridTracker(model, grid_modules(analysis.graphs, model))
+    by_id = {s.site_id: s for s in analysis.sites}
+    runtimes = {}
+    for sid, p in plans.items():
+        s = by_id[sid]
+        runtimes[sid] = SiteRuntime(p, switch=switch, tracker=tracker,
+                                    grid_inferred=lookup_user_grid(grid, sid) is None,
+                                    grid_module=s.grid_module, prefix_modules=tuple(s.text_before_from))
+    route = Route(model, routing, lambda sid: runtimes[sid].handler()).install()
+    return Applied(route=route, runtimes=runtimes, switch=switch, tracker=tracker)
+
+
+# ------------------------------------------------------------------------------------- timing
+def on_cuda(batch) -> bool:
+    dev = batch_device([batch])
+    return dev is not None and dev.type == "cuda"
+
+
+def time_forwards(model, batch) -> dict:
+    """Milliseconds of one eager forward on ``batch``, optimized and with the model's own attention
+    (median of 3 after a warm-up; 1 when a forward takes over a second)."""
+    def once() -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            run_calibration_call(model, batch)
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3
+
+    out = {}
+    for name, original in (("optimized", False), ("original", True)):
+        with set_original_attention(model, original):
+            first = once()  # warm-up: kernel tuning, allocator, caches
+            out[name] = statistics.median([once() for _ in range(3 if first < 1000 else 1)])
+    return out

@@ -1,0 +1,45 @@
+"""``SitePlan``: what happens to one attention site. Immutable once made: a stage that changes a
+plan (calibration, validation) returns a new one (``plan.replace(...)``)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+__all__ = ["SitePlan", "ORIGINAL"]
+
+#: the plan's method when the site keeps the model's own attention
+ORIGINAL = "original"
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """What happens to one site: the method, its resolved op arguments, and why."""
+
+    site_id: str
+    method: str  # a registered method's name, or ORIGINAL (left untouched)
+    args: dict = field(default_factory=dict)  # resolved op arguments (grid, block, ...); never mutated
+    reason: str = ""  # for ORIGINAL: why it was left dense; otherwise how the method was chosen
+    source: str = "default"  # default | override | profile
+    calibrated_error: Optional[float] = None
+    flops_before: int = 0
+    flops_after: int = 0
+    density: Optional[float] = None  # measured fraction of video×video token pairs computed (data-dependent methods)
+    seq_q: int = 0
+    seq_k: int = 0
+    head_dim: int = 0
+
+    @property
+    def rewritten(self) -> bool:
+        """The site runs one of our methods (not the model's own attention)."""
+        return self.method != ORIGINAL
+
+    def replace(self, **changes) -> "SitePlan":
+        return dataclasses.replace(self, **changes)
+
+    def left_original(self, reason: str) -> "SitePlan":
+        """This plan, changed to keep the model's own attention for ``reason``."""
+        return dataclasses.replace(self, method=ORIGINAL, args={}, flops_after=self.flops_before, reason=reason)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

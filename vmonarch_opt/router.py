@@ -1,0 +1,153 @@
+"""The router: the one place that installs and removes site handlers on a model.
+
+Each owning module (the innermost module that computes a site) gets its ``forward`` wrapped so
+that, while it runs, a ``TorchFunctionMode`` intercepts its ``F.scaled_dot_product_attention``
+calls — the k-th call is site ``k`` of that module — and hands them to that site's handler,
+``handler(a, original)`` (``a``: the bound SDPA arguments; ``original()``: the model's own call).
+Hand-written attention is first normalised to an SDPA call (``passes/normalize.py``), and the
+normalised forward replaces the module's own while routed. Because the interception is plain
+Python around torch ops, a routed model still works under ``torch.compile`` (the mode is traced),
+``torch.export`` and CUDA graphs, and its parameters, buffers and ``state_dict`` keys are untouched.
+
+Every stage that runs the model with something at its sites goes through :class:`Route`:
+calibration observes q/k/v, the output budget and validation run candidate plans, and the
+optimized model keeps one installed for good (``Route(...).install()``).
+"""
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from .passes.detect import SDPA_TARGETS, _SDPA_ARGS
+
+__all__ = ["Route", "Routing", "SiteMode", "install", "uninstall", "owning_module", "bind_sdpa"]
+
+_WRAPPED_ATTR = "_vmonarch_original_forward"
+
+
+def owning_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    return model.get_submodule(path) if path else model
+
+
+@dataclass
+class Routing:
+    """Where the sites are at run time: per owning module path, the site ids of its SDPA calls in
+    call order, and the normalised forwards (hand-written attention as SDPA) that replace a
+    module's own while routed. Fixed once planning has normalised the hand-written sites."""
+
+    index: dict = field(default_factory=dict)  # module path -> [site id of its k-th SDPA call]
+    forwards: dict = field(default_factory=dict)  # module path -> normalised forward
+    graphs: dict = field(default_factory=dict)  # module path -> its fx.GraphModule
+
+    @classmethod
+    def build(cls, detected: list, plans: dict, normalised: dict) -> "Routing":
+        """``normalised``: ``{module path: (forward, graph)}``. A hand-written site is routed only
+        where its module's forward was normalised with it as an SDPA call (it was rewritten then)."""
+        index: dict[str, list] = {}
+        for ds in detected:
+            s = ds.site
+            if s.form == "handwritten" and (s.module_path not in normalised or not plans[s.site_id].rewritten):
+                continue  # stays a hand-written attention: never reaches the SDPA interceptor
+            index.setdefault(s.module_path, []).append(s.site_id)
+        return cls(index=index, forwards={p: f for p, (f, _) in normalised.items()},
+                   graphs={p: g for p, (_, g) in normalised.items()})
+
+
+def bind_sdpa(args, kwargs) -> dict:
+    a = dict(zip(_SDPA_ARGS, args))
+    a.update(kwargs)
+    a.setdefault("attn_mask", None)
+    a.setdefault("dropout_p", 0.0)
+    a.setdefault("is_causal", False)
+    a.setdefault("scale", None)
+    a.setdefault("enable_gqa", False)
+    return a
+
+
+class SiteMode(TorchFunctionMode):
+    """Active while one owning module runs: sends its k-th SDPA call to ``handlers[k]``."""
+
+    def __init__(self, handlers: list):
+        super().__init__()
+        self.handlers = handlers
+        self.calls = 0
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in SDPA_TARGETS:
+            i = self.calls
+            self.calls = i + 1
+            if i < len(self.handlers) and self.handlers[i] is not None:
+                a = bind_sdpa(args, kwargs)
+                return self.handlers[i](a, lambda: func(*args, **kwargs))
+        # Everything else runs unchanged. Tensor methods are re-issued as method calls so that
+        # Dynamo, which inlines this handler, sees them as it would without the mode.
+        if args and isinstance(args[0], torch.Tensor) and getattr(torch.Tensor, getattr(func, "__name__", ""), None) is func:
+            return getattr(args[0], func.__name__)(*args[1:], **kwargs)
+        return func(*args, **kwargs)
+
+
+def install(module: torch.nn.Module, handlers: list, forward: Optional[Callable] = None) -> None:
+    """Wrap ``module.forward`` so that ``SiteMode(handlers)`` is active while it runs.
+
+    ``forward`` replaces the module's own forward (used for normalised hand-written attention).
+    Wrapping again replaces the previous wrapper; ``uninstall`` restores the original.
+    """
+    original = module.__dict__.get(_WRAPPED_ATTR)
+    if original is None:
+        original = module.__dict__.get("forward", None) or module.forward
+        module.__dict__[_WRAPPED_ATTR] = original
+    inner = forward if forward is not None else original
+
+    @functools.wraps(inner)
+    def wrapped(*args, **kwargs):
+        with SiteMode(handlers):
+            return inner(*args, **kwargs)
+
+    module.__dict__["forward"] = wrapped
+
+
+def uninstall(module: torch.nn.Module) -> None:
+    original = module.__dict__.pop(_WRAPPED_ATTR, None)
+    if original is None:
+        return
+    if isinstance(original, types.MethodType) and original.__self__ is module and original.__func__ is type(module).forward:
+        module.__dict__.pop("forward", None)
+    else:
+        module.__dict__["forward"] = original
+
+
+class Route:
+    """A handler at every site of ``routing``: ``make(site_id)`` gives it. Used as a context
+    manager it is removed on exit; ``install()`` keeps it until ``remove()``."""
+
+    def __init__(self, model: torch.nn.Module, routing: Routing, make: Callable):
+        self.model, self.routing, self.make = model, routing, make
+        self.paths: list[str] = []
+
+    def install(self) -> "Route":
+        try:
+            for path, ids in self.routing.index.items():
+                install(owning_module(self.model, path), [self.make(sid) for sid in ids],
+                        forward=self.routing.forwards.get(path))
+                self.paths.append(path)
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        for path in self.paths:
+            uninstall(owning_module(self.model, path))
+        self.paths = []
+
+    def __enter__(self) -> "Route":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

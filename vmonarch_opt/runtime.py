@@ -1,0 +1,203 @@
+"""What a rewritten site does at run time, and the state it keeps there.
+
+A plan (``plan.py``) is fixed once ``optimize`` has made it. What changes while the optimized
+model runs lives in one :class:`SiteRuntime` per site: the plans re-derived for other token grids
+(``passes/regrid.py``), the reasons already warned about, and the shared switch back to the
+model's own attention (``switch.py``). :func:`run_site` is the handler body of every rewritten
+site: the planned op, or the model's own attention when the call does not fit the plan (another
+sequence length without a grid to follow, a mask, causal, dropout): a wrong result is never
+returned.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from . import methods as registry
+from .passes.keypad import run_key_padded
+from .passes.regrid import adapt_plan
+from .plan import SitePlan
+
+__all__ = ["SiteRuntime", "run_site", "runtime_mismatch", "prepare_qkv", "call_method", "lowering",
+           "executed_cost"]
+
+
+@dataclass(eq=False)
+class SiteRuntime:
+    """One rewritten site of one optimized model while it runs."""
+
+    plan: SitePlan
+    switch: object = None  # switch.AttentionSwitch shared by the model's sites (set_original_attention)
+    tracker: object = None  # passes.regrid.GridTracker: the input's token grid, for other video sizes
+    grid_inferred: bool = True  # False: the user gave the grid (grid=): not re-derived at the same token count
+    grid_module: str = ""  # the patch embedding whose output gave the grid at optimize time
+    prefix_modules: tuple = ()  # patch embeddings of the tokens before the video (FramePack's history)
+    adapted: dict = field(default_factory=dict)  # re-derived plans, per (n_q, n_k, grid, text_before)
+    warned: set = field(default_factory=set)  # reasons this site has already warned about
+
+    @property
+    def site_id(self) -> str:
+        return self.plan.site_id
+
+    def handler(self) -> Callable:
+        return lambda a, original: run_site(self, a, original)
+
+
+def _to_bhnd(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(0) if x.dim() == 3 else x
+
+
+def call_method(plan: SitePlan, q, k, v, scale: float) -> torch.Tensor:
+    """Run ``plan``'s op on 4-D q/k/v (GQA already expanded)."""
+    return registry.get(plan.method).run(q, k, v, plan.args, scale)
+
+
+def runtime_mismatch(plan: SitePlan, a: dict) -> Optional[str]:
+    """Why this call cannot take the calibrated path (None if it can)."""
+    q, k, v = a["query"], a["key"], a["value"]
+    if a["attn_mask"] is not None and not plan.args.get("key_padding"):
+        return "an attention mask was passed"
+    if a["is_causal"]:
+        return "is_causal=True"
+    if a["dropout_p"]:
+        return f"dropout_p={a['dropout_p']}"
+    if q.dim() not in (3, 4):
+        return f"q has {q.dim()} dims"
+    if q.shape[-2] != plan.seq_q or k.shape[-2] != plan.seq_k or q.shape[-1] != plan.head_dim:
+        return (f"shape (N_q={q.shape[-2]}, N_k={k.shape[-2]}, D={q.shape[-1]}) differs from the calibrated "
+                f"(N_q={plan.seq_q}, N_k={plan.seq_k}, D={plan.head_dim}); re-run optimize() for this shape")
+    if v.shape[-1] != q.shape[-1]:
+        return "value head_dim differs"
+    if not torch.is_floating_point(q) or q.dtype == torch.float64:
+        return f"dtype {q.dtype}"
+    return None
+
+
+def _follow_grid(rt: SiteRuntime, a: dict) -> Optional[SitePlan]:
+    """The plan re-derived for this call's token grid when only the video size changed (see
+    ``regrid.py``), or None. At the calibrated token count too, when the input's grid is another
+    one (portrait vs landscape: 30x52 and 52x30 latents have as many tokens) and the plan's grid
+    was inferred, not given by the user."""
+    plan, tracker = rt.plan, rt.tracker
+    q, k = a["query"], a["key"]
+    if tracker is None:
+        return None
+    if q.shape[-2] == plan.seq_q and k.shape[-2] == plan.seq_k:
+        grids = tracker.grids
+        if (not grids or not rt.grid_inferred or not plan.args.get("grid")
+                or tuple(plan.args["grid"]) in {tuple(g) for g in grids}):
+            return None
+    adapted = adapt_plan(plan, q.shape[-2], k.shape[-2], q.shape[-1], tracker.grids, tracker.by_module,
+                         grid_module=rt.grid_module, prefix_modules=rt.prefix_modules, cache=rt.adapted)
+    if adapted is None or runtime_mismatch(adapted, a) is not None:
+        return None
+    method = registry.get(plan.method)
+    if method.uses_grid:
+        g, p = tuple(adapted.args["grid"]), adapted.args
+        text = (p["text_before"], p["text_after"])
+        params = ", ".join(f"{k} {tuple(p[k])}" for k in method.grid_params)
+        if g != tuple(plan.args["grid"]):
+            what = f"the input's token grid is now {g}, not the {tuple(plan.args['grid'])} it was optimized for"
+        else:
+            what = (f"the tokens around the video grid {g} are now {text[0]} before / {text[1]} after, not "
+                    f"{plan.args['text_before']} / {plan.args['text_after']} (e.g. a prompt of another length)")
+        _warn_once(rt, f"grid {g} text {text}", f"vmonarch_opt: site {plan.site_id}: {what}; running "
+                   f"{plan.method} with {params} re-derived from its plan (its error was measured at the "
+                   f"optimize() shape: call optimize() with a batch of this shape for a calibrated plan)")
+    return adapted
+
+
+def _warn_once(rt: SiteRuntime, key: str, msg: str) -> None:
+    """Warn the first time this site (of this optimized model) falls back for this reason. Not
+    inside a torch.compile trace: warnings.warn would break the graph (an error with fullgraph)."""
+    if torch.compiler.is_compiling():
+        return
+    if key not in rt.warned:
+        rt.warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def prepare_qkv(a: dict) -> tuple:
+    """q, k, v of an SDPA call as ``[B, H, N, D]`` with GQA expanded, and the scale — what our
+    ops take."""
+    q4, k4, v4 = _to_bhnd(a["query"]), _to_bhnd(a["key"]), _to_bhnd(a["value"])
+    if k4.shape[-3] != q4.shape[-3]:  # GQA: query head i uses kv head i // group
+        rep = q4.shape[-3] // k4.shape[-3]
+        k4, v4 = k4.repeat_interleave(rep, dim=-3), v4.repeat_interleave(rep, dim=-3)
+    scale = float(a["scale"] if a["scale"] is not None else q4.shape[-1] ** -0.5)
+    return q4, k4, v4, scale
+
+
+_lowering: Optional[Callable] = None
+
+
+@contextlib.contextmanager
+def lowering(fn: Callable):
+    """While active, every rewritten site returns ``fn(plan, a, original)`` (``a``: the bound SDPA
+    arguments) instead of calling a ``vmonarch::*`` op. ONNX export (``deploy/onnx.py``) traces
+    pure-torch decompositions of the ops through this."""
+    global _lowering
+    previous, _lowering = _lowering, fn
+    try:
+        yield
+    finally:
+        _lowering = previous
+
+
+def run_site(rt: SiteRuntime, a: dict, original: Callable) -> torch.Tensor:
+    """One intercepted SDPA call: the planned op, or the model's own attention if it does not fit."""
+    plan = rt.plan
+    if not plan.rewritten:
+        return original()
+    if rt.switch is not None and rt.switch.original:
+        return original()
+    if _lowering is not None:
+        return _lowering(plan, a, original)
+    why = runtime_mismatch(plan, a)
+    adapted = _follow_grid(rt, a)
+    if why is not None and adapted is None:
+        _warn_once(rt, why, f"vmonarch_opt: site {plan.site_id} ran dense attention: {why}")
+        return original()
+    plan = adapted or plan
+    q, v = a["query"], a["value"]
+    q4, k4, v4, scale = prepare_qkv(a)
+    if a["attn_mask"] is not None:  # a text key-padding mask (plan.args["key_padding"])
+        def call(qq, kk, vv, tb, ta):
+            return call_method(plan.replace(args={**plan.args, "text_before": tb, "text_after": ta}),
+                               qq, kk, vv, scale)
+
+        out = run_key_padded(q4, k4, v4, a["attn_mask"], plan.args["text_before"], plan.args["text_after"],
+                             scale, call)
+        if out is None:
+            _warn_once(rt, "mask", f"vmonarch_opt: site {plan.site_id} ran dense attention: "
+                       "its mask is not a padding mask on text tokens")
+            return original()
+    else:
+        out = call_method(plan, q4, k4, v4, scale)
+    return out.reshape(q.shape[:-1] + (v.shape[-1],))
+
+
+def executed_cost(plan: SitePlan, q, k, v, scale: float, mask=None) -> Optional[tuple[int, float]]:
+    """``(FLOPs, density)`` this call executes under ``plan``, for methods whose cost depends on
+    the data (``Method.measured_flops``; under a text padding ``mask``: per batch element on the
+    tokens the op keeps, as it runs). None when the mask is not a padding mask (the call ran the
+    model's attention)."""
+    method = registry.get(plan.method)
+    a = plan.args
+    flops, dens = [], []
+
+    def measure(qq, kk, vv, tb, ta):
+        f, d = method.executed(qq, kk, vv, {**a, "text_before": tb, "text_after": ta}, scale)
+        flops.append(f)
+        dens.append(d)
+        return torch.zeros_like(qq)  # only the cost is wanted
+
+    if mask is None:
+        measure(q, k, v, a["text_before"], a["text_after"])
+    elif run_key_padded(q, k, v, mask, a["text_before"], a["text_after"], scale, measure) is None:
+        return None
+    return int(sum(flops)), sum(dens) / len(dens)
