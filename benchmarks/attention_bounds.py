@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from vmonarch_opt.kernels.vmoba_reference import (VMoBASelection, vmoba_attention_from_selection,  # noqa: E402
                                                   vmoba_attention_reference, vmoba_layout)
-from vmonarch_opt.tiny_dit import attention_replaced, calib_batch, load_tiny_video_dit, record_qkv, sample  # noqa: E402
+from vmonarch_fixtures.tiny_dit import (attention_replaced, calib_batch, load_tiny_video_dit,  # noqa: E402
+                                        record_qkv, sample)
 from benchmarks.fidelity import psnr, to_unit  # noqa: E402
 from benchmarks.publish import command_line, now, publish  # noqa: E402
 

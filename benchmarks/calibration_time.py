@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import vmonarch_opt  # noqa: E402
-from vmonarch_opt import models  # noqa: E402
+from vmonarch_fixtures import models  # noqa: E402
 from benchmarks.publish import command_line, now, publish  # noqa: E402
 
 

@@ -14,7 +14,7 @@ well inside the 10-minute limit (a fresh machine compiles Dynamo graphs and Trit
 
 diffusers transformers at full size with random weights (bf16, batch 1; no downloads):
 
-* ``wan``: ``WanTransformer3DModel`` with the Wan2.1-T2V-1.3B config (``vmonarch_opt.models.wan_1_3b``),
+* ``wan``: ``WanTransformer3DModel`` with the Wan2.1-T2V-1.3B config (``vmonarch_fixtures.models.wan_1_3b``),
   480p / 81 frames: latent 16×21×60×104, 1×2×2 patches → 21×30×52 = 32760 tokens, 512 text tokens
   (cross-attention).
 * ``cogvideox``: ``CogVideoXTransformer3DModel`` with the CogVideoX-5B config (42 layers, 48 heads × 64,
@@ -56,7 +56,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import vmonarch_opt  # noqa: E402
-from vmonarch_opt import VMoBAConfig, models  # noqa: E402
+from vmonarch_opt import VMoBAConfig  # noqa: E402
+from vmonarch_fixtures import models  # noqa: E402
 from benchmarks.publish import command_line, now, publish  # noqa: E402
 
 

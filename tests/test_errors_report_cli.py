@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vmonarch_opt
-from vmonarch_opt import models
+from vmonarch_fixtures import models
 from vmonarch_opt.cli import main
 from vmonarch_opt.errors import CalibrationBatchError
 
