@@ -1,7 +1,7 @@
 """Fidelity of optimized attention on a real (small, trained) video DiT: "how different is my video?"
 
-    OUT=out PYTHONPATH=. python benchmarks/fidelity.py                 # GPU: the full table
-    PYTHONPATH=. python benchmarks/fidelity.py --quick --no-append     # CPU smoke run
+    OUT=out python benchmarks/fidelity.py              # GPU: the full table
+    python benchmarks/fidelity.py --quick --no-append  # CPU smoke run
 
 For each configuration (method / parameters / calibration budget) the shipped tiny video DiT
 (``vmonarch_fixtures.tiny_dit``, 16×16×16 = 4096 tokens per attention, 6 layers × 3 heads × 64) is
@@ -38,8 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: vmonarch_fixtures, benchmarks
 import vmonarch_opt  # noqa: E402
 from vmonarch_opt import MonarchConfig, VMoBAConfig  # noqa: E402
 from vmonarch_fixtures.tiny_dit import calib_batch, load_tiny_video_dit, record_qkv, sample  # noqa: E402

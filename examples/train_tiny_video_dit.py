@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: vmonarch_fixtures, benchmarks
 from vmonarch_fixtures.tiny_dit import (CLASS_NAMES, TinyVideoDiT, attention_stats, procedural_videos,  # noqa: E402
                                         sample, save_tiny_video_dit)
 
