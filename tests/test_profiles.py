@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import vmonarch_opt
-from vmonarch_opt import Budget, ProfileError, load_profile, models
+from vmonarch_fixtures import models
+from vmonarch_opt import Budget, ProfileError, load_profile
 from conftest import rel_err
 
 pytest.importorskip("diffusers")
