@@ -1,6 +1,6 @@
 """Oracle bounds: how close could *any* sparse attention get on the fixture's layers?
 
-    PYTHONPATH=. python benchmarks/attention_bounds.py            # GPU: seconds; CPU: ~10 min
+    python benchmarks/attention_bounds.py  # GPU: seconds; CPU: ~10 min
 
 Per layer and head of the shipped tiny video DiT (its own q/k/v on procedural videos noised to each
 t of ``--ts``), the relative attention error ``‖o − o_dense‖ / ‖o_dense‖`` of
@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: vmonarch_fixtures, benchmarks
 from vmonarch_opt.kernels.vmoba.layout import VMoBASelection, vmoba_layout  # noqa: E402
 from vmonarch_opt.kernels.vmoba.reference import (vmoba_attention_from_selection,  # noqa: E402
                                                   vmoba_attention_reference)
-from vmonarch_opt.tiny_dit import attention_replaced, calib_batch, load_tiny_video_dit, record_qkv, sample  # noqa: E402
+from vmonarch_fixtures.tiny_dit import (attention_replaced, calib_batch, load_tiny_video_dit,  # noqa: E402
+                                        record_qkv, sample)
 from benchmarks.fidelity import psnr, to_unit  # noqa: E402
 from benchmarks.publish import command_line, now, publish  # noqa: E402
 

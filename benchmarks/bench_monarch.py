@@ -1,6 +1,6 @@
 """Benchmark: Triton Monarch attention vs torch SDPA (FLASH and CUDNN backends), same process.
 
-    PYTHONPATH=. python3 benchmarks/bench_monarch.py [--shapes wan13b,wan14b] [--no-append]
+    python3 benchmarks/bench_monarch.py [--shapes wan13b,wan14b] [--no-append]
 
 For each canonical shape (Wan, CogVideoX, HunyuanVideo sizes; see SHAPES below) it times, on the same bf16 inputs, SDPA with the
 FLASH and CUDNN backends and our kernel (T=1 frame blocks unless stated), and reports the median
@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ import triton
 from tabulate import tabulate
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: vmonarch_fixtures, benchmarks
 from benchmarks.publish import command_line, out_dir, publish  # noqa: E402
 from benchmarks.video_inputs import make_video_qkv  # noqa: E402
 from vmonarch_opt.kernels.monarch import kernel as mk  # noqa: E402

@@ -1,6 +1,6 @@
 """VMoBA block-sparse attention and our dense flash kernel vs SDPA (FA2, cuDNN) and FlexAttention.
 
-    PYTHONPATH=. python3 benchmarks/bench_vmoba.py [--shapes 16k,wan480,wan720] [--no-check]
+    python3 benchmarks/bench_vmoba.py [--shapes 16k,wan480,wan720] [--no-check]
 
 All timings are medians of ``triton.testing.do_bench(..., return_mode="median")`` in one process,
 bf16, batch 1, on inputs from ``benchmarks/video_inputs.make_video_qkv`` (video structure:
@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ import triton
 from tabulate import tabulate
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: vmonarch_fixtures, benchmarks
 from benchmarks.publish import command_line, out_dir, publish  # noqa: E402
 from benchmarks.video_inputs import make_video_qkv  # noqa: E402
 from vmonarch_opt.kernels.flash import kernel as flash_mod  # noqa: E402

@@ -1,7 +1,7 @@
 """How long does calibration take on a real-size model?
 
-    OUT=out PYTHONPATH=. python benchmarks/calibration_time.py                 # GPU: Wan2.1-1.3B 480p/81f
-    PYTHONPATH=. python benchmarks/calibration_time.py --tiny --no-append       # CPU smoke run
+    OUT=out python benchmarks/calibration_time.py             # GPU: Wan2.1-1.3B 480p/81f
+    python benchmarks/calibration_time.py --tiny --no-append  # CPU smoke run
 
 Calibrates ``WanTransformer3DModel`` with the Wan2.1-T2V-1.3B config (random weights, bf16, batch 1,
 latent 16×21×60×104 → 32760 tokens) with ``vmonarch_opt.calibrate(model, batch)`` under the default
@@ -27,10 +27,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: vmonarch_fixtures, benchmarks
 import vmonarch_opt  # noqa: E402
-from vmonarch_opt import models  # noqa: E402
+from vmonarch_fixtures import models  # noqa: E402
 from benchmarks.publish import command_line, now, publish  # noqa: E402
 
 

@@ -1,20 +1,20 @@
 """End-to-end speed of real video transformers: "how much faster is my model?"
 
-    OUT=out PYTHONPATH=. python benchmarks/end_to_end.py            # GPU: Wan2.1-1.3B 480p + CogVideoX-5B
-    PYTHONPATH=. python benchmarks/end_to_end.py --models hunyuan15   # GPU: HunyuanVideo 1.5 (8.3 B) 480p
-    PYTHONPATH=. python benchmarks/end_to_end.py --models framepack   # GPU: FramePack (HunyuanVideo 13 B)
-    PYTHONPATH=. python benchmarks/end_to_end.py --tiny --no-append  # CPU smoke run (small random configs)
+    OUT=out python benchmarks/end_to_end.py              # GPU: Wan2.1-1.3B 480p + CogVideoX-5B
+    python benchmarks/end_to_end.py --models hunyuan15   # GPU: HunyuanVideo 1.5 (8.3 B) 480p
+    python benchmarks/end_to_end.py --models framepack   # GPU: FramePack (HunyuanVideo 13 B)
+    python benchmarks/end_to_end.py --tiny --no-append   # CPU smoke run (small random configs)
 
 On the lent GPU (diffusers travels as a wheel: carry=[".whl"]), one model per call keeps each call
 well inside the 10-minute limit (a fresh machine compiles Dynamo graphs and Triton kernels cold):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl && export PYTHONPATH=/tmp/site:. || exit; PYTHONUNBUFFERED=1 python3 \
+        .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 python3 \
         benchmarks/end_to_end.py --models wan --no-append
 
 diffusers transformers at full size with random weights (bf16, batch 1; no downloads):
 
-* ``wan``: ``WanTransformer3DModel`` with the Wan2.1-T2V-1.3B config (``vmonarch_opt.models.wan_1_3b``),
+* ``wan``: ``WanTransformer3DModel`` with the Wan2.1-T2V-1.3B config (``vmonarch_fixtures.models.wan_1_3b``),
   480p / 81 frames: latent 16×21×60×104, 1×2×2 patches → 21×30×52 = 32760 tokens, 512 text tokens
   (cross-attention).
 * ``cogvideox``: ``CogVideoXTransformer3DModel`` with the CogVideoX-5B config (42 layers, 48 heads × 64,
@@ -53,10 +53,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: vmonarch_fixtures, benchmarks
 import vmonarch_opt  # noqa: E402
-from vmonarch_opt import VMoBAConfig, models  # noqa: E402
+from vmonarch_opt import VMoBAConfig  # noqa: E402
+from vmonarch_fixtures import models  # noqa: E402
 from benchmarks.publish import command_line, now, publish  # noqa: E402
 
 

@@ -1,10 +1,10 @@
 """Fidelity of optimized attention on a real (small, trained) video DiT: "how different is my video?"
 
-    OUT=out PYTHONPATH=. python benchmarks/fidelity.py                 # GPU: the full table
-    PYTHONPATH=. python benchmarks/fidelity.py --quick --no-append     # CPU smoke run
+    OUT=out python benchmarks/fidelity.py              # GPU: the full table
+    python benchmarks/fidelity.py --quick --no-append  # CPU smoke run
 
 For each configuration (method / parameters / calibration budget) the shipped tiny video DiT
-(``vmonarch_opt.tiny_dit``, 16×16×16 = 4096 tokens per attention, 6 layers × 3 heads × 64) is
+(``vmonarch_fixtures.tiny_dit``, 16×16×16 = 4096 tokens per attention, 6 layers × 3 heads × 64) is
 optimized with ``vmonarch_opt.optimize`` on calibration batches (procedural videos noised to
 t = 0.9, 0.5 and 0.1 — the sampler's noise range; ``--calib-ts``), then the same seeds are
 sampled (Euler, rectified flow) with dense and with optimized
@@ -38,11 +38,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: vmonarch_fixtures, benchmarks
 import vmonarch_opt  # noqa: E402
 from vmonarch_opt import MonarchConfig, VMoBAConfig  # noqa: E402
-from vmonarch_opt.tiny_dit import calib_batch, load_tiny_video_dit, record_qkv, sample  # noqa: E402
+from vmonarch_fixtures.tiny_dit import calib_batch, load_tiny_video_dit, record_qkv, sample  # noqa: E402
 from benchmarks.publish import command_line, now, out_dir, publish  # noqa: E402
 
 
@@ -443,7 +442,8 @@ def main(argv=None) -> int:
     cmd, when = command_line(), now()
     head = (f"## Fidelity: tiny video DiT, dense vs optimized videos ({when})\n\n"
             f"Device: {devname}, torch {torch.__version__}, optimized attention via {kernels}. Command: "
-            f"`{cmd}`. Model: `vmonarch_opt.tiny_dit` fixture ({model.metadata.get('steps', '?')} training steps), "
+            f"`{cmd}`. Model: `vmonarch_fixtures.tiny_dit` fixture "
+            f"({model.metadata.get('steps', '?')} training steps), "
             f"grid {args.frames}×{args.size // 2}×{args.size // 2} = {args.frames * args.size ** 2 // 4} tokens, "
             f"{len(seeds)} seeds × {args.steps} Euler steps; calibration batches noised to t = "
             f"{', '.join(f'{t:g}' for t in levels)}; PSNR/SSIM of optimized vs dense videos (mean over "

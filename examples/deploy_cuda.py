@@ -23,11 +23,13 @@ import json
 import os
 import sys
 from collections import Counter
+from pathlib import Path
 
 import torch
 
-import vmonarch_opt
-from vmonarch_opt import models
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: vmonarch_fixtures, benchmarks
+import vmonarch_opt  # noqa: E402
+from vmonarch_fixtures import models  # noqa: E402
 
 
 def rel(a, b) -> float:

@@ -2,9 +2,10 @@
 
     python examples/optimize_wan.py
 
-The model is WanTransformer3DModel with a tiny config so it runs on a CPU in seconds; the
-latent video is 4 frames × 16×20 pixels (4×8×10 tokens after the 1×2×2 patch embedding).
-On a GPU, use vmonarch_opt.models.wan_1_3b() for the full-size Wan2.1-1.3B architecture.
+The model is diffusers' WanTransformer3DModel with a tiny config so it runs on a CPU in seconds;
+the latent video is 4 frames × 16×20 pixels (4×8×10 tokens after the 1×2×2 patch embedding).
+On a GPU, give ``optimize`` your own model the same way — e.g. Wan2.1-T2V-1.3B from
+``WanTransformer3DModel.from_pretrained(...)`` — with a batch of the size you generate at.
 
 1. ``optimize(model, batch)`` as a user calls it: every self-attention is calibrated under the
    default quality budget (attention error ≤ 5 %). With random weights attention is close to
@@ -14,11 +15,20 @@ On a GPU, use vmonarch_opt.models.wan_1_3b() for the full-size Wan2.1-1.3B archi
    calibration: the report shows the rewrite, its FLOP cut and the measured error.
 """
 import torch
+from diffusers import WanTransformer3DModel
 
 import vmonarch_opt
-from vmonarch_opt import models
 
-model, batch = models.wan(frames=4, height=8, width=10, layers=2, heads=2, head_dim=32)
+# A tiny Wan transformer with random weights: 2 layers, 2 heads of 32 channels, 4 latent channels.
+torch.manual_seed(0)
+model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32,
+                              in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64,
+                              num_layers=2, rope_max_seq_len=64).eval()
+# What the model is called with: one noisy latent video [batch, channels, frames, height, width],
+# the diffusion timestep and 7 text-encoder embeddings (random stand-ins for a prompt).
+g = torch.Generator().manual_seed(1)
+batch = dict(hidden_states=torch.randn(1, 4, 4, 16, 20, generator=g), timestep=torch.tensor([500]),
+             encoder_hidden_states=torch.randn(1, 7, 32, generator=g), return_dict=False)
 
 
 def output_error(optimized) -> float:

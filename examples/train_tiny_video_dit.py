@@ -1,8 +1,8 @@
-"""Train the tiny video DiT shipped in ``vmonarch_opt/fixtures/`` (GPU, a few minutes).
+"""Train the tiny video DiT shipped in ``vmonarch_fixtures/`` (GPU, a few minutes).
 
     OUT=out python examples/train_tiny_video_dit.py            # the shipped fixture's settings
 
-Data: procedural videos generated on the fly on the GPU (``vmonarch_opt.tiny_dit.procedural_videos``:
+Data: procedural videos generated on the fly on the GPU (``vmonarch_fixtures.tiny_dit.procedural_videos``:
 bouncing shapes, camera pans over textures, shapes over a panning texture, with fine moving
 patterns of amplitude ``--detail``), 3×16×32×32 pixels,
 cut by the model into 1×2×2 patches = a 16×16×16 token grid (4096 tokens). Objective: rectified
@@ -16,7 +16,7 @@ diffuse, unlike a long-trained video DiT. Writes under ``--out`` (default ``$OUT
 * ``train_log.json`` — losses, per-layer attention entropy of the trained model, settings;
 * ``train_samples.png`` — videos sampled from seeds 0..5 (20 Euler steps), one row per video.
 
-Copy the safetensors into ``vmonarch_opt/fixtures/`` to ship it.
+Copy the safetensors into ``vmonarch_fixtures/`` to ship it.
 """
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vmonarch_opt.tiny_dit import (CLASS_NAMES, TinyVideoDiT, attention_stats, procedural_videos,  # noqa: E402
-                                   sample, save_tiny_video_dit)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: vmonarch_fixtures, benchmarks
+from vmonarch_fixtures.tiny_dit import (CLASS_NAMES, TinyVideoDiT, attention_stats, procedural_videos,  # noqa: E402
+                                        sample, save_tiny_video_dit)
 
 
 def entropy_table(stats) -> str:

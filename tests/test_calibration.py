@@ -246,7 +246,7 @@ def test_output_budget_on_the_tiny_video_dit():
     """Budget(output_rel_error=e): candidates are measured in the model, the chosen combination's
     model-output error is verified ≤ e (and is what the report's validation measures), and a
     profile made this way reproduces its plan."""
-    from vmonarch_opt.tiny_dit import calib_batch, load_tiny_video_dit
+    from vmonarch_fixtures.tiny_dit import calib_batch, load_tiny_video_dit
 
     model = load_tiny_video_dit()
     batch = calib_batch(1, 4, 16, detail=model.data_detail)
@@ -277,7 +277,7 @@ def test_output_budget_measured_on_sampled_videos():
     the chosen combination's sampled videos are within e of the dense ones (checked here by sampling
     the optimized model), and misuse of evaluate fails with a message that names the fix."""
     from vmonarch_opt.errors import VMonarchError
-    from vmonarch_opt.tiny_dit import calib_batch, load_tiny_video_dit, sample
+    from vmonarch_fixtures.tiny_dit import calib_batch, load_tiny_video_dit, sample
 
     model = load_tiny_video_dit()
     batch = calib_batch(1, 4, 16, detail=model.data_detail)
@@ -315,8 +315,8 @@ def test_output_budget_measured_on_sampled_videos():
 def test_output_budget_never_picks_a_candidate_that_blows_up(monkeypatch):
     """A candidate whose model output has NaN/inf counts as infinitely wrong (a NaN compares as
     neither larger nor smaller and must not slip through the allocation)."""
+    from vmonarch_fixtures.tiny_dit import calib_batch, load_tiny_video_dit
     from vmonarch_opt import runtime
-    from vmonarch_opt.tiny_dit import calib_batch, load_tiny_video_dit
 
     model = load_tiny_video_dit()
     batch = calib_batch(1, 4, 16, detail=model.data_detail)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import vmonarch_opt
-from vmonarch_opt import models
+from vmonarch_fixtures import models
 from vmonarch_opt.deploy import OnnxExportError, export_onnx
 from vmonarch_opt.deploy.lowering import dense_lowered, monarch_lowered, vmoba_lowered
 from vmonarch_opt.kernels.monarch.reference import monarch_attention_reference

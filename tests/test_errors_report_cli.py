@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vmonarch_opt
-from vmonarch_opt import models
+from vmonarch_fixtures import models
 from vmonarch_opt.cli import main
 from vmonarch_opt.errors import CalibrationBatchError
 
@@ -61,6 +61,55 @@ def test_report_exports_and_cli(tmp_path, capsys):
     with pytest.raises(SystemExit, match="not valid JSON"):
         (tmp_path / "bad.json").write_text("{")
         main(["report", str(tmp_path / "bad.json")])
+
+
+_FACTORY_MODULE = """
+import torch
+import torch.nn.functional as F
+
+
+class Attention(torch.nn.Module):
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        return x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+def make(tokens=36):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(Attention(), Attention()).eval(), torch.randn(1, tokens, 32)
+"""
+
+
+def test_cli_finds_a_factory_in_the_current_directory(tmp_path, monkeypatch, capsys):
+    """vmonarch-opt resolves module:factory from a module file in the current directory, which the
+    console script does not have on sys.path, and leaves sys.path as it found it."""
+    import importlib.util
+    import os
+
+    name = "vmonarch_cli_cwd_models"
+    (tmp_path / f"{name}.py").write_text(_FACTORY_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p and os.path.abspath(p) != os.getcwd()])
+    path_before = list(sys.path)
+    assert importlib.util.find_spec(name) is None  # not importable without the CLI's help
+    try:
+        out = tmp_path / "p.json"
+        assert main(["calibrate", f"{name}:make", "--kwargs", '{"tokens": 36}', "--min-seq-len", "0",
+                     "--max-rel-error", "1.0", "--methods", "monarch,dense", "-q", "-o", str(out)]) == 0
+        text = capsys.readouterr().out
+        assert out.exists() and "profile written to" in text and "2 sites" in text  # the factory's model
+        assert sys.path == path_before
+        with pytest.raises(SystemExit, match="no attribute"):  # export-onnx shares the resolver
+            main(["export-onnx", f"{name}:nope", "-o", str(tmp_path / "m.onnx")])
+        assert sys.path == path_before
+    finally:
+        sys.modules.pop(name, None)
 
 
 def test_console_script_is_installed():

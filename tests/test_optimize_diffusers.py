@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import vmonarch_opt
-from vmonarch_opt import MonarchConfig, VMoBAConfig, models
+from vmonarch_fixtures import models
+from vmonarch_opt import MonarchConfig, VMoBAConfig
 from conftest import rel_err
 
 pytest.importorskip("diffusers")

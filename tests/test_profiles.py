@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import vmonarch_opt
-from vmonarch_opt import Budget, ProfileError, load_profile, models
+from vmonarch_fixtures import models
+from vmonarch_opt import Budget, ProfileError, load_profile
 from conftest import rel_err
 
 pytest.importorskip("diffusers")
@@ -185,12 +186,12 @@ def test_cli_calibrate_show_plot_diff(tmp_path, capsys):
 
     kw = json.dumps(WAN)
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    assert main(["calibrate", "vmonarch_opt.models:wan", "--kwargs", kw, "--min-seq-len", "0",
+    assert main(["calibrate", "vmonarch_fixtures.models:wan", "--kwargs", kw, "--min-seq-len", "0",
                  "--max-rel-error", "0.5", "-q", "-o", str(a)]) == 0
-    assert main(["calibrate", "vmonarch_opt.models:wan", "--kwargs", kw, "--min-seq-len", "0",
+    assert main(["calibrate", "vmonarch_fixtures.models:wan", "--kwargs", kw, "--min-seq-len", "0",
                  "--max-rel-error", "0.001", "-q", "-o", str(b)]) == 0
     c = tmp_path / "c.json"  # a budget on the model's output
-    assert main(["calibrate", "vmonarch_opt.models:wan", "--kwargs", kw, "--min-seq-len", "0",
+    assert main(["calibrate", "vmonarch_fixtures.models:wan", "--kwargs", kw, "--min-seq-len", "0",
                  "--max-rel-error", "0.5", "--output-rel-error", "0.05", "-q", "-o", str(c)]) == 0
     assert "profile written to" in capsys.readouterr().out
     assert main(["show", str(c)]) == 0 and "output_rel_error=0.05" in capsys.readouterr().out
@@ -205,7 +206,7 @@ def test_cli_calibrate_show_plot_diff(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "choice A" in out and "dense" in out  # the tight budget leaves the sites dense
     with pytest.raises(SystemExit, match="module:factory"):
-        main(["calibrate", "vmonarch_opt.models"])
+        main(["calibrate", "vmonarch_fixtures.models"])
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(SystemExit, match="not valid JSON"):
         main(["show", str(tmp_path / "bad.json")])

@@ -1,18 +1,68 @@
 """The ``vmonarch-opt`` command line.
 
 Subcommands are contributed by the modules listed in ``_COMMAND_MODULES``; each defines
-``add_commands(subparsers)`` and sets ``func`` on its parsers.
+``add_commands(subparsers)`` and sets ``func`` on its parsers. Commands that build a model take it
+as ``module:factory`` and resolve it with :func:`load_factory`.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
 _COMMAND_MODULES = ("vmonarch_opt.profiles.commands", "vmonarch_opt.deploy.commands")
+
+#: The ``module:factory`` the help texts show; it imports from the root of a checkout of the repository.
+FACTORY_EXAMPLE = "vmonarch_fixtures.models:wan"
+
+
+@contextlib.contextmanager
+def _current_directory_on_path():
+    """The current directory first on ``sys.path`` for the block (unless it is there already, as
+    ``''`` or by name), as ``python -m`` would have it; ``sys.path`` is restored afterwards."""
+    cwd = os.getcwd()
+    if any(isinstance(p, str) and os.path.abspath(p) == cwd for p in sys.path):
+        yield
+        return
+    sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(cwd)
+
+
+def load_factory(spec: str):
+    """``"package.module:function"`` -> the function (a dotted ``function`` reaches into the module).
+
+    The module is imported from ``sys.path`` or the current directory, so ``my_models:make`` finds
+    ``my_models.py`` where the command runs, and ``vmonarch_fixtures.models:wan`` works from the root
+    of a checkout of the repository.
+    """
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise SystemExit(f"vmonarch-opt: {spec!r}: give the model as module:factory (MODULE:FUNCTION, a function "
+                         f"returning the model and its inputs), e.g. {FACTORY_EXAMPLE} from a checkout of the "
+                         f"repository")
+    try:
+        with _current_directory_on_path():
+            mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise SystemExit(f"vmonarch-opt: cannot import {mod_name!r} ({e}); is it in the current directory or "
+                         f"on PYTHONPATH?")
+    fn = mod
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise SystemExit(f"vmonarch-opt: module {mod_name!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise SystemExit(f"vmonarch-opt: {spec} is not callable")
+    return fn
 
 
 def load_json_file(path: str) -> dict:

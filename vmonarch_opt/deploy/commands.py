@@ -1,40 +1,23 @@
 """``vmonarch-opt export-onnx MODULE:FACTORY [--profile P.json] -o model.onnx``.
 
-``FACTORY`` is a function returning ``(model, example_inputs)`` — e.g. ``vmonarch_opt.models:wan``.
+``FACTORY`` is a function returning ``(model, example_inputs)`` — e.g. ``vmonarch_fixtures.models:wan``
+from a checkout of the repository (see :func:`vmonarch_opt.cli.load_factory`).
 The model is optimized (with the profile's per-site choices when ``--profile`` is given), then
 written as ONNX, checked and verified in onnxruntime.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 
-_EPILOG = """examples:
-  vmonarch-opt export-onnx vmonarch_opt.models:wan --methods monarch --no-calibrate --min-seq-len 0 -o wan.onnx
+from ..cli import FACTORY_EXAMPLE, load_factory
+
+_EPILOG = """examples (the vmonarch_fixtures factories from the root of a checkout of the repository;
+MODULE is imported from the current directory or PYTHONPATH):
+  vmonarch-opt export-onnx vmonarch_fixtures.models:wan --methods monarch --no-calibrate --min-seq-len 0 -o wan.onnx
   vmonarch-opt export-onnx my_pkg.build:make_model --profile wan_profile.json -o model.onnx
-  vmonarch-opt export-onnx vmonarch_opt.models:cogvideox --kwargs '{"frames": 4}' -o cog.onnx
+  vmonarch-opt export-onnx vmonarch_fixtures.models:cogvideox --kwargs '{"frames": 4}' -o cog.onnx
 """
-
-
-def load_factory(spec: str):
-    """``"package.module:function"`` -> the function."""
-    mod_name, sep, attr = spec.partition(":")
-    if not sep or not mod_name or not attr:
-        raise SystemExit(f"vmonarch-opt: {spec!r}: give the model factory as MODULE:FUNCTION, e.g. "
-                         f"vmonarch_opt.models:wan")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise SystemExit(f"vmonarch-opt: cannot import {mod_name!r} ({e}); is it on PYTHONPATH?")
-    fn = mod
-    for part in attr.split("."):
-        fn = getattr(fn, part, None)
-        if fn is None:
-            raise SystemExit(f"vmonarch-opt: module {mod_name!r} has no attribute {attr!r}")
-    if not callable(fn):
-        raise SystemExit(f"vmonarch-opt: {spec} is not callable")
-    return fn
 
 
 def build(spec: str, factory_kwargs: dict):
@@ -104,7 +87,8 @@ def add_commands(subparsers) -> None:
                     "export it to ONNX with every rewritten attention lowered to standard ONNX ops; the file "
                     "is checked with onnx.checker and compared with PyTorch in onnxruntime.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("factory", help="MODULE:FUNCTION returning (model, example_inputs), e.g. vmonarch_opt.models:wan")
+    p.add_argument("factory", help=f"MODULE:FUNCTION returning (model, example_inputs), e.g. {FACTORY_EXAMPLE} "
+                                   f"from a checkout of the repository")
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     p.add_argument("--profile", help="calibration profile (JSON) whose per-site choices are used")
     p.add_argument("--methods", default="monarch,vmoba,dense",

@@ -1,27 +1,11 @@
 """``vmonarch-opt calibrate | show | plot | diff``: calibration profiles from the command line."""
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 
+from ..cli import FACTORY_EXAMPLE, load_factory
 from ..errors import ProfileError
-
-
-def load_factory(spec: str):
-    """``module:factory`` → the callable (e.g. ``vmonarch_opt.models:wan``)."""
-    if ":" not in spec:
-        raise SystemExit(f"vmonarch-opt: model {spec!r}: give it as module:factory, e.g. vmonarch_opt.models:wan "
-                         f"(a function returning (model, batch))")
-    mod_name, fn_name = spec.split(":", 1)
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise SystemExit(f"vmonarch-opt: cannot import {mod_name!r}: {e}")
-    fn = getattr(mod, fn_name, None)
-    if not callable(fn):
-        raise SystemExit(f"vmonarch-opt: {mod_name} has no callable {fn_name!r}")
-    return fn
 
 
 def _json_arg(text: str, what: str) -> dict:
@@ -90,7 +74,8 @@ def _cmd_diff(args) -> int:
 
 def add_commands(sub) -> None:
     p = sub.add_parser("calibrate", help="calibrate a model given as module:factory and write a profile")
-    p.add_argument("model", help="module:factory returning (model, batch), e.g. vmonarch_opt.models:wan")
+    p.add_argument("model", help=f"module:factory returning (model, batch), imported from the current directory "
+                                 f"or PYTHONPATH; e.g. {FACTORY_EXAMPLE} from a checkout of the repository")
     p.add_argument("-o", "--output", default="profile.json", help="profile JSON to write (default profile.json)")
     p.add_argument("--kwargs", default="{}", help="JSON keyword arguments for the factory, e.g. '{\"frames\": 5}'")
     p.add_argument("--max-rel-error", type=float, default=0.05, help="per-site attention error budget (default 0.05)")

@@ -10,7 +10,7 @@ or HunyuanVideo, at a size a CPU can run.
   modulation vectors, each block adds its own learned table), per-head RMS qk-norm, 3D rotary
   embeddings over (t, h, w) and ``F.scaled_dot_product_attention`` in the ``[B, heads, N, D]``
   layout. It predicts the flow-matching velocity ``v = noise - x0``.
-* :func:`load_tiny_video_dit` — the shipped weights (``fixtures/tiny_video_dit.safetensors``,
+* :func:`load_tiny_video_dit` — the shipped weights (``tiny_video_dit.safetensors`` next to this file,
   trained by ``examples/train_tiny_video_dit.py``), offline.
 * :func:`sample` — a deterministic Euler sampler of the rectified-flow ODE
   ``dx/dt = v(x, t)`` from ``t = 1`` (noise) to ``t = 0``; one noise tensor per seed, so a video
@@ -32,12 +32,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .switch import set_original_attention
+from vmonarch_opt.switch import set_original_attention
 
 __all__ = ["TinyVideoDiT", "load_tiny_video_dit", "sample", "procedural_videos", "attention_stats",
            "calib_batch", "FIXTURE", "CLASS_NAMES"]
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tiny_video_dit.safetensors"
+FIXTURE = Path(__file__).resolve().parent / "tiny_video_dit.safetensors"
 CLASS_NAMES = ("bouncing shapes", "camera pan over texture", "shapes over panning texture")
 
 
@@ -220,7 +220,8 @@ def load_tiny_video_dit(path=None, device="cpu", dtype=torch.float32) -> TinyVid
     path = Path(path) if path is not None else FIXTURE
     if not path.exists():
         raise FileNotFoundError(f"{path}: tiny video DiT weights not found; train them with "
-                                f"`python examples/train_tiny_video_dit.py` or reinstall vmonarch_opt")
+                                f"`python examples/train_tiny_video_dit.py` or check out "
+                                f"vmonarch_fixtures/tiny_video_dit.safetensors from the repository")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if "config" not in meta:

@@ -1,7 +1,8 @@
 """Small, randomly initialised video transformers from diffusers (no downloads), with batches.
 
-Used by the tests, the examples and the CLI (``vmonarch_opt.models:wan``). Each factory returns
-``(model, batch)`` where ``model(**batch)`` runs. Sizes are in latent tokens after patching.
+Used by the tests, the examples and the CLI (``vmonarch_fixtures.models:wan`` from a checkout of the
+repository). Each factory returns ``(model, batch)`` where ``model(**batch)`` runs. Sizes are in latent
+tokens after patching.
 """
 from __future__ import annotations
 
