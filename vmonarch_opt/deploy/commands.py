@@ -53,7 +53,7 @@ def _cmd_export_onnx(args) -> int:
         raise SystemExit(f"vmonarch-opt: --kwargs is not valid JSON ({e})")
     if not isinstance(factory_kwargs, dict):
         raise SystemExit("vmonarch-opt: --kwargs must be a JSON object, e.g. '{\"frames\": 4}'")
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
     model, inputs = build(args.factory, factory_kwargs)
     profile = _load_profile(args.profile) if args.profile else None
     kw = {}
@@ -91,8 +91,8 @@ def add_commands(subparsers) -> None:
                                    f"from a checkout of the repository")
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     p.add_argument("--profile", help="calibration profile (JSON) whose per-site choices are used")
-    p.add_argument("--methods", default="monarch,vmoba,dense",
-                   help="allowed methods, comma-separated (default: monarch,vmoba,dense)")
+    p.add_argument("--methods", default=None,
+                   help="allowed methods, comma-separated (default: every registered method: monarch, vmoba, dense)")
     p.add_argument("--min-seq-len", type=int, default=None,
                    help="sites with fewer tokens keep the model's attention (default 1024, or the "
                         "profile's own with --profile)")

@@ -38,7 +38,7 @@ def _cmd_calibrate(args) -> int:
     budget = Budget(max_rel_error=args.max_rel_error, mean_rel_error=args.mean_rel_error,
                     output_rel_error=args.output_rel_error, cost=args.cost,
                     per_site=_json_arg(args.per_site, "--per-site") if args.per_site else None)
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
     overrides = _json_arg(args.overrides, "--overrides") if args.overrides else None
     grid = tuple(int(x) for x in args.grid.split(",")) if args.grid else None
     profile = calibrate(model, batch, budget=budget, methods=methods, overrides=overrides, grid=grid,
@@ -85,7 +85,8 @@ def add_commands(sub) -> None:
                         "with a loose --max-rel-error such as 0.5)")
     p.add_argument("--per-site", default=None, help="JSON {site_glob: max_rel_error}")
     p.add_argument("--cost", choices=("flops", "time"), default="flops", help="what 'cheapest' means")
-    p.add_argument("--methods", default="monarch,vmoba,dense", help="comma-separated allowed methods")
+    p.add_argument("--methods", default=None, help="comma-separated allowed methods (default: every registered "
+                   "method: monarch, vmoba, dense)")
     p.add_argument("--overrides", default=None, help='JSON {site_glob: "dense"|"monarch"|"vmoba"|"original"}')
     p.add_argument("--grid", default=None, help="T,H,W latent token grid override")
     p.add_argument("--min-seq-len", type=int, default=1024, help="shorter sites stay dense (default 1024)")
