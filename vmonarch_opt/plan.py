@@ -6,10 +6,9 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-__all__ = ["SitePlan", "ORIGINAL"]
+from .methods.registry import ORIGINAL, is_original
 
-#: the plan's method when the site keeps the model's own attention
-ORIGINAL = "original"
+__all__ = ["SitePlan", "ORIGINAL"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,7 @@ class SitePlan:
     @property
     def rewritten(self) -> bool:
         """The site runs one of our methods (not the model's own attention)."""
-        return self.method != ORIGINAL
+        return not is_original(self.method)
 
     def replace(self, **changes) -> "SitePlan":
         return dataclasses.replace(self, **changes)

@@ -5,11 +5,13 @@ from typing import Iterable, Optional
 
 from .base import Method
 
-__all__ = ["register", "unregister", "get", "find", "names", "of", "parse", "default_methods",
+__all__ = ["ORIGINAL", "is_original", "register", "unregister", "get", "find", "names", "of", "parse", "default_methods",
            "config_to_dict", "config_from_dict", "describe", "check_methods"]
 
 _METHODS: dict[str, Method] = {}
-_RESERVED = ("original",)  # a plan's method when the model's own attention stays
+#: a plan's method when the site keeps the model's own attention (no registered method)
+ORIGINAL = "original"
+_RESERVED = (ORIGINAL,)
 
 
 def register(method: Method) -> Method:
@@ -26,6 +28,11 @@ def register(method: Method) -> Method:
         raise ValueError(f"config class {method.config_cls.__name__} already belongs to another method")
     _METHODS[name] = method
     return method
+
+
+def is_original(name: str) -> bool:
+    """``name`` says the site keeps the model's own attention."""
+    return name == ORIGINAL
 
 
 def unregister(name: str) -> None:
