@@ -7,7 +7,7 @@
 from . import methods  # noqa: F401  registers the methods and their torch.ops.vmonarch.* ops
 from .methods import DenseConfig, MonarchConfig, VMoBAConfig
 from .errors import CalibrationBatchError, CaptureError, ProfileError, VMonarchError
-from .optimize import optimize, restore
+from .optimize import optimize, restore, stats
 from .deploy import export_onnx  # noqa: F401  (ONNX export; needs onnx + onnxscript at call time)
 from .profiles import Budget, Profile, calibrate, load_profile
 from .report import Report
@@ -15,6 +15,6 @@ from .switch import set_original_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["optimize", "restore", "set_original_attention", "calibrate", "load_profile", "Budget", "Profile", "Report",
+__all__ = ["optimize", "restore", "stats", "set_original_attention", "calibrate", "load_profile", "Budget", "Profile", "Report",
            "MonarchConfig", "VMoBAConfig", "DenseConfig",
            "CalibrationBatchError", "CaptureError", "ProfileError", "VMonarchError"]

@@ -71,6 +71,24 @@ def as_batches(calib: Any) -> list:
     return [calib]
 
 
+def check_finite(batches: list) -> None:
+    """Every floating-point tensor of every batch is finite: a NaN or Inf would make every
+    measured error meaningless. Raises ``CalibrationBatchError`` naming the input and position."""
+    for i, b in enumerate(batches):
+        for name, t in iter_tensors(b):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0:
+                continue
+            bad = ~torch.isfinite(t)
+            if bool(bad.any()):
+                pos = tuple(int(x) for x in bad.nonzero()[0].tolist())
+                what = "NaN" if bool(torch.isnan(t[pos])) else "Inf"
+                where = f"batch {i}, " if len(batches) > 1 else ""
+                raise CalibrationBatchError(
+                    f"the calibration batch has a {what} in {where}input {name!r} at position {pos} "
+                    f"({int(bad.sum())} non-finite value(s) in that tensor of shape {tuple(t.shape)}); "
+                    f"calibrate on finite inputs, like the ones you will run the model on")
+
+
 def iter_tensors(obj: Any) -> Iterator[tuple[str, Any]]:
     """Yield (name, value) for the top-level entries of a batch."""
     if isinstance(obj, dict):

@@ -1,24 +1,61 @@
-"""How far one output is from another."""
+"""How far one output is from another: the one relative error of the package.
+
+``‖a − b‖ / ‖b‖``, computed in float64. A NaN or Inf anywhere in either output is an infinite
+error (never 0, never NaN: a NaN compares as neither smaller nor larger and would slip through
+budgets). Outputs that cannot be compared (no tensor found) give None: "cannot measure", which
+callers must not read as 0.
+"""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
-__all__ = ["rel_error"]
+__all__ = ["rel_error", "rel_error_per_head", "first_tensor"]
+
+
+def first_tensor(x) -> Optional[torch.Tensor]:
+    """The tensor an output stands for: itself, the first of a tuple/list, the first value of a dict
+    that has one, or a diffusers output's ``.sample``."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (tuple, list)) and x:
+        return first_tensor(x[0])
+    if isinstance(x, dict):
+        for v in x.values():
+            t = first_tensor(v)
+            if t is not None:
+                return t
+        return None
+    if hasattr(x, "sample"):
+        return first_tensor(x.sample)
+    return None
+
+
+def _tensor_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return math.inf
+    e = ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+    return e if math.isfinite(e) else math.inf
 
 
 def rel_error(a, b) -> Optional[float]:
-    """``‖a − b‖ / ‖b‖`` of two outputs (tensors, the first of tuples/lists/dicts, or ``.sample``
-    of diffusers outputs); None when they are not comparable."""
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and a and b:
-        return rel_error(a[0], b[0])
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in a:
-            if k in b:
-                return rel_error(a[k], b[k])
-    if hasattr(a, "sample") and hasattr(b, "sample"):
-        return rel_error(a.sample, b.sample)
-    return None
+    """Relative error of output ``a`` against reference ``b`` (tensors, or the first tensor of
+    tuples/lists/dicts/diffusers outputs); ``inf`` if either holds a NaN or Inf; None when there
+    is no tensor to compare."""
+    ta, tb = first_tensor(a), first_tensor(b)
+    if ta is None or tb is None:
+        return None
+    if ta.shape != tb.shape:
+        raise ValueError(f"rel_error: outputs of different shapes {tuple(ta.shape)} and {tuple(tb.shape)}")
+    return _tensor_rel(ta, tb)
+
+
+def rel_error_per_head(a: torch.Tensor, b: torch.Tensor) -> list:
+    """Relative error per head of ``[B, H, N, D]`` outputs (NaN/Inf: ``inf`` for that head)."""
+    a, b = a.detach().double(), b.detach().double()
+    d = (a - b).pow(2).sum(dim=(0, 2, 3)).sqrt()
+    r = b.pow(2).sum(dim=(0, 2, 3)).sqrt().clamp_min(1e-300)
+    return [e if math.isfinite(e) else math.inf for e in (d / r).tolist()]

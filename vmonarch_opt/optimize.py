@@ -15,14 +15,14 @@ import torch
 
 from . import methods as registry
 from . import pipeline
-from .batch import as_batches
+from .batch import as_batches, batch_device, check_finite
 from .errors import VMonarchError
 from .passes.grid import check_grid_spec
 from .profiles.output_budget import check_evaluate
 from .report import Report
 from .site import AttentionSite
 
-__all__ = ["optimize", "restore", "OptimizationState"]
+__all__ = ["optimize", "restore", "stats", "OptimizationState"]
 
 
 @dataclass
@@ -61,6 +61,14 @@ def _flex_text(flex: dict) -> str:
     where = _calls_where(flex)
     return (f"flex_attention ran in {where}: its score/mask functions and BlockMask are not rewritten, "
             f"so it keeps the model's own attention.")
+
+
+def _unrecognised_text(found: dict) -> str:
+    where = _calls_where(found)
+    return (f"attention written in a form that detection does not recognise (a softmax over a product of two "
+            f"activations feeding another product) in {where}: it keeps the model's own attention. Write it "
+            f"with F.scaled_dot_product_attention (or as softmax(q @ k.transpose(-2, -1) * scale + bias) @ v) "
+            f"to have it optimized.")
 
 
 def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=None,
@@ -112,6 +120,7 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
         min_seq_len = 1024 if recorded is None else int(recorded)
     check_grid_spec(grid)
     batches = as_batches(calib_batch)
+    check_finite(batches)
     target = model if inplace else copy.deepcopy(model)
     if getattr(target, "vmonarch", None) is not None:
         raise VMonarchError("this model is already optimized; call optimize() on the original model")
@@ -124,6 +133,13 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
                       stacklevel=2)
     if analysis.census.flex:
         warnings.warn(f"vmonarch_opt: {_flex_text(analysis.census.flex)}", RuntimeWarning, stacklevel=2)
+    if analysis.unrecognised:
+        warnings.warn(f"vmonarch_opt: {_unrecognised_text(analysis.unrecognised)}", RuntimeWarning, stacklevel=2)
+    if not sites and not analysis.missed and not analysis.census.flex and not analysis.unrecognised:
+        warnings.warn(f"vmonarch_opt: 0 attention sites found in {type(model).__name__}: no "
+                      f"F.scaled_dot_product_attention call and no softmax(q·kᵀ)·v ran on the calibration batch "
+                      f"({len(analysis.graphs)} captured graph(s)); the model is returned unchanged. If it has "
+                      f"attention, check that the batch reaches it, or try capture='fx'", RuntimeWarning, stacklevel=2)
 
     # plan: eligibility and default choices (hand-written attention normalised to SDPA)
     choose = dict(methods=methods, overrides=overrides, min_seq_len=min_seq_len)
@@ -156,7 +172,7 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
         site_errors, out_error = val.errors, val.output_error
 
     # apply: the plans installed for good
-    applied = pipeline.apply(target, analysis, plans, routing, grid)
+    applied = pipeline.apply(target, analysis, plans, routing, grid, device=batch_device(batches))
 
     # report
     meta = {"capture": analysis.graphs[0].source if analysis.graphs else "none", "graphs": len(analysis.graphs),
@@ -167,8 +183,10 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
         meta["uncaptured"] = {"calls": analysis.missed, "note": _uncaptured_text(analysis.missed, analysis.unrouted)}
     if analysis.census.flex:
         meta["flex_attention"] = {"calls": dict(analysis.census.flex), "note": _flex_text(analysis.census.flex)}
+    if analysis.unrecognised:
+        meta["unrecognised"] = {"softmaxes": analysis.unrecognised, "note": _unrecognised_text(analysis.unrecognised)}
     report = Report.build(type(model).__name__, sites, plans, meta=meta, site_errors=site_errors,
-                          output_error=out_error)
+                          output_error=out_error).attach(applied.runtimes)
     state = OptimizationState(sites=sites, plans=plans, report=report, modules=sorted(applied.route.paths),
                               profile=profile, normalized=dict(routing.graphs),
                               runtimes=applied.runtimes, route=applied.route, tracker=applied.tracker,
@@ -177,6 +195,8 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
     target.__dict__["report"] = report
     if validate and pipeline.on_cuda(batches[0]) and _uses_structured(plans):
         report.totals["forward_ms"] = pipeline.time_forwards(target, batches[0])
+        for rt in applied.runtimes.values():
+            rt.reset_calls()  # the report counts the calls of the user's own forwards
         slower = report.slower_note()
         if slower:
             warnings.warn(f"vmonarch_opt: {slower}", RuntimeWarning, stacklevel=2)
@@ -199,3 +219,15 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
     if state.tracker is not None:
         state.tracker.remove()
     return model
+
+
+def stats(model: torch.nn.Module) -> dict:
+    """Per rewritten site of an optimized ``model``, the calls since ``optimize``:
+    ``{site_id: {"ran": n, "fell_back": {kind: n}, "why": {kind: message}}}`` (eager and compiled
+    calls; the report shows the same in its "ran/fell back" column)."""
+    state = model.__dict__.get("vmonarch")
+    if state is None:
+        raise VMonarchError(f"stats(): this {type(model).__name__} was not optimized by vmonarch_opt.optimize; pass "
+                            f"the module optimize() returned")
+    state.report.refresh()
+    return {r["site"]["site_id"]: r["calls"] for r in state.report.rows if r.get("calls") is not None}

@@ -19,7 +19,7 @@ from .batch import batch_device, run_calibration_call
 from .metrics import rel_error
 from .passes.capture import capture as capture_graphs
 from .passes.census import Census, attention_census, uncaptured
-from .passes.detect import DetectedSite, detect
+from .passes.detect import DetectedSite, detect, unrecognised_attention
 from .passes.grid import assign_grids, grid_modules, lookup_user_grid
 from .passes.normalize import NormalizeError, normalize_module
 from .passes.regrid import GridTracker
@@ -45,6 +45,7 @@ class Analysis:
     census: Census
     missed: dict  # {module path: SDPA calls per invocation that no site accounts for}
     unrouted: bool  # some attention was captured in graphs that do not say which module runs it
+    unrecognised: dict = field(default_factory=dict)  # {module path: softmax·V attention in a form not detected}
 
     @property
     def sites(self) -> list[AttentionSite]:
@@ -71,7 +72,7 @@ def analyse(model: torch.nn.Module, batches: list, *, grid=None, capture: str = 
     missed = uncaptured(calls, sites)
     unrouted = any(not s.module_resolved and not s.module_path for s in sites)
     return Analysis(reference=reference, graphs=graphs, detected=detected, census=calls, missed=missed,
-                    unrouted=unrouted)
+                    unrouted=unrouted, unrecognised=unrecognised_attention(graphs, model, detected))
 
 
 # ------------------------------------------------------------------------------------- plan
@@ -176,6 +177,7 @@ class Validation:
     output_error: Optional[float] = None
     ran: set = field(default_factory=set)  # sites whose planned method really ran
     executed: dict = field(default_factory=dict)  # site id -> (FLOPs, density) of data-dependent methods
+    fell_back: dict = field(default_factory=dict)  # site id -> why its call ran the model's own attention
 
 
 def validate(model, plans: dict, routing: Routing, batch, reference) -> Validation:
@@ -189,12 +191,15 @@ def validate(model, plans: dict, routing: Routing, batch, reference) -> Validati
         rt = SiteRuntime(plan)
 
         def handler(a, original):
+            before = rt.counts[runtime.RAN]
             out = runtime.run_site(rt, a, original)
             if plan.rewritten:
-                if runtime_mismatch(plan, a) is None:
+                if rt.counts[runtime.RAN] > before:  # this call ran the method (no fallback)
                     val.ran.add(plan.site_id)
+                elif rt.last_fallback:
+                    val.fell_back[plan.site_id] = "; ".join(rt.last_fallback.values())
                 ref = original()
-                val.errors[plan.site_id] = max(val.errors.get(plan.site_id, 0.0), rel_error(out, ref) or 0.0)
+                val.errors[plan.site_id] = max(val.errors.get(plan.site_id, 0.0), rel_error(out, ref))
                 if registry.get(plan.method).measured_flops and plan.site_id not in val.executed:
                     cost = executed_cost(plan, *prepare_qkv(a), mask=a["attn_mask"])
                     if cost is not None:
@@ -213,7 +218,10 @@ def validated_plans(plans: dict, val: Validation) -> dict:
     validation run never routed to it keep the model's own attention (the report must not claim them)."""
     out = {}
     for sid, p in plans.items():
-        if p.rewritten and sid not in val.ran:
+        if p.rewritten and sid in val.fell_back and sid not in val.ran:
+            p = p.left_original(f"planned {p.method}, but on the validation run its call fell back to the model's "
+                                f"own attention ({val.fell_back[sid]}): kept the model's own attention")
+        elif p.rewritten and sid not in val.ran:
             p = p.left_original(f"planned {p.method}, but the validation run never reached this site with the "
                                 f"detected shape and module: kept the model's own attention")
         elif sid in val.executed:
@@ -234,9 +242,10 @@ class Applied:
     tracker: Optional[GridTracker]
 
 
-def apply(model, analysis: Analysis, plans: dict, routing: Routing, grid=None) -> Applied:
+def apply(model, analysis: Analysis, plans: dict, routing: Routing, grid=None, device=None) -> Applied:
     """Install the plans on ``model`` for good: one runtime per site, routed by the router; a grid
-    tracker when a rewritten site may follow the input's video size."""
+    tracker when a rewritten site may follow the input's video size. Call counters are made on
+    ``device`` (the calibration batch's), so that compiled code counts from its first call."""
     switch = AttentionSwitch()
     tracker = None
     if any(p.rewritten for p in plans.values()):
@@ -248,6 +257,8 @@ def apply(model, analysis: Analysis, plans: dict, routing: Routing, grid=None) -
         runtimes[sid] = SiteRuntime(p, switch=switch, tracker=tracker,
                                     grid_inferred=lookup_user_grid(grid, sid) is None,
                                     grid_module=s.grid_module, prefix_modules=tuple(s.text_before_from))
+        if p.rewritten and device is not None:
+            runtimes[sid].counter(device)
     route = Route(model, routing, lambda sid: runtimes[sid].handler()).install()
     return Applied(route=route, runtimes=runtimes, switch=switch, tracker=tracker)
 

@@ -22,7 +22,7 @@ class SitePlan:
     source: str = "default"  # default | override | profile
     calibrated_error: Optional[float] = None
     flops_before: int = 0
-    flops_after: int = 0
+    flops_after: Optional[int] = None  # None: not known (depends on data not measured yet)
     density: Optional[float] = None  # measured fraction of video×video token pairs computed (data-dependent methods)
     seq_q: int = 0
     seq_k: int = 0

@@ -125,5 +125,5 @@ def plan_sites(sites: list[AttentionSite], *, methods=None, overrides: Optional[
         reason += method.plan_note(s, args)
         plan = base.replace(method=method.name, args=args, source=source, reason=reason)
         f = method_flops(s, plan)
-        plans[s.site_id] = plan.replace(flops_after=f if f is not None else 0)
+        plans[s.site_id] = plan.replace(flops_after=f)
     return plans

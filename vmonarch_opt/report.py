@@ -16,7 +16,7 @@ REPORT_FORMAT = "vmonarch_opt.report/1"
 
 LAUNCH_BOUND_MS = 3.0  # forward time per rewritten site below which a slowdown is put down to launches
 _HEADERS = ["site", "kind", "B×H×N×D", "grid (T×H×W +text)", "method", "params",
-            "GFLOP dense→ours", "cut", "error", "why"]
+            "GFLOP dense→ours", "cut", "error", "ran/fell back", "why"]
 
 
 def _gflop(x: Optional[int]) -> str:
@@ -45,6 +45,34 @@ class Report:
 
     def __init__(self, data: dict):
         self.data = data
+        self._runtimes: dict = {}  # site id -> runtime.SiteRuntime of the optimized model (not saved)
+
+    def attach(self, runtimes: dict) -> "Report":
+        """Follow the call counters of these site runtimes (``optimize`` does this)."""
+        self._runtimes = runtimes
+        return self
+
+    def refresh(self) -> "Report":
+        """Read the sites' call counters into the report: per row ``calls = {"ran": n,
+        "fell_back": {kind: n}, "why": {kind: message}}`` and ``totals["calls"]``. Printing or
+        saving the report of an optimized model refreshes it."""
+        if not self._runtimes:
+            return self
+        from .runtime import FALLBACKS, RAN
+
+        ran = fell = 0
+        for r in self.rows:
+            rt = self._runtimes.get(r["site"]["site_id"])
+            if rt is None or not rt.plan.rewritten:
+                continue
+            calls = rt.calls()
+            back = {k: n for k, n in calls.items() if k != RAN and n}
+            r["calls"] = {"ran": calls.get(RAN, 0), "fell_back": back,
+                          "why": {k: rt.last_fallback.get(k, FALLBACKS.get(k, k)) for k in back}}
+            ran += r["calls"]["ran"]
+            fell += sum(back.values())
+        self.totals["calls"] = {"ran": ran, "fell_back": fell}
+        return self
 
     @classmethod
     def build(cls, model_name: str, sites: list, plans: dict, *, meta: Optional[dict] = None,
@@ -55,7 +83,8 @@ class Report:
             err = (site_errors or {}).get(s.site_id, p.get("calibrated_error"))
             rows.append({"site": s.to_dict(), "plan": p, "error": err})
         before = sum(r["plan"]["flops_before"] for r in rows)
-        after = sum(r["plan"]["flops_after"] or r["plan"]["flops_before"] for r in rows)
+        afters = [r["plan"]["flops_after"] for r in rows]
+        after = None if any(a is None for a in afters) else sum(afters)  # one unknown: the total is unknown
         counts: dict[str, int] = {}
         for r in rows:
             counts[r["plan"]["method"]] = counts.get(r["plan"]["method"], 0) + 1
@@ -85,23 +114,31 @@ class Report:
         out = []
         for r in self.rows:
             s, p = r["site"], r["plan"]
-            b, a = p["flops_before"], p["flops_after"] or p["flops_before"]
+            b, a = p["flops_before"], p["flops_after"]
             cut = f"{b / a:.1f}×" if a else "?"
             err = "" if r["error"] is None else f"{r['error']:.2e}"
             method = "dense (model's own)" if p["method"] == ORIGINAL else p["method"]
             why = p["reason"]
             if s.get("grid_source") and p["method"] != ORIGINAL:
                 why += f"; grid from {s['grid_source']}" if s.get("grid") else ""
+            calls = r.get("calls")
+            runs = "" if not calls else f"{calls['ran']}/{sum(calls['fell_back'].values())}"
+            if calls and calls["fell_back"]:
+                why += "; fell back to the model's own attention: " + "; ".join(
+                    f"{n}× {calls['why'][k]}" for k, n in calls["fell_back"].items())
             out.append([s["site_id"], s["kind"], "×".join(map(str, (s["batch"], s["heads"], s["seq_q"], s["head_dim"]))),
-                        _grid(s), method, _params(p), f"{_gflop(b)}→{_gflop(a)}", cut, err, why])
+                        _grid(s), method, _params(p), f"{_gflop(b)}→{_gflop(a)}", cut, err, runs, why])
         return out
 
     def _totals_line(self) -> str:
         t = self.totals
         by = ", ".join(f"{k}: {v}" for k, v in sorted(t["by_method"].items()))
         cut = f"{t['flop_cut']:.2f}×" if t["flop_cut"] else "?"
-        line = (f"{t['sites']} attention sites ({by}); attention GFLOP {_gflop(t['flops_before'])} → "
-                f"{_gflop(t['flops_after'])} ({cut} fewer)")
+        calls = t.get("calls")
+        line = "" if calls is None else (f"calls since optimize(): {calls['ran']} ran our kernels, "
+                                         f"{calls['fell_back']} fell back to the model's own attention\n")
+        line += (f"{t['sites']} attention sites ({by}); attention GFLOP {_gflop(t['flops_before'])} → "
+                 f"{_gflop(t['flops_after'])} ({cut} fewer)")
         if t.get("output_error") is not None:
             line += f"; model output rel. error on the calibration batch {t['output_error']:.2e}"
         fm = t.get("forward_ms")
@@ -135,23 +172,40 @@ class Report:
                 f"cut). Calibrate with Budget(cost=\"time\") (every candidate is timed per site and the fastest "
                 f"within the error budget kept), or pin another method (methods=... / overrides=...)")
 
+    def legend(self) -> str:
+        """How the FLOP figures were obtained, per method in the report."""
+        parts = ["dense: 4·B·H·N_q·N_k·D"]
+        for name in dict.fromkeys(r["plan"]["method"] for r in self.rows):
+            m = registry.find(name)
+            if m is not None and m.structured:
+                parts.append(f"{name}: {m.flops_source}")
+        text = "attention FLOPs — " + "; ".join(parts)
+        if any(r["plan"]["flops_after"] is None for r in self.rows):
+            text += "; '?': not known (data-dependent and not measured: optimize(validate=True) measures it)"
+        return text
+
     def _notes(self) -> str:
         meta = self.data.get("meta") or {}
-        return "".join(f"\nnot optimized: {meta[k]['note']}" for k in ("uncaptured", "flex_attention") if meta.get(k))
+        return "".join(f"\nnot optimized: {meta[k]['note']}" for k in ("uncaptured", "flex_attention", "unrecognised")
+                       if meta.get(k))
 
     def __str__(self) -> str:
+        self.refresh()
         head = f"vmonarch_opt report — {self.data['model']}"
         table = tabulate(self.table_rows(), headers=_HEADERS, tablefmt="simple", disable_numparse=True)
-        return f"{head}\n{table}\n{self._totals_line()}{self._notes()}"
+        return f"{head}\n{table}\n{self.legend()}\n{self._totals_line()}{self._notes()}"
 
     def __repr__(self) -> str:
         return str(self)
 
     def to_markdown(self) -> str:
+        self.refresh()
         table = tabulate(self.table_rows(), headers=_HEADERS, tablefmt="github", disable_numparse=True)
-        return f"### vmonarch_opt report — {self.data['model']}\n\n{table}\n\n{self._totals_line()}{self._notes()}\n"
+        return (f"### vmonarch_opt report — {self.data['model']}\n\n{table}\n\n{self.legend()}\n\n"
+                f"{self._totals_line()}{self._notes()}\n")
 
     def to_json(self, path=None) -> str:
+        self.refresh()
         text = json.dumps(self.data, indent=2, default=str)
         if path is not None:
             atomic_write_text(path, text + "\n")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -23,7 +24,23 @@ from .passes.regrid import adapt_plan
 from .plan import SitePlan
 
 __all__ = ["SiteRuntime", "run_site", "runtime_mismatch", "prepare_qkv", "call_method", "lowering",
-           "executed_cost"]
+           "executed_cost", "RAN", "FALLBACKS", "mismatch"]
+
+RAN = "ran"  # the outcome of a call that ran the site's method
+#: why a call ran the model's own attention instead, by kind (a fixed list: compiled graphs count
+#: each kind in its own slot of a counter tensor, slot 0 being RAN)
+FALLBACKS = {
+    "switched": "set_original_attention() was on",
+    "mask": "an attention mask was passed",
+    "causal": "is_causal=True",
+    "dropout": "attention dropout",
+    "rank": "q is not 3-D or 4-D",
+    "shape": "another shape, and no token grid of the input to follow",
+    "value_dim": "value head_dim differs",
+    "dtype": "unsupported dtype",
+    "not_padding": "the mask is not a padding mask on text tokens",
+}
+_SLOT = {RAN: 0, **{k: i + 1 for i, k in enumerate(FALLBACKS)}}
 
 
 @dataclass(eq=False)
@@ -38,10 +55,53 @@ class SiteRuntime:
     prefix_modules: tuple = ()  # patch embeddings of the tokens before the video (FramePack's history)
     adapted: dict = field(default_factory=dict)  # re-derived plans, per (n_q, n_k, grid, text_before)
     warned: set = field(default_factory=set)  # reasons this site has already warned about
+    counts: Counter = field(default_factory=Counter)  # eager calls per outcome (RAN or a FALLBACKS kind)
+    counters: dict = field(default_factory=dict)  # device -> int64 tensor, one slot per outcome: compiled calls
+    last_fallback: dict = field(default_factory=dict)  # kind -> the message of its latest eager fallback
 
     @property
     def site_id(self) -> str:
         return self.plan.site_id
+
+    def counter(self, device) -> torch.Tensor:
+        """This site's call counters on ``device`` (made in eager code: compiled code only adds)."""
+        key = str(device)
+        t = self.counters.get(key)
+        if t is None:
+            t = self.counters[key] = torch.zeros(len(_SLOT), dtype=torch.int64, device=device)
+            torch._dynamo.mark_static_address(t)  # a fixed buffer: CUDA graphs replay the adds in place
+        return t
+
+    def record(self, outcome: str, like: torch.Tensor, message: str = "") -> None:
+        """Count one call's outcome (RAN or a FALLBACKS kind). Eager calls count on the host; in a
+        torch.compile graph the outcome is decided while tracing and the graph adds 1 to a counter
+        tensor on ``like``'s device on every run (no graph break; CUDA graphs replay it). Not
+        counted while exporting, nor in compiled code on a device this site never ran on eagerly."""
+        if not torch.compiler.is_compiling():
+            self.counts[outcome] += 1
+            if message:
+                self.last_fallback[outcome] = message
+            return
+        if getattr(torch.compiler, "is_exporting", lambda: False)():
+            return
+        t = self.counters.get(str(like.device))
+        if t is not None:
+            t[_SLOT[outcome]] += 1
+
+    def calls(self) -> Counter:
+        """Calls per outcome so far, eager and compiled (reads the counter tensors: a device sync)."""
+        out = Counter(self.counts)
+        names = list(_SLOT)
+        for t in self.counters.values():
+            for i, n in enumerate(t.tolist()):
+                if n:
+                    out[names[i]] += n
+        return out
+
+    def reset_calls(self) -> None:
+        self.counts.clear()
+        for t in self.counters.values():
+            t.zero_()
 
     def handler(self) -> Callable:
         return lambda a, original: run_site(self, a, original)
@@ -56,25 +116,32 @@ def call_method(plan: SitePlan, q, k, v, scale: float) -> torch.Tensor:
     return registry.get(plan.method).run(q, k, v, plan.args, scale)
 
 
-def runtime_mismatch(plan: SitePlan, a: dict) -> Optional[str]:
-    """Why this call cannot take the calibrated path (None if it can)."""
+def mismatch(plan: SitePlan, a: dict) -> Optional[tuple[str, str]]:
+    """``(kind, message)`` of why this call cannot take the calibrated path (None if it can);
+    ``kind`` is a key of FALLBACKS."""
     q, k, v = a["query"], a["key"], a["value"]
     if a["attn_mask"] is not None and not plan.args.get("key_padding"):
-        return "an attention mask was passed"
+        return "mask", "an attention mask was passed"
     if a["is_causal"]:
-        return "is_causal=True"
+        return "causal", "is_causal=True"
     if a["dropout_p"]:
-        return f"dropout_p={a['dropout_p']}"
+        return "dropout", f"dropout_p={a['dropout_p']}"
     if q.dim() not in (3, 4):
-        return f"q has {q.dim()} dims"
+        return "rank", f"q has {q.dim()} dims"
     if q.shape[-2] != plan.seq_q or k.shape[-2] != plan.seq_k or q.shape[-1] != plan.head_dim:
-        return (f"shape (N_q={q.shape[-2]}, N_k={k.shape[-2]}, D={q.shape[-1]}) differs from the calibrated "
-                f"(N_q={plan.seq_q}, N_k={plan.seq_k}, D={plan.head_dim}); re-run optimize() for this shape")
+        return "shape", (f"shape (N_q={q.shape[-2]}, N_k={k.shape[-2]}, D={q.shape[-1]}) differs from the calibrated "
+                         f"(N_q={plan.seq_q}, N_k={plan.seq_k}, D={plan.head_dim}); re-run optimize() for this shape")
     if v.shape[-1] != q.shape[-1]:
-        return "value head_dim differs"
+        return "value_dim", "value head_dim differs"
     if not torch.is_floating_point(q) or q.dtype == torch.float64:
-        return f"dtype {q.dtype}"
+        return "dtype", f"dtype {q.dtype}"
     return None
+
+
+def runtime_mismatch(plan: SitePlan, a: dict) -> Optional[str]:
+    """Why this call cannot take the calibrated path (None if it can)."""
+    m = mismatch(plan, a)
+    return None if m is None else m[1]
 
 
 def _follow_grid(rt: SiteRuntime, a: dict) -> Optional[SitePlan]:
@@ -154,13 +221,15 @@ def run_site(rt: SiteRuntime, a: dict, original: Callable) -> torch.Tensor:
     if not plan.rewritten:
         return original()
     if rt.switch is not None and rt.switch.original:
+        rt.record("switched", a["query"])
         return original()
     if _lowering is not None:
         return _lowering(plan, a, original)
-    why = runtime_mismatch(plan, a)
+    why = mismatch(plan, a)
     adapted = _follow_grid(rt, a)
     if why is not None and adapted is None:
-        _warn_once(rt, why, f"vmonarch_opt: site {plan.site_id} ran dense attention: {why}")
+        _warn_once(rt, why[1], f"vmonarch_opt: site {plan.site_id} ran dense attention: {why[1]}")
+        rt.record(why[0], a["query"], why[1])
         return original()
     plan = adapted or plan
     q, v = a["query"], a["value"]
@@ -173,11 +242,13 @@ def run_site(rt: SiteRuntime, a: dict, original: Callable) -> torch.Tensor:
         out = run_key_padded(q4, k4, v4, a["attn_mask"], plan.args["text_before"], plan.args["text_after"],
                              scale, call)
         if out is None:
-            _warn_once(rt, "mask", f"vmonarch_opt: site {plan.site_id} ran dense attention: "
-                       "its mask is not a padding mask on text tokens")
+            why = "its mask is not a padding mask on text tokens"
+            _warn_once(rt, "mask", f"vmonarch_opt: site {plan.site_id} ran dense attention: {why}")
+            rt.record("not_padding", q, why)
             return original()
     else:
         out = call_method(plan, q4, k4, v4, scale)
+    rt.record(RAN, q)
     return out.reshape(q.shape[:-1] + (v.shape[-1],))
 
 

@@ -30,6 +30,7 @@ import torch
 from ..errors import VMonarchError
 from ..passes.keypad import is_key_padding_shape
 from .. import methods as registry
+from ..metrics import rel_error
 from ..runtime import lowering, prepare_qkv, runtime_mismatch
 
 __all__ = ["export_onnx", "OnnxExport", "OnnxExportError", "lower_site"]
@@ -195,9 +196,7 @@ def _tensor_leaves(obj) -> list:
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    e = ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-    return float("inf") if e != e else e
+    return rel_error(a, b)
 
 
 def _verify(path: str, args: tuple, kwargs: dict, expected, rtol: float) -> float:

@@ -72,6 +72,8 @@ class Method:
     uses_grid: bool = True
     #: its FLOPs depend on the data (measured on calls, e.g. a block selection)
     measured_flops: bool = False
+    #: how the report's FLOPs of this method are obtained
+    flops_source: str = "analytic: counted from the plan"
     #: how ONNX export lowers it (shown by ``export_onnx``); empty: no lowering
     lowered_as: str = ""
     #: op arguments that ``adapt_args`` re-derives for another grid (named in its warning)

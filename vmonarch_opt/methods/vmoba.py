@@ -98,6 +98,7 @@ class VMoBAMethod(Method):
     config_cls = VMoBAConfig
     default_rank = 1
     measured_flops = True
+    flops_source = "measured: the block selection on the calibration batch"
     lowered_as = "in-graph block selection (MatMul/Softmax/TopK/CumSum) + gather-based block attention"
     grid_params = ("chunk",)
 
@@ -126,9 +127,14 @@ class VMoBAMethod(Method):
         if density is None:
             return None  # depends on the selection: measured on real q/k
         nv = shape.seq_q - args["text_before"] - args["text_after"]
-        # text rows and columns stay dense; video×video pairs at the measured density
+        # text rows and columns stay dense; video×video pairs at the measured density; with the
+        # pooled rest every video query also meets one pooled key per block
         pairs = shape.seq_q * shape.seq_k - nv * nv + density * nv * nv
-        return int(4 * shape.batch * shape.heads * pairs * shape.head_dim)
+        if args.get("pooled_rest"):
+            from ..kernels.vmoba.layout import vmoba_layout
+
+            pairs += nv * vmoba_layout(tuple(args["grid"]), tuple(args["chunk"]), args["partition"]).num_blocks
+        return int(round(4 * shape.batch * shape.heads * pairs * shape.head_dim))
 
     def params(self, args: dict) -> str:
         s = f"{args['partition']} chunk={'×'.join(map(str, args['chunk']))} thr={args['threshold']:g}"

@@ -438,3 +438,63 @@ def _handwritten_site(sm, g, modules, gmods, training) -> Optional[DetectedSite]
     site.notes.append(f"hand-written ({info['how']})")
     return DetectedSite(site, g, info["pv"], q=q, k=info["k"], k_t=info["k_t"], v=v, mask=mask,
                         extra={"softmax": sm, "factor": factor})
+
+
+_PRODUCT_FUNCS = _MATMUL_FUNCS | {torch.baddbmm, torch.Tensor.baddbmm, torch.einsum, torch.functional.einsum}
+_PRODUCT_METHODS = _MATMUL_METHODS | {"baddbmm"}
+
+
+def _is_product_of_activations(n) -> bool:
+    """``n`` multiplies two computed tensors (matmul/bmm/baddbmm/einsum of two graph values)."""
+    if not _is_call(n, _PRODUCT_FUNCS, _PRODUCT_METHODS):
+        return False
+    ops = [a for a in n.args if isinstance(a, torch.fx.Node)]
+    if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)):  # einsum(eq, [a, b])
+        ops = [a for a in n.args[1] if isinstance(a, torch.fx.Node)]
+    return len([a for a in ops if a.op != "get_attr"]) >= 2
+
+
+def _attention_in_substance(sm: torch.fx.Node, depth: int = 8) -> bool:
+    """A softmax whose input is computed from a product of two activations (q·kᵀ, however scaled,
+    biased or masked) and whose output reaches a product with another tensor (·v) within a few
+    element-wise steps: attention, whatever form the code gives it."""
+    sm_in = sm.args[0] if sm.args else sm.kwargs.get("input")
+    seen, frontier, found = set(), [sm_in], False
+    for _ in range(depth):
+        nxt = []
+        for x in frontier:
+            if not isinstance(x, torch.fx.Node) or x in seen:
+                continue
+            seen.add(x)
+            if _is_product_of_activations(x):
+                found = True
+                break
+            nxt.extend(a for a in list(x.args) + list(x.kwargs.values()) if isinstance(a, torch.fx.Node))
+        if found or not nxt:
+            break
+        frontier = nxt
+    if not found:
+        return False
+    frontier = [sm]
+    for _ in range(4):
+        users = [u for x in frontier for u in x.users]
+        if any(_is_product_of_activations(u) for u in users):
+            return True
+        frontier = users
+    return False
+
+
+def unrecognised_attention(graphs: list[CapturedGraph], model: torch.nn.Module, detected: list) -> dict[str, int]:
+    """``{module path: count}`` of softmaxes that are attention in substance (see
+    ``_attention_in_substance``) but no detected site accounts for: a form detection does not
+    know, named in the report instead of passing silently."""
+    modules = dict(model.named_modules())
+    known = {(d.graph.index, d.extra["softmax"].name) for d in detected if "softmax" in d.extra}
+    out: dict[str, int] = {}
+    for g in graphs:
+        gmods = dict(g.gm.named_modules())
+        for n in g.gm.graph.nodes:
+            if _is_softmax(n, gmods) and (g.index, n.name) not in known and _attention_in_substance(n):
+                path = node_module_path(n, modules)
+                out[path] = out.get(path, 0) + 1
+    return out

@@ -18,7 +18,6 @@ video keys only, which the text mask does not touch.
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -30,6 +29,7 @@ from .. import pipeline
 from ..errors import VMonarchError
 from ..kernels.tuning import untuned
 from ..methods import Shape
+from ..metrics import rel_error, rel_error_per_head
 from .allocation import _choice_entry, _choose, _global_allocation
 from .budget import Budget, config_to_dict, describe_config
 from .profile import PROFILE_FORMAT, Profile, fingerprint
@@ -58,13 +58,8 @@ def candidate_configs(site, budget: Budget, methods=None, layer: int = 0) -> lis
 
 # --------------------------------------------------------------------------------- measurement
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> tuple[float, list]:
-    d = (a.float() - ref.float())
-    r = ref.float()
-    tot = (d.norm() / r.norm().clamp_min(1e-30)).item()
-    per_head = (d.pow(2).sum(dim=(0, 2, 3)).sqrt() / r.pow(2).sum(dim=(0, 2, 3)).sqrt().clamp_min(1e-30)).tolist()
-    if not math.isfinite(tot):
-        tot = float("inf")
-    return tot, per_head
+    """(relative error, per head) of a candidate against the dense output; NaN/Inf count as inf."""
+    return rel_error(a, ref), rel_error_per_head(a, ref)
 
 
 def _timed(fn: Callable, cuda: bool):
@@ -358,7 +353,7 @@ def calibrate(model: torch.nn.Module, calib_batch: Any, *, budget: Optional[Budg
     diffusion timesteps) and return the :class:`Profile` of per-site choices under ``budget``
     (default ``Budget()``). The model is left as it was. ``progress``: tqdm bar (default: when
     stderr is a terminal). ``evaluate``: what an output budget is measured on (see ``optimize``)."""
-    from ..batch import as_batches
+    from ..batch import as_batches, check_finite
     from ..passes.grid import check_grid_spec
     from .output_budget import check_evaluate
 
@@ -372,6 +367,7 @@ def calibrate(model: torch.nn.Module, calib_batch: Any, *, budget: Optional[Budg
     if getattr(model, "vmonarch", None) is not None:
         raise VMonarchError("this model is already optimized; calibrate the original model")
     batches = as_batches(calib_batch)
+    check_finite(batches)
     choose = dict(methods=methods, overrides=overrides, min_seq_len=min_seq_len)
     with _progress(progress):
         analysis = pipeline.analyse(model, batches, grid=grid, capture=capture)

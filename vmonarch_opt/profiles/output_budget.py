@@ -120,8 +120,11 @@ def allocate_by_output(model, detected: list, plans: dict, routing, batches: lis
         refs = outputs()
 
         def error(outs) -> float:  # worst output; NaN/inf (a candidate that blew up) counts as inf
-            errs = [rel_error(o, r) or 0.0 for o, r in zip(outs, refs)]
-            return max(e if math.isfinite(e) else math.inf for e in errs)
+            errs = [rel_error(o, r) for o, r in zip(outs, refs)]
+            if any(e is None for e in errs):
+                raise VMonarchError("the output budget cannot compare the model's outputs (no tensor in what "
+                                    f"it returns: {type(outs[0]).__name__}); pass evaluate= returning tensors")
+            return max(errs)
 
         if evaluate is not None:
             drift = error(outputs())
