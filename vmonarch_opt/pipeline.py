@@ -6,6 +6,7 @@ model with something at its sites goes through the router (``router.Route``).
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -259,8 +260,14 @@ def apply(model, analysis: Analysis, plans: dict, routing: Routing, grid=None, d
                                     grid_module=s.grid_module, prefix_modules=tuple(s.text_before_from))
         if p.rewritten and device is not None:
             runtimes[sid].counter(device)
-    route = Route(model, routing, lambda sid: runtimes[sid].handler()).install()
+    route = Route(model, routing, functools.partial(_runtime_handler, runtimes)).install()
     return Applied(route=route, runtimes=runtimes, switch=switch, tracker=tracker)
+
+
+def _runtime_handler(runtimes: dict, sid: str):
+    """``Route.make`` of the applied route: a module-level function (through ``functools.partial``)
+    so that the route, kept in ``model.vmonarch``, copies and pickles with the model."""
+    return runtimes[sid].handler()
 
 
 # ------------------------------------------------------------------------------------- timing

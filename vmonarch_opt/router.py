@@ -8,6 +8,8 @@ Hand-written attention is first normalised to an SDPA call (``passes/normalize.p
 normalised forward replaces the module's own while routed. Because the interception is plain
 Python around torch ops, a routed model still works under ``torch.compile`` (the mode is traced),
 ``torch.export`` and CUDA graphs, and its parameters, buffers and ``state_dict`` keys are untouched.
+What is installed on the model is made of plain objects that refer to their module (no closures),
+so an optimized model can be deep-copied (the copy runs its own weights) and pickled.
 
 Every stage that runs the model with something at its sites goes through :class:`Route`:
 calibration observes q/k/v, the output budget and validation run candidate plans, and the
@@ -15,7 +17,6 @@ optimized model keeps one installed for good (``Route(...).install()``).
 """
 from __future__ import annotations
 
-import functools
 import types
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -25,9 +26,9 @@ from torch.overrides import TorchFunctionMode
 
 from .passes.detect import SDPA_TARGETS, _SDPA_ARGS
 
-__all__ = ["Route", "Routing", "SiteMode", "install", "uninstall", "owning_module", "bind_sdpa"]
+__all__ = ["Route", "Routing", "RoutedForward", "SiteMode", "install", "uninstall", "owning_module", "bind_sdpa"]
 
-_WRAPPED_ATTR = "_vmonarch_original_forward"
+_ROUTED_ATTR = "_vmonarch_routed_forward"  # the RoutedForward installed, even if something wrapped it since
 
 
 def owning_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -92,34 +93,70 @@ class SiteMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class RoutedForward:
+    """An owning module's ``forward`` while it is routed: ``SiteMode(handlers)`` is active around
+    the module's own forward, or around ``forward`` (a normalised hand-written attention) when
+    given. A plain object that holds the module rather than a closure over its bound method, so
+    that ``copy.deepcopy`` of the model maps it to the copy's module (the copy runs its own
+    weights, handlers and runtimes) and ``pickle``/``torch.save`` store it with the model.
+
+    ``previous``: the instance ``forward`` the module had before it was routed (None: its class's
+    ``forward``); ``uninstall`` puts it back."""
+
+    def __init__(self, module: torch.nn.Module, handlers: list, forward: Optional[Callable] = None,
+                 previous: Optional[Callable] = None):
+        self.module = module
+        self.handlers = handlers
+        self.forward = forward
+        self.previous = previous
+
+    def __call__(self, *args, **kwargs):
+        with SiteMode(self.handlers):
+            if self.forward is not None:
+                return self.forward(*args, **kwargs)
+            if self.previous is not None:
+                return self.previous(*args, **kwargs)
+            return type(self.module).forward(self.module, *args, **kwargs)
+
+    @property
+    def __wrapped__(self) -> Callable:
+        """What runs inside the mode (``inspect.signature(module.forward)`` follows it)."""
+        if self.forward is not None:
+            return self.forward
+        if self.previous is not None:
+            return self.previous
+        return types.MethodType(type(self.module).forward, self.module)
+
+    @property
+    def __name__(self) -> str:
+        return getattr(self.__wrapped__, "__name__", "forward")
+
+    def __repr__(self) -> str:
+        return f"<routed forward of {type(self.module).__name__}: {len(self.handlers)} site handler(s)>"
+
+
 def install(module: torch.nn.Module, handlers: list, forward: Optional[Callable] = None) -> None:
-    """Wrap ``module.forward`` so that ``SiteMode(handlers)`` is active while it runs.
+    """Route ``module``: its ``forward`` becomes a :class:`RoutedForward` with ``SiteMode(handlers)``
+    active while it runs.
 
     ``forward`` replaces the module's own forward (used for normalised hand-written attention).
-    Wrapping again replaces the previous wrapper; ``uninstall`` restores the original.
+    Routing again replaces the previous handlers; ``uninstall`` restores the original.
     """
-    original = module.__dict__.get(_WRAPPED_ATTR)
-    if original is None:
-        original = module.__dict__.get("forward", None) or module.forward
-        module.__dict__[_WRAPPED_ATTR] = original
-    inner = forward if forward is not None else original
-
-    @functools.wraps(inner)
-    def wrapped(*args, **kwargs):
-        with SiteMode(handlers):
-            return inner(*args, **kwargs)
-
-    module.__dict__["forward"] = wrapped
+    routed = module.__dict__.get(_ROUTED_ATTR)
+    previous = routed.previous if routed is not None else module.__dict__.get("forward")
+    routed = RoutedForward(module, handlers, forward, previous)
+    module.__dict__[_ROUTED_ATTR] = routed
+    module.__dict__["forward"] = routed
 
 
 def uninstall(module: torch.nn.Module) -> None:
-    original = module.__dict__.pop(_WRAPPED_ATTR, None)
-    if original is None:
+    routed = module.__dict__.pop(_ROUTED_ATTR, None)
+    if routed is None:
         return
-    if isinstance(original, types.MethodType) and original.__self__ is module and original.__func__ is type(module).forward:
+    if routed.previous is None:
         module.__dict__.pop("forward", None)
     else:
-        module.__dict__["forward"] = original
+        module.__dict__["forward"] = routed.previous
 
 
 class Route:

@@ -103,8 +103,13 @@ class SiteRuntime:
         for t in self.counters.values():
             t.zero_()
 
+    def __call__(self, a: dict, original: Callable) -> torch.Tensor:
+        """The site's handler (``router.SiteMode``): an object, not a closure, so that a copy or a
+        pickle of the optimized model gets its own runtime."""
+        return run_site(self, a, original)
+
     def handler(self) -> Callable:
-        return lambda a, original: run_site(self, a, original)
+        return self
 
 
 def _to_bhnd(x: torch.Tensor) -> torch.Tensor:

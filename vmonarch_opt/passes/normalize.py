@@ -13,7 +13,7 @@ the model never computes something it did not mean.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx
@@ -72,17 +72,16 @@ def _trace_fx(module, values: dict):
         tm = n.meta.get("tensor_meta")
         if tm is not None and hasattr(tm, "shape"):
             n.meta["example_value"] = torch.empty(tm.shape, dtype=tm.dtype, device="meta")
-    names = list(values)
-    return gm, (lambda vals: gm(*[vals[n] for n in names]))
+    return gm
 
 
 def _trace_dynamo(module, args, kwargs):
     gm, _guards = torch._dynamo.export(module)(*args, **kwargs)
-    return gm, None
+    return gm
 
 
 def normalize_module(module: torch.nn.Module, args: tuple, kwargs: dict, expected: int,
-                     rewrite: list[bool]) -> tuple[Callable, Any, dict]:
+                     rewrite: list[bool]) -> tuple["NormalizedForward", Any, dict]:
     """Trace ``module``; replace its hand-written attentions ``i`` with ``rewrite[i]`` by SDPA.
 
     ``expected`` is how many hand-written attentions Dynamo saw in this module. Returns the new
@@ -96,13 +95,13 @@ def normalize_module(module: torch.nn.Module, args: tuple, kwargs: dict, expecte
     bound.apply_defaults()
     values = dict(bound.arguments)
     errors = []
-    gm = call = None
+    gm = None
     try:
-        gm, call = _trace_fx(module, values)
+        gm = _trace_fx(module, values)
     except Exception as e:
         errors.append(f"torch.fx: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         try:
-            gm, call = _trace_dynamo(module, args, kwargs)
+            gm = _trace_dynamo(module, args, kwargs)
         except Exception as e2:
             errors.append(f"dynamo export: {type(e2).__name__}: {str(e2).splitlines()[0] if str(e2) else ''}")
             raise NormalizeError(f"{type(module).__name__}.forward cannot be traced ({'; '.join(errors)})") from e2
@@ -138,31 +137,47 @@ def normalize_module(module: torch.nn.Module, args: tuple, kwargs: dict, expecte
     gm.graph.lint()
     gm.recompile()
 
-    run = call if call is not None else (lambda vals: gm(*args_from(vals)))
     names = list(values)
-
-    def args_from(vals):
-        return [vals[n] for n in names]
-
+    forward = NormalizedForward(module, gm, names, {n: p.default for n, p in sig.parameters.items()},
+                                _signature_of(values))
     with torch.no_grad():
         ref = module(*args, **kwargs)
-        out = run(values)
+        out = forward.run(values)
     _check_close(ref, out)
-    traced = _signature_of(values)
-    defaults = {n: p.default for n, p in sig.parameters.items()}
-    original = module.__class__.forward
-
-    def forward(*a, **kw):
-        vals = dict(zip(names, a))
-        vals.update(kw)
-        for n in names:
-            if n not in vals:
-                vals[n] = defaults[n]
-        if not _matches(traced, vals):
-            return original(module, *a, **kw)  # not the traced kind of call: the module's own code
-        return run(vals)
-
     return forward, gm, skipped
+
+
+class NormalizedForward:
+    """The normalised forward of a module: the traced graph for calls like the traced one (same
+    non-tensor arguments, tensor dtypes, devices and ranks), the module's own code for any other.
+    A plain object holding the module and its graph, not a closure, so that a deep copy of the
+    model runs the copy's graph and weights, and pickle stores it with the model."""
+
+    def __init__(self, module: torch.nn.Module, gm: torch.fx.GraphModule, names: list, defaults: dict,
+                 traced: dict):
+        self.module = module
+        self.gm = gm  # shares the module's submodules and parameters
+        self.names = names  # the forward's parameters, in order
+        self.defaults = defaults
+        self.traced = traced  # _signature_of the traced call
+
+    def run(self, vals: dict):
+        return self.gm(*[vals[n] for n in self.names])
+
+    @property
+    def __wrapped__(self):
+        """The module's own forward (``inspect.signature`` follows it)."""
+        return type(self.module).forward.__get__(self.module)
+
+    def __call__(self, *a, **kw):
+        vals = dict(zip(self.names, a))
+        vals.update(kw)
+        for n in self.names:
+            if n not in vals:
+                vals[n] = self.defaults[n]
+        if not _matches(self.traced, vals):
+            return type(self.module).forward(self.module, *a, **kw)  # not the traced kind of call: its own code
+        return self.run(vals)
 
 
 def _check_close(ref, out) -> None:

@@ -31,6 +31,7 @@ model's own attention at others.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -46,7 +47,11 @@ def _exporting() -> bool:
 
 
 class GridTracker:
-    """Records the token grids implied by the current forward's input (see the module docstring)."""
+    """Records the token grids implied by the current forward's input (see the module docstring).
+
+    Its hooks are bound methods (``functools.partial`` of one for the patch embeddings), not
+    closures: ``copy.deepcopy`` of the model maps them, with the hook dictionaries and the handles
+    in ``_hooks``, to the copy's tracker and modules, and ``pickle`` stores them with the model."""
 
     def __init__(self, model: torch.nn.Module, conv_modules: list):
         self.grids: list[tuple] = []
@@ -58,8 +63,7 @@ class GridTracker:
         self._hooks.append(model.register_forward_hook(self._on_return, always_call=True))
         for path, kind in conv_modules:  # grid.grid_modules(): paths of Conv3d/Conv2d modules
             mod = model.get_submodule(path)
-            self._hooks.append(mod.register_forward_hook(
-                lambda m, args, out, path=path, kind=kind: self._on_conv(path, kind, out)))
+            self._hooks.append(mod.register_forward_hook(functools.partial(self._on_conv, path, kind)))
 
     def _on_call(self, module, args, kwargs):
         if _exporting():
@@ -74,7 +78,7 @@ class GridTracker:
         self.grids, self.by_module = [], {}  # nothing outlives the forward that implied it
         return None
 
-    def _on_conv(self, path: str, kind: str, out):
+    def _on_conv(self, path: str, kind: str, module, args, out):
         if _exporting() or not isinstance(out, torch.Tensor):
             return None
         grid = conv_grid(out.shape, kind, self._batch)
