@@ -200,3 +200,61 @@ def test_a_model_without_attention_says_so():
     with pytest.warns(RuntimeWarning, match="0 attention sites found in Sequential"):
         opt = vmonarch_opt.optimize(model, torch.randn(2, 8))
     assert opt.report.rows == []
+
+
+def test_a_hand_written_site_called_unlike_when_traced_warns_once_and_is_counted():
+    from handwritten_models import MulScale
+
+    torch.manual_seed(0)
+    model, x = Stack(MulScale).eval(), torch.randn(1, 60, 32)
+    opt = vmonarch_opt.optimize(model, x, methods=("monarch",), grid=(3, 4, 5), min_seq_len=0, budget=None)
+    with torch.no_grad():
+        opt(x)
+        opt.double()  # optimized in float32, now run in float64: the traced graph does not apply
+        with pytest.warns(RuntimeWarning, match="called unlike when traced.*float64"):
+            out = opt(x.double())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once per site and reason
+            opt(x.double())
+        expected = model.double()(x.double())
+    assert torch.equal(out, expected)  # the module's own code ran
+    for sid, c in vmonarch_opt.stats(opt).items():
+        assert c["ran"] == 1 and c["fell_back"] == {"handwritten": 2}, sid
+        assert "float64" in c["why"]["handwritten"]
+    assert "2× the hand-written attention was called unlike when traced" in str(opt.report)
+
+
+def test_the_speed_line_times_the_original_model_without_our_hooks(monkeypatch):
+    """The 'original' forward of the report's timing runs nothing of ours: no site handler, no grid
+    hook (it used to run through the interception layer with the switch flipped)."""
+    import vmonarch_opt.pipeline as pipeline
+    import vmonarch_opt.runtime as runtime
+    from vmonarch_opt.passes.regrid import GridTracker
+
+    calls = {"run_site": 0, "grid": 0}
+    real_run, real_call = runtime.run_site, GridTracker._on_call
+
+    def run_site(*a):
+        calls["run_site"] += 1
+        return real_run(*a)
+
+    def on_call(self, *a):
+        calls["grid"] += 1
+        return real_call(self, *a)
+
+    monkeypatch.setattr(runtime, "run_site", run_site)
+    monkeypatch.setattr(GridTracker, "_on_call", on_call)
+    monkeypatch.setattr(pipeline, "on_cuda", lambda b: True)  # the timing path, with CPU clocks
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    model, batch = models.wan()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0, budget=None)
+    assert set(opt.report.totals["forward_ms"]) == {"original", "optimized"}
+    # 4 routed sites (2 rewritten, 2 cross-attentions left as they are); validation: 1 forward,
+    # optimized timing: 4 forwards; original timing: none
+    assert calls == {"run_site": 4 + 16, "grid": 4}
+    with torch.no_grad():  # routing and hooks are back after timing
+        opt(**batch)
+    assert calls == {"run_site": 24, "grid": 5}
+    assert all(c["ran"] == 1 for c in vmonarch_opt.stats(opt).values())  # timing calls are not counted

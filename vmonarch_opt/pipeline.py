@@ -6,6 +6,7 @@ model with something at its sites goes through the router (``router.Route``).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import statistics
 import time
@@ -29,7 +30,7 @@ from .planner import plan_sites
 from .router import Route, Routing, owning_module
 from .runtime import SiteRuntime, executed_cost, prepare_qkv, runtime_mismatch
 from .site import AttentionSite
-from .switch import AttentionSwitch, set_original_attention
+from .switch import AttentionSwitch
 
 __all__ = ["Analysis", "Applied", "Validation", "analyse", "plan", "replan", "observe", "validate",
            "validated_plans", "apply", "on_cuda", "time_forwards"]
@@ -260,6 +261,9 @@ def apply(model, analysis: Analysis, plans: dict, routing: Routing, grid=None, d
                                     grid_module=s.grid_module, prefix_modules=tuple(s.text_before_from))
         if p.rewritten and device is not None:
             runtimes[sid].counter(device)
+    for path, fwd in routing.forwards.items():  # normalised hand-written attention: tell its sites
+        if hasattr(fwd, "sites"):
+            fwd.sites = [runtimes[sid] for sid in routing.index.get(path, ())]
     route = Route(model, routing, functools.partial(_runtime_handler, runtimes)).install()
     return Applied(route=route, runtimes=runtimes, switch=switch, tracker=tracker)
 
@@ -276,9 +280,25 @@ def on_cuda(batch) -> bool:
     return dev is not None and dev.type == "cuda"
 
 
-def time_forwards(model, batch) -> dict:
-    """Milliseconds of one eager forward on ``batch``, optimized and with the model's own attention
-    (median of 3 after a warm-up; 1 when a forward takes over a second)."""
+@contextlib.contextmanager
+def detached(applied: "Applied"):
+    """The model exactly as it was before ``apply``: routed forwards and grid hooks removed for the
+    block, installed again after it."""
+    applied.route.remove()
+    if applied.tracker is not None:
+        applied.tracker.remove()
+    try:
+        yield
+    finally:
+        if applied.tracker is not None:
+            applied.tracker.install()
+        applied.route.install()
+
+
+def time_forwards(model, batch, applied: "Applied") -> dict:
+    """Milliseconds of one eager forward on ``batch``, optimized and of the original model (routing
+    and grid hooks detached: nothing of ours runs), median of 3 after a warm-up (1 when a forward
+    takes over a second)."""
     def once() -> float:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -288,8 +308,8 @@ def time_forwards(model, batch) -> dict:
         return (time.perf_counter() - t0) * 1e3
 
     out = {}
-    for name, original in (("optimized", False), ("original", True)):
-        with set_original_attention(model, original):
+    for name, context in (("optimized", contextlib.nullcontext()), ("original", detached(applied))):
+        with context:
             first = once()  # warm-up: kernel tuning, allocator, caches
             out[name] = statistics.median([once() for _ in range(3 if first < 1000 else 1)])
     return out

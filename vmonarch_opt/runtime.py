@@ -39,6 +39,7 @@ FALLBACKS = {
     "value_dim": "value head_dim differs",
     "dtype": "unsupported dtype",
     "not_padding": "the mask is not a padding mask on text tokens",
+    "handwritten": "hand-written attention called unlike when traced (dtype, device, rank or an argument)",
 }
 _SLOT = {RAN: 0, **{k: i + 1 for i, k in enumerate(FALLBACKS)}}
 
@@ -87,6 +88,15 @@ class SiteRuntime:
         t = self.counters.get(str(like.device))
         if t is not None:
             t[_SLOT[outcome]] += 1
+
+    def fall_back(self, kind: str, like, message: str) -> None:
+        """This site's call runs the model's own attention for ``message``: warn once, count it."""
+        _warn_once(self, message, f"vmonarch_opt: site {self.site_id} ran the model's own attention: {message}")
+        if like is not None:
+            self.record(kind, like, message)
+        elif not torch.compiler.is_compiling():
+            self.counts[kind] += 1
+            self.last_fallback[kind] = message
 
     def calls(self) -> Counter:
         """Calls per outcome so far, eager and compiled (reads the counter tensors: a device sync)."""

@@ -45,17 +45,26 @@ def _signature_of(values: dict) -> dict:
     return sig
 
 
-def _matches(sig: dict, values: dict) -> bool:
+def _mismatch(sig: dict, values: dict):
+    """How a call differs from the traced one (None: it matches)."""
     if set(values) != set(sig):
-        return False
+        return f"arguments {sorted(values)} instead of the traced {sorted(sig)}"
     for k, want in sig.items():
         v = values[k]
         if want[0] == "tensor":
-            if not isinstance(v, torch.Tensor) or (v.dtype, v.device.type, v.dim()) != want[1:]:
-                return False
+            if not isinstance(v, torch.Tensor):
+                return f"argument {k!r} is not a tensor as when traced"
+            got = (v.dtype, v.device.type, v.dim())
+            if got != want[1:]:
+                return (f"argument {k!r} is {str(v.dtype).replace('torch.', '')} on {v.device.type}, {v.dim()}-D; "
+                        f"traced {str(want[1]).replace('torch.', '')} on {want[2]}, {want[3]}-D")
         elif isinstance(v, torch.Tensor) or not _same(v, want[1]):
-            return False
-    return True
+            return f"argument {k!r} = {v!r} differs from the traced {want[1]!r}"
+    return None
+
+
+def _matches(sig: dict, values: dict) -> bool:
+    return _mismatch(sig, values) is None
 
 
 def _trace_fx(module, values: dict):
@@ -160,6 +169,7 @@ class NormalizedForward:
         self.names = names  # the forward's parameters, in order
         self.defaults = defaults
         self.traced = traced  # _signature_of the traced call
+        self.sites: list = []  # runtimes of the module's sites once applied: told when a call falls back
 
     def run(self, vals: dict):
         return self.gm(*[vals[n] for n in self.names])
@@ -175,8 +185,13 @@ class NormalizedForward:
         for n in self.names:
             if n not in vals:
                 vals[n] = self.defaults[n]
-        if not _matches(self.traced, vals):
-            return type(self.module).forward(self.module, *a, **kw)  # not the traced kind of call: its own code
+        why = _mismatch(self.traced, vals)
+        if why is not None:  # not the traced kind of call: the module's own code, its sites told
+            like = next((v for v in vals.values() if isinstance(v, torch.Tensor)), None)
+            for rt in self.sites:
+                rt.fall_back("handwritten", like, f"the hand-written attention was called unlike when traced ({why}): "
+                             f"its own code ran; optimize() the model as you call it (dtype, device, arguments)")
+            return type(self.module).forward(self.module, *a, **kw)
         return self.run(vals)
 
 

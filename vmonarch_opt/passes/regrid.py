@@ -59,9 +59,17 @@ class GridTracker:
         self._batch = 1
         self._hooks = []
         self._model = model
+        self._conv_modules = list(conv_modules)  # grid.grid_modules(): paths of Conv3d/Conv2d modules
+        self.install()
+
+    def install(self) -> None:
+        """Register the hooks (``__init__`` does; again after ``remove``)."""
+        if self._hooks:
+            return
+        model = self._model
         self._hooks.append(model.register_forward_pre_hook(self._on_call, with_kwargs=True))
         self._hooks.append(model.register_forward_hook(self._on_return, always_call=True))
-        for path, kind in conv_modules:  # grid.grid_modules(): paths of Conv3d/Conv2d modules
+        for path, kind in self._conv_modules:
             mod = model.get_submodule(path)
             self._hooks.append(mod.register_forward_hook(functools.partial(self._on_conv, path, kind)))
 
