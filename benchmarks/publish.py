@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -30,9 +31,30 @@ def out_dir() -> Optional[Path]:
     return out
 
 
+def revision() -> str:
+    """The git commit of the code that ran, ``+dirty`` when tracked files differ from it. A copy of
+    the tree without git metadata (e.g. a remote GPU machine) gives it in ``VMONARCH_REVISION``."""
+    env = os.environ.get("VMONARCH_REVISION")
+    if env:
+        return env
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git metadata; set VMONARCH_REVISION)"
+    return sha + ("+dirty" if dirty else "")
+
+
 def publish(name: str, section: str, payload: dict, *, append: bool) -> None:
     """Write ``$OUT/{name}.json`` and ``$OUT/{name}_section.md``, append the markdown section to
-    BENCHMARKS.md when ``append``, and print it."""
+    BENCHMARKS.md when ``append``, and print it. The section and the payload are stamped with the
+    git revision of the code that ran (``revision()``)."""
+    rev = revision()
+    payload = {**payload, "revision": rev}
+    head, _, rest = section.partition("\n")
+    section = f"{head}\n\nRevision: `{rev}`.\n{rest}"
     out = out_dir()
     if out:
         (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))

@@ -4,12 +4,10 @@ import json
 import os
 import sys
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-pytest.importorskip("diffusers")
 
 
 def test_drop_visible_masks_only_drops_masks_that_hide_nothing():

@@ -14,7 +14,6 @@ from vmonarch_fixtures import models
 from conftest import rel_err
 from handwritten_models import Einsum, Stack
 
-pytest.importorskip("diffusers")
 
 OPTS = dict(methods=("monarch",), min_seq_len=0, budget=None)
 

@@ -10,7 +10,6 @@ from vmonarch_fixtures import models
 from vmonarch_opt import MonarchConfig, VMoBAConfig
 from conftest import rel_err
 
-pytest.importorskip("diffusers")
 
 # (factory, expected self-attention sites, expected kind of those sites, text before, text after)
 CASES = {

@@ -11,7 +11,6 @@ from vmonarch_fixtures import models
 from vmonarch_opt import Budget, ProfileError, load_profile
 from conftest import rel_err
 
-pytest.importorskip("diffusers")
 
 BUDGET = Budget(max_rel_error=0.5)  # random tiny models: attention errors of 0.1-0.5 (see the profiles)
 WAN = dict(frames=4, height=6, width=6)
