@@ -258,3 +258,15 @@ def test_the_speed_line_times_the_original_model_without_our_hooks(monkeypatch):
         opt(**batch)
     assert calls == {"run_site": 24, "grid": 5}
     assert all(c["ran"] == 1 for c in vmonarch_opt.stats(opt).values())  # timing calls are not counted
+
+
+def test_optimize_reports_its_stages_through_logging(caplog):
+    import logging
+
+    model, x = _stack()
+    with caplog.at_level(logging.INFO, logger="vmonarch_opt"):
+        vmonarch_opt.optimize(model, x, methods=("monarch",), grid=(3, 4, 5), min_seq_len=0)
+    done = [r.getMessage() for r in caplog.records if " done in " in r.getMessage()]
+    assert [m.split(": ")[2].split(" done")[0] for m in done] == ["analyse", "plan", "calibrate", "validate",
+                                                                  "apply", "time"]
+    assert all(m.startswith("vmonarch_opt: Stack: ") for m in done)

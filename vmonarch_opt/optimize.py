@@ -126,6 +126,8 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
         raise VMonarchError("this model is already optimized; call optimize() on the original model")
 
     # analyse: sites, grids, what capture missed
+    progress = pipeline.Progress(type(model).__name__)
+    progress.step("analyse")
     analysis = pipeline.analyse(target, batches, grid=grid, capture=capture)
     sites = analysis.sites
     if analysis.missed:
@@ -143,9 +145,11 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
 
     # plan: eligibility and default choices (hand-written attention normalised to SDPA)
     choose = dict(methods=methods, overrides=overrides, min_seq_len=min_seq_len)
+    progress.step("plan")
     plans, routing = pipeline.plan(target, analysis, batches[0], **choose)
 
     # calibrate: a profile's choices, or measured under the budget
+    progress.step("calibrate")
     if profile is not None:
         from .profiles.profile import annotate_plans, apply_profile
         chosen = apply_profile(profile, sites, model=model)
@@ -166,12 +170,14 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
 
     # validate: error per site and of the output; sites that never ran their method are not claimed
     site_errors, out_error = {}, None
+    progress.step("validate")
     if validate:
         val = pipeline.validate(target, plans, routing, batches[0], analysis.reference)
         plans = pipeline.validated_plans(plans, val)
         site_errors, out_error = val.errors, val.output_error
 
     # apply: the plans installed for good
+    progress.step("apply")
     applied = pipeline.apply(target, analysis, plans, routing, grid, device=batch_device(batches))
 
     # report
@@ -193,6 +199,7 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
                               switch=applied.switch)
     target.__dict__["vmonarch"] = state
     target.__dict__["report"] = report
+    progress.step("time")
     if validate and pipeline.on_cuda(batches[0]) and _uses_structured(plans):
         report.totals["forward_ms"] = pipeline.time_forwards(target, batches[0], applied)
         for rt in applied.runtimes.values():
@@ -200,6 +207,7 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
         slower = report.slower_note()
         if slower:
             warnings.warn(f"vmonarch_opt: {slower}", RuntimeWarning, stacklevel=2)
+    progress.done()
     return target
 
 

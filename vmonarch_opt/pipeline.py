@@ -274,6 +274,44 @@ def _runtime_handler(runtimes: dict, sid: str):
     return runtimes[sid].handler()
 
 
+# ------------------------------------------------------------------------------------- progress
+class Progress:
+    """What ``optimize`` is doing, stage by stage: a tqdm bar on a terminal, ``logging`` (logger
+    ``vmonarch_opt``, level INFO: each stage with its seconds) always."""
+
+    STAGES = ("analyse", "plan", "calibrate", "validate", "apply", "time")
+
+    def __init__(self, model_name: str, enabled: Optional[bool] = None):
+        import logging
+        import sys
+
+        from tqdm.auto import tqdm
+
+        self.log = logging.getLogger("vmonarch_opt")
+        self.model = model_name
+        show = sys.stderr.isatty() if enabled is None else enabled
+        self.bar = tqdm(total=len(self.STAGES), desc=f"vmonarch_opt {model_name}", unit="stage", disable=not show,
+                        leave=False)
+        self.current, self.t0 = None, time.perf_counter()
+
+    def step(self, stage: str) -> None:
+        """``stage`` begins (the previous one, if any, is done)."""
+        self._close()
+        self.current, self.t0 = stage, time.perf_counter()
+        self.bar.set_postfix_str(stage, refresh=True)
+        self.log.info("vmonarch_opt: %s: %s ...", self.model, stage)
+
+    def _close(self) -> None:
+        if self.current is not None:
+            self.log.info("vmonarch_opt: %s: %s done in %.2f s", self.model, self.current, time.perf_counter() - self.t0)
+            self.bar.update(1)
+            self.current = None
+
+    def done(self) -> None:
+        self._close()
+        self.bar.close()
+
+
 # ------------------------------------------------------------------------------------- timing
 def on_cuda(batch) -> bool:
     dev = batch_device([batch])
