@@ -57,7 +57,7 @@ class SiteRuntime:
     adapted: dict = field(default_factory=dict)  # re-derived plans, per (n_q, n_k, grid, text_before)
     warned: set = field(default_factory=set)  # reasons this site has already warned about
     counts: Counter = field(default_factory=Counter)  # eager calls per outcome (RAN or a FALLBACKS kind)
-    counters: dict = field(default_factory=dict)  # device -> int64 tensor, one slot per outcome: compiled calls
+    tally: Optional[torch.Tensor] = None  # int64, one slot per outcome: calls counted inside compiled graphs
     last_fallback: dict = field(default_factory=dict)  # kind -> the message of its latest eager fallback
 
     @property
@@ -65,12 +65,15 @@ class SiteRuntime:
         return self.plan.site_id
 
     def counter(self, device) -> torch.Tensor:
-        """This site's call counters on ``device`` (made in eager code: compiled code only adds)."""
-        key = str(device)
-        t = self.counters.get(key)
-        if t is None:
-            t = self.counters[key] = torch.zeros(len(_SLOT), dtype=torch.int64, device=device)
-            torch._dynamo.mark_static_address(t)  # a fixed buffer: CUDA graphs replay the adds in place
+        """This site's tally of compiled calls, on ``device`` (made or moved in eager code: compiled
+        code only adds to it; moving keeps what it counted)."""
+        t = self.tally
+        if t is None or t.device != torch.device(device):
+            new = torch.zeros(len(_SLOT), dtype=torch.int64, device=device)
+            if t is not None:
+                new += t.to(device)
+            torch._dynamo.mark_static_address(new)  # a fixed buffer: CUDA graphs replay the adds in place
+            self.tally = t = new
         return t
 
     def record(self, outcome: str, like: torch.Tensor, message: str = "") -> None:
@@ -82,11 +85,13 @@ class SiteRuntime:
             self.counts[outcome] += 1
             if message:
                 self.last_fallback[outcome] = message
+            if self.tally is None or self.tally.device != like.device:
+                self.counter(like.device)  # compiled code on this device counts from its first call
             return
         if getattr(torch.compiler, "is_exporting", lambda: False)():
             return
-        t = self.counters.get(str(like.device))
-        if t is not None:
+        t = self.tally
+        if t is not None and t.device == like.device:
             t[_SLOT[outcome]] += 1
 
     def fall_back(self, kind: str, like, message: str) -> None:
@@ -102,16 +107,16 @@ class SiteRuntime:
         """Calls per outcome so far, eager and compiled (reads the counter tensors: a device sync)."""
         out = Counter(self.counts)
         names = list(_SLOT)
-        for t in self.counters.values():
-            for i, n in enumerate(t.tolist()):
+        if self.tally is not None:
+            for i, n in enumerate(self.tally.tolist()):
                 if n:
                     out[names[i]] += n
         return out
 
     def reset_calls(self) -> None:
         self.counts.clear()
-        for t in self.counters.values():
-            t.zero_()
+        if self.tally is not None:
+            self.tally.zero_()
 
     def __call__(self, a: dict, original: Callable) -> torch.Tensor:
         """The site's handler (``router.SiteMode``): an object, not a closure, so that a copy or a
