@@ -63,7 +63,8 @@ def _only(profile):
 def test_choice_follows_the_data():
     tight = Budget(max_rel_error=0.02)
     local = _only(_calib(frame_local(), tight))
-    assert local["choice"]["config"]["method"] in ("monarch", "vmoba")
+    ok = [c for c in local["candidates"] if c["meets_budget"] and c["flops"] < local["dense"]["flops"]]
+    assert ok and local["choice"]["config"] == min(ok, key=lambda c: c["flops"])["config"]  # the cheapest in budget
     assert local["choice"]["error"] <= 0.02 and local["choice"]["flops"] < local["dense"]["flops"]
     assert sum(local["stats"]["own_frame_mass"]) / HEADS > 0.95
 
@@ -117,7 +118,8 @@ def test_methods_restrict_candidates_and_per_site_budget():
     row = _only(prof)
     assert row["candidates"] and all(c["config"]["method"] == "vmoba" for c in row["candidates"])
     prof = _calib(uniform(), Budget(max_rel_error=0.5, per_site={"<root>": 0.0}))
-    assert _only(prof)["choice"]["config"]["method"] in ("dense", "monarch")
+    assert not any(c["meets_budget"] for c in _only(prof)["candidates"])  # no structured method is exact here
+    assert _only(prof)["choice"]["config"]["method"] == "dense"
     assert _only(prof)["limit"] == 0.0
 
 
