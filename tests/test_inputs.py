@@ -1,0 +1,92 @@
+"""Inputs that are wrong: every user mistake is named, never silently ignored or worked around.
+
+grid= that does not fit, globs that match nothing, pins that cannot run, calibration batches of
+several shapes, hand-edited profiles, option values, CLI mistakes and the profile plot's scale.
+"""
+import warnings
+
+import pytest
+import torch
+
+import vmonarch_opt
+from vmonarch_fixtures import models
+
+pytest.importorskip("diffusers")
+
+FAST = dict(budget=None, min_seq_len=0, validate=False)  # no calibration: the checks are what is tested
+
+
+def _quiet_optimize(*args, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return vmonarch_opt.optimize(*args, **kw)
+
+
+# ------------------------------------------------------------------------------ 9: grid=
+def test_grid_that_does_not_fit_the_video_tokens_raises():
+    """wan(): a 3×4×5 grid of 60 video tokens (no text in its self-attention). A grid of another
+    product used to be ignored while the report claimed the inferred grid."""
+    model, batch = models.wan()
+    with pytest.raises(ValueError) as e:
+        _quiet_optimize(model, batch, grid=(2, 2, 2), **FAST)
+    msg = str(e.value)
+    assert "blocks.0.attn1" in msg and "60" in msg and "(2, 2, 2)" in msg
+    assert "3×4×5" in msg or "(3, 4, 5)" in msg  # what the model says the grid is
+    with pytest.raises(ValueError, match=r"blocks\.1\.attn1.*60"):  # one glob
+        _quiet_optimize(model, batch, grid={"blocks.1.attn1": (3, 4, 4)}, **FAST)
+    with pytest.raises(ValueError, match=r"61 tokens.*blocks\.0\.attn1.*60"):  # text placed that does not add up
+        _quiet_optimize(model, batch, grid={"blocks.0.attn1": {"grid": (3, 4, 5), "text_before": 1}}, **FAST)
+    with pytest.raises(ValueError, match="grid="):  # calibrate() checks the same way
+        vmonarch_opt.calibrate(model, batch, grid=(2, 2, 2), min_seq_len=0, progress=False)
+
+
+def test_grid_that_fits_is_used_and_said_so():
+    model, batch = models.wan()
+    opt = _quiet_optimize(model, batch, grid=(5, 4, 3), methods="monarch", **FAST)  # 60 tokens: taken as given
+    s = opt.report.site("blocks.0.attn1")["site"]
+    assert s["grid"] == [5, 4, 3] and s["grid_source"] == "grid= given by the user"
+
+
+def test_grid_entry_that_fits_no_site_it_names_raises():
+    """A site whose video tokens are not known (no patch embedding, no latents in the batch): a
+    grid that fits none of the sites it matches is wrong, not ignored."""
+    model = torch.nn.Sequential(_SelfAttention(), _SelfAttention()).eval()
+    x = torch.randn(1, 36, 32)
+    with pytest.raises(ValueError, match=r"(?s)grid=.*\(2, 3, 5\).*36"):
+        _quiet_optimize(model, x, grid=(2, 3, 5), **FAST)
+    opt = _quiet_optimize(model, x, grid=(1, 6, 6), methods="monarch", **FAST)
+    assert opt.report.site("0")["site"]["grid"] == [1, 6, 6]
+
+
+@pytest.mark.parametrize("bad", [(0, 4, 5), (-3, 4, 5), (3.0, 4, 5), (3, 4, 5.5), (True, 4, 5)])
+def test_non_positive_or_float_grids_say_what_is_wanted(bad):
+    model, batch = models.wan()
+    with pytest.raises(ValueError, match="positive integers whose product is"):
+        vmonarch_opt.optimize(model, batch, grid=bad, **FAST)
+    with pytest.raises(ValueError, match="positive integers whose product is"):
+        vmonarch_opt.optimize(model, batch, grid={"blocks.*": {"grid": bad}}, **FAST)
+
+
+class _SelfAttention(torch.nn.Module):
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        return x + self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+def test_grid_glob_that_matches_no_site_warns_with_the_sites():
+    model, batch = models.wan()
+    with pytest.warns(RuntimeWarning, match=r"(?s)grid=.*'transformer\.\*'.*blocks\.0\.attn1"):
+        vmonarch_opt.optimize(model, batch, grid={"transformer.*": (3, 4, 5)}, **FAST)
+
+
+def test_globs_that_match_warn_nothing():
+    model, batch = models.wan()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        vmonarch_opt.optimize(model, batch, overrides={"blocks.0.*": "dense"}, grid={"blocks.*": (3, 4, 5)}, **FAST)
