@@ -79,6 +79,13 @@ class _SelfAttention(torch.nn.Module):
         return x + self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
 
 
+# ------------------------------------------------------------------------------ 10: globs and pins
+def test_override_glob_that_matches_no_site_warns_with_the_sites():
+    model, batch = models.wan()
+    with pytest.warns(RuntimeWarning, match=r"(?s)overrides=.*'block\.0\.\*'.*blocks\.0\.attn1.*blocks\.1\.attn2"):
+        vmonarch_opt.optimize(model, batch, overrides={"block.0.*": "dense", "blocks.1.*": "dense"}, **FAST)
+
+
 def test_grid_glob_that_matches_no_site_warns_with_the_sites():
     model, batch = models.wan()
     with pytest.warns(RuntimeWarning, match=r"(?s)grid=.*'transformer\.\*'.*blocks\.0\.attn1"):
@@ -90,3 +97,22 @@ def test_globs_that_match_warn_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         vmonarch_opt.optimize(model, batch, overrides={"blocks.0.*": "dense"}, grid={"blocks.*": (3, 4, 5)}, **FAST)
+
+
+def test_pin_the_site_cannot_take_is_in_its_why():
+    model, batch = models.wan()
+    opt = vmonarch_opt.optimize(model, batch, overrides={"blocks.0.attn2": "monarch"}, **FAST)
+    row = opt.report.site("blocks.0.attn2")
+    assert row["plan"]["method"] == "original"
+    why = row["plan"]["reason"]
+    assert "pinned to monarch by overrides=" in why and "cross-attention" in why
+    assert "pinned" in str(opt.report)
+
+
+def test_unknown_method_in_overrides_fails_before_the_model_runs(monkeypatch):
+    model, batch = models.wan()
+    ran = []
+    monkeypatch.setattr(model, "forward", lambda *a, **k: ran.append(1))
+    with pytest.raises(ValueError, match=r"(?s)overrides=.*'magic'.*monarch"):
+        vmonarch_opt.optimize(model, batch, overrides={"blocks.*": "magic"}, **FAST)
+    assert not ran

@@ -18,6 +18,7 @@ from . import pipeline
 from .batch import as_batches
 from .errors import VMonarchError
 from .passes.grid import check_grid_spec
+from .planner import check_overrides
 from .profiles.output_budget import check_evaluate
 from .report import Report
 from .site import AttentionSite
@@ -111,6 +112,7 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
         recorded = profile.data.get("min_seq_len") if profile is not None else None
         min_seq_len = 1024 if recorded is None else int(recorded)
     check_grid_spec(grid)
+    check_overrides(overrides)
     batches = as_batches(calib_batch)
     target = model if inplace else copy.deepcopy(model)
     if getattr(target, "vmonarch", None) is not None:

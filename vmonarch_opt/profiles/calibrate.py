@@ -360,6 +360,7 @@ def calibrate(model: torch.nn.Module, calib_batch: Any, *, budget: Optional[Budg
     stderr is a terminal). ``evaluate``: what an output budget is measured on (see ``optimize``)."""
     from ..batch import as_batches
     from ..passes.grid import check_grid_spec
+    from ..planner import check_overrides
     from .output_budget import check_evaluate
 
     if budget is None:
@@ -369,6 +370,7 @@ def calibrate(model: torch.nn.Module, calib_batch: Any, *, budget: Optional[Budg
     methods = registry.check_methods(methods)
     check_evaluate(evaluate, None, budget)
     check_grid_spec(grid)
+    check_overrides(overrides)
     if getattr(model, "vmonarch", None) is not None:
         raise VMonarchError("this model is already optimized; calibrate the original model")
     batches = as_batches(calib_batch)
