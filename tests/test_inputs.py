@@ -116,3 +116,49 @@ def test_unknown_method_in_overrides_fails_before_the_model_runs(monkeypatch):
     with pytest.raises(ValueError, match=r"(?s)overrides=.*'magic'.*monarch"):
         vmonarch_opt.optimize(model, batch, overrides={"blocks.*": "magic"}, **FAST)
     assert not ran
+
+
+# ------------------------------------------------------------------------------ 11: several batches
+def test_calibration_batches_of_different_shapes_raise():
+    """Each site's plan matches one shape: the other batches used to be dropped at every site while
+    the profile said it was calibrated on all of them."""
+    model, b3 = models.wan(frames=3)
+    _, b2 = models.wan(frames=2)
+    with pytest.raises(ValueError) as e:
+        vmonarch_opt.calibrate(model, [b3, b2], budget=vmonarch_opt.Budget(max_rel_error=0.5), min_seq_len=0,
+                               progress=False)
+    msg = str(e.value)
+    assert "batch 0" in msg and "batch 1" in msg and "(1, 4, 3, 8, 10)" in msg and "(1, 4, 2, 8, 10)" in msg
+    assert "per shape" in msg
+    with pytest.raises(ValueError, match="per shape"):
+        vmonarch_opt.optimize(model, [b3, b2], budget=vmonarch_opt.Budget(max_rel_error=0.5), min_seq_len=0)
+
+
+def test_calibration_batches_of_one_shape_are_all_used():
+    model, b = models.wan()
+    b2 = {**b, "hidden_states": torch.randn_like(b["hidden_states"]), "timestep": b["timestep"] * 0 + 500}
+    prof = vmonarch_opt.calibrate(model, [b, b2], budget=vmonarch_opt.Budget(max_rel_error=0.5), min_seq_len=0,
+                                  progress=False)
+    assert prof.data["batches"] == 2
+    assert all(r["batches"] == 2 for r in prof.sites.values() if r["status"] == "calibrated")
+
+
+class _Skippable(torch.nn.Module):
+    """Two attention blocks; ``skip=True`` leaves the second out (same tensors, another path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_SelfAttention(), _SelfAttention()])
+
+    def forward(self, x, skip=False):
+        x = self.blocks[0](x)
+        return x if skip else self.blocks[1](x)
+
+
+def test_a_site_some_batches_do_not_reach_is_not_dropped_silently():
+    torch.manual_seed(0)
+    model, x = _Skippable().eval(), torch.randn(1, 36, 32)
+    with pytest.warns(RuntimeWarning, match=r"blocks\.1 on 1 of 2 batches"):
+        prof = vmonarch_opt.calibrate(model, [{"x": x, "skip": False}, {"x": x + 1, "skip": True}], methods="monarch", grid=(1, 6, 6),
+                                      budget=vmonarch_opt.Budget(max_rel_error=1.0), min_seq_len=0, progress=False)
+    assert prof.sites["blocks.0"]["batches"] == 2 and prof.sites["blocks.1"]["batches"] == 1

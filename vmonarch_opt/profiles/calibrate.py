@@ -21,6 +21,7 @@ import contextlib
 import math
 import sys
 import time
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -290,6 +291,13 @@ def calibrate_sites(model, batches: list, detected: list, plans: dict, routing, 
             pipeline.observe(model, detected, plans, routing, batches, callback)
     finally:
         bar.close()
+    short = [f"{sid} on {rec.batches} of {len(batches)}" for sid, rec in records.items()
+             if 0 < rec.batches < len(batches)]
+    if short:  # batches of one shape (as_batches) that still called a site otherwise (a mask, a branch)
+        warnings.warn(f"vmonarch_opt: calibration measured {'; '.join(short)} batches: the other batches called "
+                      f"these sites in a way their plan does not run (another shape, mask or dtype, or not at all), "
+                      f"so their choices rest on the batches measured (the profile's per-site 'batches')",
+                      RuntimeWarning, stacklevel=2)
 
     rows: dict[str, dict] = {}
     for s in sites:
