@@ -162,3 +162,21 @@ def test_a_site_some_batches_do_not_reach_is_not_dropped_silently():
         prof = vmonarch_opt.calibrate(model, [{"x": x, "skip": False}, {"x": x + 1, "skip": True}], methods="monarch", grid=(1, 6, 6),
                                       budget=vmonarch_opt.Budget(max_rel_error=1.0), min_seq_len=0, progress=False)
     assert prof.sites["blocks.0"]["batches"] == 2 and prof.sites["blocks.1"]["batches"] == 1
+
+
+# ------------------------------------------------------------------------------ 13: options
+def test_methods_as_one_string_is_one_method():
+    model, batch = models.wan()
+    opt = vmonarch_opt.optimize(model, batch, methods="monarch", **FAST)
+    assert opt.report.data["meta"]["methods"] == ["monarch"]
+    with pytest.raises(ValueError, match="methods"):
+        vmonarch_opt.optimize(model, batch, methods="monarch,dense", **FAST)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "0", True])
+def test_min_seq_len_must_be_a_non_negative_integer(bad):
+    model, batch = models.wan()
+    with pytest.raises(ValueError, match="min_seq_len"):
+        vmonarch_opt.optimize(model, batch, min_seq_len=bad, budget=None)
+    with pytest.raises(ValueError, match="min_seq_len"):
+        vmonarch_opt.calibrate(model, batch, min_seq_len=bad)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+import numbers
 import warnings
 from typing import Optional
 
@@ -56,6 +57,14 @@ def key_padding_ok(site: AttentionSite) -> bool:
 
     return (site.kind == "joint" and site.mask_kind in ("bool", "additive")
             and is_padding_mask_shape(site.mask_shape, site.seq_q, site.seq_k))
+
+
+def check_min_seq_len(min_seq_len, source: str = "min_seq_len") -> int:
+    """``min_seq_len`` as an int ≥ 0, or a ValueError naming the fix."""
+    if isinstance(min_seq_len, bool) or not isinstance(min_seq_len, numbers.Integral) or min_seq_len < 0:
+        raise ValueError(f"{source}={min_seq_len!r}: give a number of tokens ≥ 0 (sites with fewer tokens keep "
+                         f"the model's own attention; 0 rewrites every site)")
+    return int(min_seq_len)
 
 
 def check_overrides(overrides) -> None:

@@ -368,7 +368,7 @@ def calibrate(model: torch.nn.Module, calib_batch: Any, *, budget: Optional[Budg
     stderr is a terminal). ``evaluate``: what an output budget is measured on (see ``optimize``)."""
     from ..batch import as_batches
     from ..passes.grid import check_grid_spec
-    from ..planner import check_overrides
+    from ..planner import check_min_seq_len, check_overrides
     from .output_budget import check_evaluate
 
     if budget is None:
@@ -379,6 +379,7 @@ def calibrate(model: torch.nn.Module, calib_batch: Any, *, budget: Optional[Budg
     check_evaluate(evaluate, None, budget)
     check_grid_spec(grid)
     check_overrides(overrides)
+    min_seq_len = check_min_seq_len(min_seq_len)
     if getattr(model, "vmonarch", None) is not None:
         raise VMonarchError("this model is already optimized; calibrate the original model")
     batches = as_batches(calib_batch)
