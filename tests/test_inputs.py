@@ -180,3 +180,21 @@ def test_min_seq_len_must_be_a_non_negative_integer(bad):
         vmonarch_opt.optimize(model, batch, min_seq_len=bad, budget=None)
     with pytest.raises(ValueError, match="min_seq_len"):
         vmonarch_opt.calibrate(model, batch, min_seq_len=bad)
+
+
+# ------------------------------------------------------------------------------ 12: profiles edited by hand
+def test_pooled_vmoba_flops_count_the_pooled_keys():
+    """The FLOPs a VMoBA plan states from its measured density are what the kernel executes (the
+    pooled rest's keys included), so a profile's FLOPs can be recomputed from its plan."""
+    from vmonarch_opt import methods as registry
+    from vmonarch_opt.methods import Shape
+    from vmonarch_opt.site import AttentionSite
+
+    site = AttentionSite("s", "s", 0, "sdpa", 1, 2, 2, 151, 151, 16, 16, "float32", "[B,H,N,D]", grid=(4, 6, 6),
+                         text_before=7)
+    q, k, v = (torch.randn(1, 2, 151, 16) for _ in range(3))
+    vmoba = registry.get("vmoba")
+    for pooled in (False, True):
+        args = vmoba.resolve_args(vmonarch_opt.VMoBAConfig(pooled_rest=pooled), site, 2)
+        _, flops, density = vmoba.calibration_run(q, k, v, args, 0.25)
+        assert vmoba.flops(Shape.of(site), args, density) == flops

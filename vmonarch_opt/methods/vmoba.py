@@ -125,10 +125,14 @@ class VMoBAMethod(Method):
     def flops(self, shape: Shape, args: dict, density: Optional[float] = None) -> Optional[int]:
         if density is None:
             return None  # depends on the selection: measured on real q/k
+        from ..kernels.vmoba.layout import vmoba_layout
+
         nv = shape.seq_q - args["text_before"] - args["text_after"]
         # text rows and columns stay dense; video×video pairs at the measured density
         pairs = shape.seq_q * shape.seq_k - nv * nv + density * nv * nv
-        return int(4 * shape.batch * shape.heads * pairs * shape.head_dim)
+        if args.get("pooled_rest"):  # every video query also scores each block's pooled key (vmoba_flops)
+            pairs += nv * vmoba_layout(args["grid"], args["chunk"], args["partition"]).num_blocks
+        return round(4 * shape.batch * shape.heads * pairs * shape.head_dim)
 
     def params(self, args: dict) -> str:
         s = f"{args['partition']} chunk={'×'.join(map(str, args['chunk']))} thr={args['threshold']:g}"
