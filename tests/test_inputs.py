@@ -3,6 +3,7 @@
 grid= that does not fit, globs that match nothing, pins that cannot run, calibration batches of
 several shapes, hand-edited profiles, option values, CLI mistakes and the profile plot's scale.
 """
+import json
 import warnings
 
 import pytest
@@ -159,8 +160,9 @@ def test_a_site_some_batches_do_not_reach_is_not_dropped_silently():
     torch.manual_seed(0)
     model, x = _Skippable().eval(), torch.randn(1, 36, 32)
     with pytest.warns(RuntimeWarning, match=r"blocks\.1 on 1 of 2 batches"):
-        prof = vmonarch_opt.calibrate(model, [{"x": x, "skip": False}, {"x": x + 1, "skip": True}], methods="monarch", grid=(1, 6, 6),
-                                      budget=vmonarch_opt.Budget(max_rel_error=1.0), min_seq_len=0, progress=False)
+        batches = [{"x": x, "skip": False}, {"x": x + 1, "skip": True}]
+        prof = vmonarch_opt.calibrate(model, batches, methods="monarch", grid=(1, 6, 6), min_seq_len=0,
+                                      budget=vmonarch_opt.Budget(max_rel_error=1.0), progress=False)
     assert prof.sites["blocks.0"]["batches"] == 2 and prof.sites["blocks.1"]["batches"] == 1
 
 
@@ -198,3 +200,108 @@ def test_pooled_vmoba_flops_count_the_pooled_keys():
         args = vmoba.resolve_args(vmonarch_opt.VMoBAConfig(pooled_rest=pooled), site, 2)
         _, flops, density = vmoba.calibration_run(q, k, v, args, 0.25)
         assert vmoba.flops(Shape.of(site), args, density) == flops
+
+
+@pytest.fixture(scope="module")
+def wan_profile(tmp_path_factory):
+    """wan() at 4×6×6 calibrated loosely: both self-attention sites choose Monarch 1×3×3 tiles."""
+    model, batch = models.wan(frames=4, height=6, width=6)
+    prof = vmonarch_opt.calibrate(model, batch, budget=vmonarch_opt.Budget(max_rel_error=0.5), min_seq_len=0,
+                                  progress=False)
+    return model, batch, prof.save(tmp_path_factory.mktemp("profiles") / "wan.json")
+
+
+def _edit(path, tmp_path, edit, site="blocks.0.attn1"):
+    """A copy of the profile at ``path`` with ``edit(row)`` applied to one site's row."""
+    data = json.loads(path.read_text())
+    edit(data["sites"][site])
+    out = tmp_path / "edited.json"
+    out.write_text(json.dumps(data))
+    return out
+
+
+def _as(row, label, **fields):
+    """Make the row's choice another config, labelled as such (errors, FLOPs and why untouched)."""
+    cfg = {**row["choice"]["config"], **fields}
+    row["choice"]["config"] = cfg
+    row["choice"]["label"] = label
+
+
+def test_the_calibrated_profile_loads_as_written(wan_profile, tmp_path):
+    model, batch, path = wan_profile
+    prof = vmonarch_opt.load_profile(path)
+    assert prof.sites["blocks.0.attn1"]["choice"]["label"] == "monarch 1×3×3 s1"
+    opt = vmonarch_opt.optimize(model, batch, profile=prof)
+    assert opt.report.site("blocks.0.attn1")["plan"]["method"] == "monarch"
+    out = vmonarch_opt.calibrate(model, batch, min_seq_len=0, progress=False,  # an output budget's "why"s too
+                                 budget=vmonarch_opt.Budget(max_rel_error=0.5, output_rel_error=0.1))
+    vmonarch_opt.load_profile(out.save(tmp_path / "out.json"))
+
+
+def test_a_monarch_block_that_does_not_fit_the_grid_is_refused(wan_profile, tmp_path):
+    _, _, path = wan_profile
+    bad = _edit(path, tmp_path, lambda r: _as(r, "monarch 1×7×6 s1", block=[1, 7, 6]))
+    with pytest.raises(vmonarch_opt.ProfileError,
+                       match=r"blocks\.0\.attn1.*block 1×7×6 does not fit the site's grid 4×6×6"):
+        vmonarch_opt.load_profile(bad)
+    bad = _edit(path, tmp_path, lambda r: _as(r, "monarch 1×0×6 s1", block=[1, 0, 6]))
+    with pytest.raises(vmonarch_opt.ProfileError, match="positive integers"):
+        vmonarch_opt.load_profile(bad)
+
+
+def test_a_choice_that_costs_more_than_dense_is_refused(wan_profile, tmp_path):
+    _, _, path = wan_profile
+    bad = _edit(path, tmp_path, lambda r: _as(r, "monarch 4×6×6 s1", block=[4, 6, 6]))  # one block: dense and more
+    with pytest.raises(vmonarch_opt.ProfileError,
+                       match=r"monarch 4×6×6 s1 costs \d+ attention FLOPs, not fewer than dense"):
+        vmonarch_opt.load_profile(bad)
+
+
+def test_a_config_without_its_parameters_or_with_unknown_ones_is_refused(wan_profile, tmp_path):
+    _, _, path = wan_profile
+
+    def bare(r):
+        r["choice"]["config"] = {"method": "monarch"}  # would silently mean frame blocks
+        r["choice"]["label"] = "monarch auto s1"
+    with pytest.raises(vmonarch_opt.ProfileError, match=r"lacks its parameters \['block', 'steps', 'recompute'\]"):
+        vmonarch_opt.load_profile(_edit(path, tmp_path, bare))
+    with pytest.raises(vmonarch_opt.ProfileError, match=r"unknown fields \['speed'\]"):
+        vmonarch_opt.load_profile(_edit(path, tmp_path, lambda r: r["choice"]["config"].update(speed=2)))
+    with pytest.raises(vmonarch_opt.ProfileError, match=r"candidate.*unknown fields \['speed'\]"):
+        vmonarch_opt.load_profile(_edit(path, tmp_path, lambda r: r["candidates"][0]["config"].update(speed=2)))
+    with pytest.raises(vmonarch_opt.ProfileError, match=r"threshold=-1"):
+        vmonarch_opt.load_profile(_edit(path, tmp_path, lambda r: r["choice"].update(
+            config={**r["candidates"][5]["config"], "threshold": -1}, label="vmoba 1d 1×2×2 thr-1")))
+
+
+def test_a_why_that_no_longer_matches_is_refused(wan_profile, tmp_path):
+    _, _, path = wan_profile
+
+    def other_candidate(r):  # the frame-block candidate, with its error and FLOPs, but the tile's why
+        frame = next(c for c in r["candidates"] if c["label"] == "monarch 1×6×6 s1")
+        r["choice"].update(config=frame["config"], label=frame["label"], error=frame["error"], flops=frame["flops"])
+    with pytest.raises(vmonarch_opt.ProfileError, match=r"(?s)why 'cheapest within the budget: error 4.*does not match "
+                                                        r"its choice monarch 1×6×6 s1.*calibration writes"):
+        vmonarch_opt.load_profile(_edit(path, tmp_path, other_candidate))
+    with pytest.raises(vmonarch_opt.ProfileError, match="does not match its choice"):
+        vmonarch_opt.load_profile(_edit(path, tmp_path, lambda r: r["choice"].update(
+            why=r["choice"]["why"].replace("fewer attention FLOPs", "fewer attention FLOPs, and faster"))))
+    with pytest.raises(vmonarch_opt.ProfileError, match="not one of the measured candidates"):
+        vmonarch_opt.load_profile(_edit(path, tmp_path, lambda r: _as(r, "monarch 2×3×3 s1", block=[2, 3, 3])))
+
+
+def test_flops_are_those_of_the_plan_not_of_the_file(wan_profile, tmp_path):
+    _, _, path = wan_profile
+    with pytest.raises(vmonarch_opt.ProfileError, match=r"choice monarch 1×3×3 s1: 1000 attention FLOPs in the file, "
+                                                        r"but its plan at this site does \d+"):
+        vmonarch_opt.load_profile(_edit(path, tmp_path, lambda r: r["choice"].update(flops=1000)))
+    with pytest.raises(vmonarch_opt.ProfileError, match="dense attention FLOPs in the file"):
+        vmonarch_opt.load_profile(_edit(path, tmp_path, lambda r: r["dense"].update(flops=10 ** 9)))
+
+
+def test_optimize_checks_a_profile_changed_after_loading(wan_profile):
+    model, batch, path = wan_profile
+    prof = vmonarch_opt.load_profile(path)
+    _as(prof.sites["blocks.1.attn1"], "monarch 1×7×6 s1", block=[1, 7, 6])
+    with pytest.raises(vmonarch_opt.ProfileError, match=r"blocks\.1\.attn1.*does not fit"):
+        vmonarch_opt.optimize(model, batch, profile=prof)
