@@ -305,3 +305,92 @@ def test_optimize_checks_a_profile_changed_after_loading(wan_profile):
     _as(prof.sites["blocks.1.attn1"], "monarch 1×7×6 s1", block=[1, 7, 6])
     with pytest.raises(vmonarch_opt.ProfileError, match=r"blocks\.1\.attn1.*does not fit"):
         vmonarch_opt.optimize(model, batch, profile=prof)
+
+
+# ------------------------------------------------------------------------------ 14: the command line
+WAN = "vmonarch_fixtures.models:wan"
+
+
+def _cli_error(capsys, *argv) -> str:
+    """Run the CLI on a mistake: exit status 2, one line on stderr, no traceback; that line."""
+    from vmonarch_opt.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vmonarch-opt: error: "), err
+    return lines[0]
+
+
+def test_cli_mistakes_are_one_line(tmp_path, capsys):
+    assert "magic" in _cli_error(capsys, "calibrate", WAN, "--methods", "monarch,magic")
+    assert "T,H,W" in _cli_error(capsys, "calibrate", WAN, "--grid", "3,4")
+    assert "T,H,W" in _cli_error(capsys, "calibrate", WAN, "--grid", "a,b,c")
+    assert "max_rel_error=-1.0" in _cli_error(capsys, "calibrate", WAN, "--max-rel-error", "-1")
+    assert "--min-seq-len" in _cli_error(capsys, "calibrate", WAN, "--min-seq-len", "-5")
+    assert "--overrides must be a JSON object" in _cli_error(capsys, "calibrate", WAN, "--overrides", "{blocks")
+    assert "'magic'" in _cli_error(capsys, "calibrate", WAN, "--overrides", '{"blocks.*": "magic"}')
+    assert "--kwargs must be a JSON object" in _cli_error(capsys, "calibrate", WAN, "--kwargs", "[3]")
+    assert "--kwargs must be a JSON object" in _cli_error(capsys, "export-onnx", WAN, "--kwargs", "{", "-o",
+                                                           str(tmp_path / "m.onnx"))
+    assert "is a directory" in _cli_error(capsys, "calibrate", WAN, "-o", str(tmp_path))
+    assert "grid=(2, 2, 2)" in _cli_error(capsys, "calibrate", WAN, "--grid", "2,2,2", "--min-seq-len", "0", "-q",
+                                          "-o", str(tmp_path / "p.json"))  # a library error, after the model ran
+
+
+def test_cli_file_mistakes_are_one_line(tmp_path, capsys):
+    for name, text in {"list.json": "[1, 2]", "other.json": '{"format": "something/1"}', "bare.json": "{}",
+                       "damaged.json": '{"format": "vmonarch_opt.report/1", "model": "M"}'}.items():
+        (tmp_path / name).write_text(text)
+        line = _cli_error(capsys, "report", str(tmp_path / name))
+        assert name in line and ("not a vmonarch_opt report" in line or "damaged" in line), line
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
+    assert "not a text file" in _cli_error(capsys, "report", str(tmp_path / "binary.json"))
+    assert "is a directory" in _cli_error(capsys, "report", str(tmp_path))
+    assert "is a directory" in _cli_error(capsys, "show", str(tmp_path))
+    assert "no such" in _cli_error(capsys, "show", str(tmp_path / "missing.json"))
+    assert ".xyz" in _cli_error(capsys, "plot", str(tmp_path / "missing.json"), "-o", str(tmp_path / "p.xyz"))
+
+
+def test_cli_debug_shows_the_traceback(capsys):
+    from vmonarch_opt.cli import main
+
+    with pytest.raises(ValueError, match="max_rel_error"):
+        main(["--debug", "calibrate", WAN, "--max-rel-error", "-1"])
+    with pytest.raises(ValueError, match="max_rel_error"):  # anywhere on the line
+        main(["calibrate", WAN, "--max-rel-error", "-1", "--debug"])
+
+
+def test_cli_version(capsys):
+    from vmonarch_opt.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"vmonarch-opt {vmonarch_opt.__version__}"
+
+
+def test_cli_as_a_program_exits_2_and_ends_quietly_in_a_pipe(tmp_path):
+    """The console script: status 2 and one line for a mistake; ``report --markdown | head`` stops
+    without a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    model, batch = models.wan()
+    report = _quiet_optimize(model, batch, **FAST).report
+    report.data["rows"] = report.data["rows"] * 2000  # far more than a pipe buffer
+    report.to_json(tmp_path / "big.json")
+    cli = [sys.executable, "-m", "vmonarch_opt.cli"]
+    for argv in (["report", str(tmp_path)], ["show", str(tmp_path / "missing.json")]):
+        res = subprocess.run(cli + argv, capture_output=True, text=True)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+        assert res.stderr.startswith("vmonarch-opt: error: "), res.stderr
+    proc = subprocess.Popen(cli + ["report", "--markdown", str(tmp_path / "big.json")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # what `| head -1` does
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert first.startswith(b"### vmonarch_opt report") and err == ""

@@ -21,11 +21,28 @@ def _rows(profile):
     return [r for r in profile.sites.values() if r["status"] in ("calibrated", "pinned")]
 
 
+def check_image_path(path) -> Path:
+    """``path`` as an image file matplotlib can write (its suffix names the format), or a ValueError
+    naming the formats (before a plot is drawn, and never written under another name)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path = Path(path)
+    kinds = FigureCanvasAgg.get_supported_filetypes()
+    if path.suffix.lower().lstrip(".") not in kinds:
+        what = (f"{path.suffix!r} is not an image format matplotlib writes" if path.suffix else
+                "no suffix to say the image format")
+        more = ", ".join("." + k for k in sorted(kinds) if k not in ("png", "pdf", "svg"))
+        raise ValueError(f"{path}: {what}; use .png, .pdf or .svg (or {more})")
+    return path
+
+
 def plot_profile(profile, path, *, title=None, dpi: int = 120) -> Path:
     """Four panels, one point per calibrated site in model order; error bars span the heads."""
     # A bare Figure renders with the Agg canvas and never touches pyplot's global backend state.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    path = check_image_path(path)
 
     rows = _rows(profile)
     labels = [r["site"]["site_id"] for r in rows]
@@ -77,7 +94,6 @@ def plot_profile(profile, path, *, title=None, dpi: int = 120) -> Path:
     for a in axes:
         a.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path

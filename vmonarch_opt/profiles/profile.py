@@ -319,6 +319,8 @@ def load_profile(path, *, allow_shape_change: bool = False) -> Profile:
     p = Path(path)
     if not p.exists():
         raise ProfileError(f"{path}: no such profile file; write one with vmonarch_opt.calibrate(model, batch).save(path)")
+    if p.is_dir():
+        raise ProfileError(f"{path}: is a directory; give the profile's JSON file")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
