@@ -394,3 +394,26 @@ def test_cli_as_a_program_exits_2_and_ends_quietly_in_a_pipe(tmp_path):
     err = proc.stderr.read().decode()
     proc.wait(timeout=60)
     assert first.startswith(b"### vmonarch_opt report") and err == ""
+
+
+# ------------------------------------------------------------------------------ 15: the profile plot
+def test_profile_plot_cut_axis_starts_at_1x_and_colours_have_a_legend(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    model, batch = models.wan(frames=4, height=6, width=6)
+    prof = vmonarch_opt.calibrate(model, batch, budget=vmonarch_opt.Budget(max_rel_error=0.5), min_seq_len=0,
+                                  overrides={"blocks.1.attn1": "dense"}, progress=False)
+    figures, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figures.append(self), save(self, *a, **k))[1])
+    prof.plot(tmp_path / "p.png")
+    ax = figures[0].axes[3]  # the FLOP-cut panel
+    assert ax.get_ylim()[0] == pytest.approx(1.0)  # no cut is the floor, not 0
+    bars = ax.patches
+    assert len(bars) == 2 and all(b.get_y() == pytest.approx(1.0) for b in bars)
+    cut = prof.sites["blocks.0.attn1"]["dense"]["flops"] / prof.sites["blocks.0.attn1"]["choice"]["flops"]
+    assert bars[0].get_y() + bars[0].get_height() == pytest.approx(cut) and bars[1].get_height() == 0
+    legend = ax.get_legend()
+    assert legend is not None and [t.get_text() for t in legend.get_texts()] == ["monarch", "dense"]
+    colours = {t.get_text(): h.get_facecolor() for t, h in zip(legend.get_texts(), legend.legend_handles)}
+    assert bars[0].get_facecolor() == colours["monarch"] and bars[1].get_facecolor() == colours["dense"]
+    assert "1×" in ax.get_ylabel()
