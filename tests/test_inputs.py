@@ -48,6 +48,17 @@ def test_grid_that_fits_is_used_and_said_so():
     assert s["grid"] == [5, 4, 3] and s["grid_source"] == "grid= given by the user"
 
 
+def test_grid_the_model_agrees_with_is_placed_where_only_the_model_can_place_it():
+    """Motif-Video's decoder joins two copies of the video: only the patch embedding says which one is
+    the video. A grid= with the video's token count takes that placement (it used to be dropped for
+    the inferred grid, which happened to be the same)."""
+    model, batch = models.motif_video()  # a 3×6×8 grid
+    opt = _quiet_optimize(model, batch, grid=(6, 3, 8), **FAST)
+    s = opt.report.site("single_transformer_blocks.1.attn")["site"]
+    assert s["grid"] == [6, 3, 8] and (s["text_before"], s["text_after"]) == (0, 144)
+    assert s["grid_source"].startswith("grid= given by the user (the other tokens placed as for the grid from Conv3d")
+
+
 def test_grid_entry_that_fits_no_site_it_names_raises():
     """A site whose video tokens are not known (no patch embedding, no latents in the batch): a
     grid that fits none of the sites it matches is wrong, not ignored."""

@@ -455,9 +455,18 @@ def assign_grids(sites: list[DetectedSite], graphs: list[CapturedGraph], model, 
             if user.text is not None and s.seq_q != s.seq_k:  # text placement is for joint attention
                 user = GridCandidate(user.grid, "grid= given by the user")
             chosen, why_not = _place(ds, _with_factorised([user], s, bsz), graphs, source_of, module_of)
-            matched[pat].append((s, chosen is not None))
             if chosen is None:
                 inferred, _ = _place(ds, _with_factorised(cands, s, bsz), graphs, source_of, module_of)
+                if inferred is not None and user.text is None and math.prod(inferred[0].grid) == math.prod(user.grid):
+                    # as many video tokens as the model shows: where the others sit was only findable from
+                    # the patch embedding (e.g. two parts of the video's size, one of them the video)
+                    c, tb, ta, before_from = inferred
+                    chosen = (GridCandidate(user.grid, f"{user.source} (the other tokens placed as for the grid "
+                                                       f"from {c.source})", None,
+                                            c.node if tuple(c.grid) == tuple(user.grid) else None),
+                              tb, ta, before_from)
+            matched[pat].append((s, chosen is not None))
+            if chosen is None:
                 if inferred is not None:
                     c, tb, ta, _ = inferred
                     raise ValueError(
