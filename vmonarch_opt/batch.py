@@ -65,8 +65,10 @@ def run_calibration_call(model, batch: Any):
 
 
 def as_batches(calib: Any) -> list:
-    """Several batches may be given as a list of dicts (e.g. several diffusion timesteps)."""
+    """Several batches may be given as a list of dicts (e.g. several diffusion timesteps), all of
+    one shape (``check_same_shapes``)."""
     if isinstance(calib, list) and calib and all(isinstance(b, dict) for b in calib):
+        check_same_shapes(calib)
         return list(calib)
     return [calib]
 
@@ -87,6 +89,38 @@ def check_finite(batches: list) -> None:
                     f"the calibration batch has a {what} in {where}input {name!r} at position {pos} "
                     f"({int(bad.sum())} non-finite value(s) in that tensor of shape {tuple(t.shape)}); "
                     f"calibrate on finite inputs, like the ones you will run the model on")
+
+
+def _shape_of(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"{tuple(v.shape)}:{str(v.dtype).replace('torch.', '')}"
+    return "no tensor"
+
+
+def check_same_shapes(batches: list) -> None:
+    """Raise a ValueError naming the batches and their shapes when calibration batches differ in
+    their tensors' shapes or dtypes, or in which arguments are tensors (other values may differ:
+    timesteps, flags).
+
+    Each site's plan is made for one shape, and a call of another shape runs the model's own
+    attention: calibrating on batches of several shapes would measure each site on the batches of
+    one shape only, while saying it was calibrated on all of them.
+    """
+    sig = [{k: _shape_of(v) for k, v in iter_tensors(b) if isinstance(v, torch.Tensor)} for b in batches]
+    if all(s == sig[0] for s in sig[1:]):
+        return
+    keys = list(dict.fromkeys(k for s in sig for k in s))
+    differ = [k for k in keys if len({s.get(k, "no tensor") for s in sig}) > 1]
+    groups: dict = {}  # signature of the differing arguments -> batch indices
+    for i, s in enumerate(sig):
+        groups.setdefault(tuple(s.get(k, "no tensor") for k in differ), []).append(i)
+    lines = [f"  batch{'es' if len(idx) > 1 else ''} {', '.join(map(str, idx))}: "
+             + ", ".join(f"{k}={v}" for k, v in zip(differ, key)) for key, idx in groups.items()]
+    raise ValueError(
+        "calibration batches of different shapes:\n" + "\n".join(lines) + "\n"
+        "Each site is planned and calibrated for one shape; batches of another shape would not be measured "
+        "there. Optimize (or calibrate) per shape — one call per video size, each with its own profile — "
+        "or pass batches of one shape (e.g. the same latent size at several noise levels).")
 
 
 def iter_tensors(obj: Any) -> Iterator[tuple[str, Any]]:

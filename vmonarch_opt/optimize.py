@@ -18,6 +18,7 @@ from . import pipeline
 from .batch import as_batches, batch_device, check_finite
 from .errors import VMonarchError
 from .passes.grid import check_grid_spec
+from .planner import check_min_seq_len, check_overrides
 from .profiles.output_budget import check_evaluate
 from .report import Report
 from .site import AttentionSite
@@ -117,8 +118,10 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
         profile = as_profile(profile)
     if min_seq_len is None:  # with a profile: the threshold it was calibrated with
         recorded = profile.data.get("min_seq_len") if profile is not None else None
-        min_seq_len = 1024 if recorded is None else int(recorded)
+        min_seq_len = 1024 if recorded is None else check_min_seq_len(recorded, "the profile's min_seq_len")
+    min_seq_len = check_min_seq_len(min_seq_len)
     check_grid_spec(grid)
+    check_overrides(overrides)
     batches = as_batches(calib_batch)
     check_finite(batches)
     target = model if inplace else copy.deepcopy(model)

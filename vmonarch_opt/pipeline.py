@@ -26,7 +26,7 @@ from .passes.grid import assign_grids, grid_modules, lookup_user_grid
 from .passes.normalize import NormalizeError, normalize_module
 from .passes.regrid import GridTracker
 from .passes.siblings import add_sibling_sites
-from .planner import plan_sites
+from .planner import plan_sites, warn_unmatched_overrides
 from .router import Route, Routing, owning_module
 from .runtime import SiteRuntime, executed_cost, prepare_qkv, runtime_mismatch
 from .site import AttentionSite
@@ -135,6 +135,7 @@ def plan(model, analysis: Analysis, batch, *, methods=None, overrides: Optional[
          min_seq_len: int = 1024) -> tuple[dict, Routing]:
     """Eligibility and default choice per site, then hand-written attention that may be rewritten
     normalised to SDPA (so that calibration observes every candidate site): ``(plans, routing)``."""
+    warn_unmatched_overrides(overrides, analysis.sites)
     plans = plan_sites(analysis.sites, methods=methods, overrides=overrides, min_seq_len=min_seq_len)
     normalised, plans = _normalize_handwritten(model, analysis.detected, plans, batch)
     return plans, Routing.build(analysis.detected, plans, normalised)

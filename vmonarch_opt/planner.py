@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import fnmatch
+import numbers
+import warnings
 from typing import Optional
 
 from . import methods as registry
@@ -57,6 +59,45 @@ def key_padding_ok(site: AttentionSite) -> bool:
             and is_padding_mask_shape(site.mask_shape, site.seq_q, site.seq_k))
 
 
+def check_min_seq_len(min_seq_len, source: str = "min_seq_len") -> int:
+    """``min_seq_len`` as an int ≥ 0, or a ValueError naming the fix."""
+    if isinstance(min_seq_len, bool) or not isinstance(min_seq_len, numbers.Integral) or min_seq_len < 0:
+        raise ValueError(f"{source}={min_seq_len!r}: give a number of tokens ≥ 0 (sites with fewer tokens keep "
+                         f"the model's own attention; 0 rewrites every site)")
+    return int(min_seq_len)
+
+
+def check_overrides(overrides) -> None:
+    """Raise a ValueError naming the fix if ``overrides=`` is not ``{site_glob: method name |
+    "original" | config}`` of registered methods (before any model run)."""
+    if overrides is None:
+        return
+    form = "{site_glob: method name | 'original' | config object}, e.g. {'blocks.0.*': 'dense'}"
+    if not isinstance(overrides, dict):
+        raise ValueError(f"overrides={overrides!r}: give {form}")
+    for pat, spec in overrides.items():
+        if not isinstance(pat, str):
+            raise ValueError(f"overrides= key {pat!r}: give {form} (keys are globs on site paths)")
+        if isinstance(spec, str) and spec == ORIGINAL:
+            continue
+        try:
+            registry.parse(spec)
+        except ValueError as e:
+            raise ValueError(f"overrides={{{pat!r}: {spec!r}}}: {e}, or {ORIGINAL!r} for the model's own "
+                             f"attention") from None
+
+
+def warn_unmatched_overrides(overrides: Optional[dict], sites: list[AttentionSite]) -> None:
+    """A RuntimeWarning for ``overrides=`` globs that match no site (they pin nothing)."""
+    ids = [s.site_id for s in sites]
+    unused = [pat for pat in (overrides or {}) if not any(fnmatch.fnmatchcase(sid, pat) for sid in ids)]
+    if unused:
+        warnings.warn(f"vmonarch_opt: overrides= {'globs' if len(unused) > 1 else 'glob'} "
+                      f"{', '.join(map(repr, unused))} match{'' if len(unused) > 1 else 'es'} no attention site, so "
+                      f"{'they pin' if len(unused) > 1 else 'it pins'} nothing; the sites are: {', '.join(ids)}",
+                      RuntimeWarning, stacklevel=3)
+
+
 def _override_for(site_id: str, overrides: Optional[dict]):
     if not overrides:
         return None
@@ -96,7 +137,10 @@ def plan_sites(sites: list[AttentionSite], *, methods=None, overrides: Optional[
         spec = _override_for(s.site_id, overrides)
         base = SitePlan(site_id=s.site_id, method=ORIGINAL, seq_q=s.seq_q, seq_k=s.seq_k, head_dim=s.head_dim,
                         flops_before=attention_flops(s))
-        why = unsupported_reason(s, min_seq_len, forced=spec is not None and spec != ORIGINAL)
+        pinned = spec is not None and spec != ORIGINAL
+        why = unsupported_reason(s, min_seq_len, forced=pinned)
+        if pinned and why is not None:
+            why = f"pinned to {registry.of(registry.parse(spec)).name} by overrides=, which cannot run here: {why}"
         if spec == ORIGINAL:
             why = "pinned by overrides= to the model's own attention"
         if why is None:

@@ -7,10 +7,7 @@ written as ONNX, checked and verified in onnxruntime.
 """
 from __future__ import annotations
 
-import json
-import sys
-
-from ..cli import FACTORY_EXAMPLE, load_factory
+from ..cli import FACTORY_EXAMPLE, fail, input_file, json_arg, load_factory, output_file
 
 _EPILOG = """examples (the vmonarch_fixtures factories from the root of a checkout of the repository;
 MODULE is imported from the current directory or PYTHONPATH):
@@ -26,36 +23,28 @@ def build(spec: str, factory_kwargs: dict):
 
     out = load_factory(spec)(**factory_kwargs)
     if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.nn.Module)):
-        raise SystemExit(f"vmonarch-opt: {spec} must return (model, example_inputs) — the model and what it is "
-                         f"called with (a dict, tuple or tensor); it returned {type(out).__name__}")
+        fail(f"{spec} must return (model, example_inputs) — the model and what it is called with (a dict, tuple "
+             f"or tensor); it returned {type(out).__name__}")
     return out
 
 
 def _load_profile(path: str):
-    from ..errors import ProfileError
     from ..profiles.profile import load_profile
 
-    try:
-        return load_profile(path)
-    except ProfileError as e:
-        raise SystemExit(f"vmonarch-opt: {e}")
+    return load_profile(input_file(path, "profile JSON file"))  # a ProfileError is one line in main()
 
 
 def _cmd_export_onnx(args) -> int:
     import vmonarch_opt
 
-    from ..errors import VMonarchError
     from .onnx import export_onnx
 
-    try:
-        factory_kwargs = json.loads(args.kwargs) if args.kwargs else {}
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"vmonarch-opt: --kwargs is not valid JSON ({e})")
-    if not isinstance(factory_kwargs, dict):
-        raise SystemExit("vmonarch-opt: --kwargs must be a JSON object, e.g. '{\"frames\": 4}'")
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
-    model, inputs = build(args.factory, factory_kwargs)
+    output_file(args.output, ".onnx file")
+    if args.report:
+        output_file(args.report, "report")
+    factory_kwargs = json_arg(args.kwargs, "--kwargs") if args.kwargs else {}
     profile = _load_profile(args.profile) if args.profile else None
+    model, inputs = build(args.factory, factory_kwargs)
     kw = {}
     if args.no_calibrate:
         kw["budget"] = None
@@ -63,23 +52,22 @@ def _cmd_export_onnx(args) -> int:
         from ..profiles.budget import Budget
 
         kw["budget"] = Budget(max_rel_error=args.max_rel_error)
-    try:
-        opt = vmonarch_opt.optimize(model, inputs, profile=profile, methods=methods, min_seq_len=args.min_seq_len,
-                                    **kw)
-        print(opt.report)
-        if args.report:
-            opt.report.to_json(args.report)
-        result = export_onnx(opt, inputs, args.output, opset=args.opset, strict=not args.allow_dense_fallback,
-                             verify=not args.no_verify, rtol=args.rtol, dynamic_batch=args.dynamic_batch)
-    except VMonarchError as e:
-        print(f"vmonarch-opt: {e}", file=sys.stderr)
-        return 1
+    # a VMonarchError (a site that cannot be lowered, onnxruntime disagreeing) is one line in main()
+    opt = vmonarch_opt.optimize(model, inputs, profile=profile, methods=args.methods, min_seq_len=args.min_seq_len,
+                                **kw)
+    print(opt.report)
+    if args.report:
+        opt.report.to_json(args.report)
+    result = export_onnx(opt, inputs, args.output, opset=args.opset, strict=not args.allow_dense_fallback,
+                         verify=not args.no_verify, rtol=args.rtol, dynamic_batch=args.dynamic_batch)
     print(result)
     return 0
 
 
 def add_commands(subparsers) -> None:
     import argparse
+
+    from ..profiles.commands import count_arg, methods_arg
 
     p = subparsers.add_parser(
         "export-onnx", help="optimize a model given as MODULE:FACTORY and write it as ONNX",
@@ -91,9 +79,9 @@ def add_commands(subparsers) -> None:
                                    f"from a checkout of the repository")
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     p.add_argument("--profile", help="calibration profile (JSON) whose per-site choices are used")
-    p.add_argument("--methods", default=None,
+    p.add_argument("--methods", type=methods_arg, default=None,
                    help="allowed methods, comma-separated (default: every registered method: monarch, vmoba, dense)")
-    p.add_argument("--min-seq-len", type=int, default=None,
+    p.add_argument("--min-seq-len", type=count_arg, default=None,
                    help="sites with fewer tokens keep the model's attention (default 1024, or the "
                         "profile's own with --profile)")
     p.add_argument("--max-rel-error", type=float, default=None,

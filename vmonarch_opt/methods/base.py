@@ -7,8 +7,9 @@ these hooks; nothing else knows method names:
 
 =====================  ==========================================================================
 planning               ``resolve_args`` (config → op arguments at a site), ``unsupported`` (a
-                       site this method cannot take), ``flops`` (attention FLOPs of the plan),
-                       ``plan_note`` (what the report adds to the plan's reason)
+                       site this method cannot take), ``check_config`` (a config's values at a
+                       site, for profiles edited by hand), ``flops`` (attention FLOPs of the
+                       plan), ``plan_note`` (what the report adds to the plan's reason)
 calibration            ``candidates`` (configs tried at a site), ``calibration_run`` (output,
                        FLOPs and density of one candidate on real q/k/v), ``config_from_args``,
                        ``rederive`` (a calibrated choice at another shape)
@@ -27,12 +28,14 @@ place in the default choice without calibration), ``structured`` (cuts attention
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
 import torch
 
-__all__ = ["Method", "Shape"]
+__all__ = ["Method", "Shape", "check_tile"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,28 @@ class Shape:
     @property
     def dense_flops(self) -> int:
         return 4 * self.batch * self.heads * self.seq_q * self.seq_k * self.head_dim
+
+
+def _count(x, least: int = 1) -> bool:
+    """An integer ≥ ``least`` (``True`` is not a count)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= least
+
+
+def check_tile(name: str, value, site) -> Optional[str]:
+    """What is wrong with a ``(t, h, w)`` tile of the site's video grid (``name``: ``block``,
+    ``chunk``), or None: three positive integers, none larger than the grid (a site without a grid
+    is ``(1, 1, video tokens)``, and a tile there may be given as its length)."""
+    nv = site.seq_q - site.text_before - site.text_after
+    grid = tuple(site.grid) if site.grid else (1, 1, nv)
+    t = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    if not site.grid and len(t) in (1, 3) and all(_count(x) for x in t):
+        t = (1, 1, math.prod(t))
+    if len(t) != 3 or not all(_count(x) for x in t):
+        return f"{name}={value!r}: three positive integers (t, h, w)"
+    if any(b > g for b, g in zip(t, grid)):
+        return (f"{name} {'×'.join(map(str, t))} does not fit the site's grid {'×'.join(map(str, grid))}: "
+                f"no dimension may exceed the grid's")
+    return None
 
 
 class Method:
@@ -89,13 +114,18 @@ class Method:
             d[k] = list(v) if isinstance(v, tuple) else v
         return d
 
-    def config_from_dict(self, d: dict):
+    def config_from_dict(self, d: dict, strict: bool = False):
+        """The config saved as ``d``; ``strict``: every field must be there (a saved profile writes
+        them all, so a missing one was edited out, and its default would change the choice)."""
         d = dict(d)
         d.pop("method", None)
         names = {f.name for f in fields(self.config_cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"saved {self.name} config has unknown fields {unknown}")
+        missing = [f.name for f in fields(self.config_cls) if f.name not in d]
+        if strict and missing:
+            raise ValueError(f"saved {self.name} config lacks its parameters {missing}")
         for f in fields(self.config_cls):
             if isinstance(d.get(f.name), list):
                 d[f.name] = tuple(d[f.name])
@@ -112,6 +142,11 @@ class Method:
     # ------------------------------------------------------------------------------ planning
     def unsupported(self, site) -> Optional[str]:
         """Why this method cannot run ``site`` (beyond the optimizer's own checks), or None."""
+        return None
+
+    def check_config(self, cfg, site) -> Optional[str]:
+        """What is wrong with ``cfg`` at ``site`` (a value out of range, a block that does not fit
+        the grid), or None. A profile edited by hand is checked with it on load."""
         return None
 
     def resolve_args(self, cfg, site, layer: int) -> dict:

@@ -11,7 +11,7 @@ import torch
 
 from ..kernels import dispatch
 from ..ops import OP_TAGS, empty_attention_out, in_q_layout, register_reference_autograd
-from .base import Method, Shape
+from .base import Method, Shape, check_tile
 from .registry import register
 
 __all__ = ["MonarchConfig", "MonarchMethod", "default_monarch_block", "layout_config", "monarch_attention"]
@@ -131,6 +131,13 @@ class MonarchMethod(Method):
         return dict(grid=list(grid), block=[min(b, g) for b, g in zip(block, grid)],
                     text_before=site.text_before, text_after=site.text_after,
                     steps=int(cfg.steps), recompute=bool(cfg.recompute))
+
+    def check_config(self, cfg, site) -> Optional[str]:
+        if isinstance(cfg.steps, bool) or not isinstance(cfg.steps, int) or cfg.steps < 1:
+            return f"steps={cfg.steps!r}: an integer ≥ 1"
+        if not isinstance(cfg.recompute, bool):
+            return f"recompute={cfg.recompute!r}: true or false"
+        return None if cfg.block is None else check_tile("block", cfg.block, site)
 
     def flops(self, shape: Shape, args: dict, density: Optional[float] = None) -> Optional[int]:
         from ..kernels.monarch.reference import monarch_flops

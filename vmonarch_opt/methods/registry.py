@@ -99,11 +99,12 @@ def config_to_dict(cfg) -> dict:
     return of(cfg).config_to_dict(cfg)
 
 
-def config_from_dict(d: dict):
+def config_from_dict(d: dict, strict: bool = False):
+    """A saved config; ``strict``: every parameter of its method must be there."""
     m = find(d.get("method"))
     if m is None:
         raise ValueError(f"unknown method {d.get('method')!r} in a saved config (registered: {names()})")
-    return m.config_from_dict(d)
+    return m.config_from_dict(d, strict=strict)
 
 
 def describe(cfg) -> str:

@@ -11,7 +11,7 @@ import torch
 
 from ..kernels import dispatch
 from ..ops import OP_TAGS, empty_attention_out, in_q_layout, register_reference_autograd
-from .base import Method, Shape
+from .base import Method, Shape, check_tile
 from .registry import register
 
 __all__ = ["VMoBAConfig", "VMoBAMethod", "default_vmoba_chunk", "vmoba_config", "vmoba_attention"]
@@ -123,18 +123,32 @@ class VMoBAMethod(Method):
                     text_after=site.text_after, partition=part, threshold=float(cfg.threshold),
                     topk=int(cfg.topk), pooled_rest=bool(cfg.pooled_rest))
 
+    def check_config(self, cfg, site) -> Optional[str]:
+        from ..kernels.vmoba.layout import PARTITIONS
+
+        t = cfg.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            return f"threshold={t!r}: a number > 0 (the share of attention weight kept; ≥ 1 keeps every block)"
+        if isinstance(cfg.topk, bool) or not isinstance(cfg.topk, int) or cfg.topk < 0:
+            return f"topk={cfg.topk!r}: an integer ≥ 0 (0: threshold selection)"
+        if not isinstance(cfg.pooled_rest, bool):
+            return f"pooled_rest={cfg.pooled_rest!r}: true or false"
+        if cfg.partition is not None and cfg.partition not in PARTITIONS:
+            return f"partition={cfg.partition!r}: one of {PARTITIONS} (or null for the layer-wise cycle)"
+        return None if cfg.chunk is None else check_tile("chunk", cfg.chunk, site)
+
     def flops(self, shape: Shape, args: dict, density: Optional[float] = None) -> Optional[int]:
         if density is None:
             return None  # depends on the selection: measured on real q/k
+        from ..kernels.vmoba.layout import vmoba_layout
+
         nv = shape.seq_q - args["text_before"] - args["text_after"]
         # text rows and columns stay dense; video×video pairs at the measured density; with the
         # pooled rest every video query also meets one pooled key per block
         pairs = shape.seq_q * shape.seq_k - nv * nv + density * nv * nv
-        if args.get("pooled_rest"):
-            from ..kernels.vmoba.layout import vmoba_layout
-
-            pairs += nv * vmoba_layout(tuple(args["grid"]), tuple(args["chunk"]), args["partition"]).num_blocks
-        return int(round(4 * shape.batch * shape.heads * pairs * shape.head_dim))
+        if args.get("pooled_rest"):  # every video query also scores each block's pooled key (vmoba_flops)
+            pairs += nv * vmoba_layout(args["grid"], args["chunk"], args["partition"]).num_blocks
+        return round(4 * shape.batch * shape.heads * pairs * shape.head_dim)
 
     def params(self, args: dict) -> str:
         s = f"{args['partition']} chunk={'×'.join(map(str, args['chunk']))} thr={args['threshold']:g}"

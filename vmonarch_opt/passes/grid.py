@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -317,32 +319,53 @@ def _spec_entries(grid: GridSpec) -> list:
     return [("*", grid)]
 
 
-def lookup_user_grid(grid: GridSpec, site_id: str) -> Optional[GridCandidate]:
-    """The grid ``grid=`` gives this site (first matching pattern), or None."""
+def _user_entry(grid: GridSpec, site_id: str) -> tuple:
+    """``(glob, GridCandidate)`` of the first ``grid=`` entry matching this site, or ``(None, None)``."""
     for pat, spec in _spec_entries(grid):
         if fnmatch.fnmatchcase(site_id, pat):
             if isinstance(spec, dict):
                 text = (int(spec.get("text_before", 0)), int(spec.get("text_after", 0)))
-                return GridCandidate(tuple(spec["grid"]), "grid= given by the user, with its text placement", text)
-            return GridCandidate(tuple(spec), "grid= given by the user")
-    return None
+                return pat, GridCandidate(tuple(int(x) for x in spec["grid"]),
+                                          "grid= given by the user, with its text placement", text)
+            return pat, GridCandidate(tuple(int(x) for x in spec), "grid= given by the user")
+    return None, None
+
+
+def lookup_user_grid(grid: GridSpec, site_id: str) -> Optional[GridCandidate]:
+    """The grid ``grid=`` gives this site (first matching pattern), or None."""
+    return _user_entry(grid, site_id)[1]
+
+
+def _count(x) -> bool:
+    """A positive integer (``True`` is not a size)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x > 0
 
 
 def check_grid_spec(user_grid: GridSpec) -> None:
-    """Raise a ValueError naming the fix if ``grid=`` is malformed."""
+    """Raise a ValueError naming the fix if ``grid=`` is malformed (before any model run: how many
+    video tokens each site has is checked once the sites are known, in ``assign_grids``)."""
     fix = (f"grid={user_grid!r}: give (frames, height, width) in latent tokens, e.g. grid=(21, 30, 52), "
            f"{{'blocks.*': (21, 30, 52)}}, or with the text placement of joint attention "
            f"{{'blocks.*': {{'grid': (21, 30, 52), 'text_before': 0, 'text_after': 226}}}}")
+    if user_grid is not None and not isinstance(user_grid, (tuple, list, dict)):
+        raise ValueError(fix)
     for _, spec in _spec_entries(user_grid):
         if isinstance(spec, dict):
             if set(spec) - {"grid", "text_before", "text_after"} or "grid" not in spec:
                 raise ValueError(fix)
-            if not all(isinstance(spec.get(k, 0), int) and spec.get(k, 0) >= 0 for k in ("text_before", "text_after")):
-                raise ValueError(fix)
+            for k in ("text_before", "text_after"):
+                n = spec.get(k, 0)
+                if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+                    raise ValueError(f"grid={user_grid!r}: {k}={n!r} must be an integer ≥ 0 (tokens of the "
+                                     f"sequence before / after the video)")
             spec = spec["grid"]
         g = tuple(spec) if isinstance(spec, (tuple, list)) else (spec,)
-        if len(g) != 3 or not all(isinstance(x, int) and x > 0 for x in g):
+        if len(g) != 3:
             raise ValueError(fix)
+        if not all(_count(x) for x in g):
+            raise ValueError(f"grid={user_grid!r}: the grid {tuple(g)!r} must be three positive integers whose "
+                             f"product is the number of video tokens of the sites it applies to (latent "
+                             f"frames × height × width, after patching), e.g. grid=(21, 30, 52)")
 
 
 def _factorised(options: list[GridCandidate], site, batch_size: Optional[int]) -> list[GridCandidate]:
@@ -360,9 +383,57 @@ def _factorised(options: list[GridCandidate], site, batch_size: Optional[int]) -
     return out
 
 
+def _place(ds: DetectedSite, options: list, graphs, source_of, module_of) -> tuple:
+    """``((candidate, text_before, text_after, text_before_from), "")`` for the first candidate that
+    fits the site's sequence, or ``(None, why the first near miss did not fit)``."""
+    s = ds.site
+    n, why_not = s.seq_q, ""
+    for c in options:
+        nv = math.prod(c.grid)
+        if c.text is not None:  # the user placed the text: it must add up exactly
+            if sum(c.text) + nv == s.seq_q == s.seq_k:
+                return (c, *c.text, []), ""
+            why_not = why_not or (f"grid= {c.grid} with {c.text[0]} text tokens before and {c.text[1]} after "
+                                  f"is {nv + sum(c.text)} tokens, but this self-attention has {n}")
+            continue
+        if nv == n:
+            return (c, 0, 0, []), ""
+        if 0 < nv < n:
+            split = _find_text_split(ds, nv, graphs, source_of, module_of(c))
+            if split is not None:
+                return (c, split[0], split[1], list(split[2])), ""
+            why_not = why_not or (f"grid {c.grid} from {c.source} covers {nv} of {n} tokens but the text "
+                                  f"tokens' position could not be found (pass grid={{'<site>': {{'grid': "
+                                  f"{c.grid}, 'text_before': ..., 'text_after': ...}}}})")
+    return None, why_not
+
+
+def _with_factorised(options: list, site, batch_size) -> list:
+    """``options``, plus per-frame / per-position grids when none fits inside the sequence."""
+    if not any(math.prod(c.grid) <= site.seq_q for c in options):  # factorised space/time attention?
+        return options + _factorised(options, site, batch_size)
+    return options
+
+
+def _misfit(user: GridCandidate, s, why_not: str) -> str:
+    """What is wrong with the user's grid at site ``s``."""
+    nv = math.prod(user.grid)
+    what = f"grid={user.grid}"
+    if user.text is not None:
+        what += f" with {user.text[0]} text tokens before and {user.text[1]} after"
+        nv += sum(user.text)
+    shape = f"{s.seq_q} tokens" if s.seq_q == s.seq_k else f"{s.seq_q} query tokens × {s.seq_k} key tokens"
+    return f"{what} ({nv} tokens) does not fit site '{s.site_id}' ({shape})" + (f": {why_not}" if why_not else "")
+
+
 def assign_grids(sites: list[DetectedSite], graphs: list[CapturedGraph], model, batch,
                  user_grid: GridSpec = None) -> None:
-    """Fill ``grid``, ``text_before``, ``text_after``, ``grid_source`` and ``kind`` of each site."""
+    """Fill ``grid``, ``text_before``, ``text_after``, ``grid_source`` and ``kind`` of each site.
+
+    A ``grid=`` entry is never ignored silently: one that does not fit a site whose video grid the
+    model shows (patch embedding, batch) raises ``ValueError`` naming the site, its token count and
+    the grid; one that fits none of the sites it matches raises too; one that matches no site warns.
+    """
     check_grid_spec(user_grid)
     bsz = _batch_size(batch)
     cands = _conv_candidates(graphs, bsz) + _batch_candidates(model, batch)
@@ -375,42 +446,65 @@ def assign_grids(sites: list[DetectedSite], graphs: list[CapturedGraph], model, 
     def module_of(c: GridCandidate) -> str:  # the patch embedding that gave a candidate grid
         path = node_module_path(c.node, real) if c.node is not None else ""
         return path if path in real else ""
+
+    matched: dict = {pat: [] for pat, _ in _spec_entries(user_grid)}  # glob -> [(site, fits)]
     for ds in sites:
         s = ds.site
-        n = s.seq_q
-        user = lookup_user_grid(user_grid, s.site_id)
-        options = ([user] if user else []) + cands
-        chosen, why_not = None, ""
-        if not any(math.prod(c.grid) <= n for c in options):  # factorised space/time attention?
-            options = options + _factorised(options, s, bsz)
-        for c in options:
-            nv = math.prod(c.grid)
-            if c.text is not None:  # the user placed the text: it must add up exactly
-                if sum(c.text) + nv == s.seq_q == s.seq_k:
-                    chosen = (c, *c.text)
-                    break
-                why_not = why_not or (f"grid= {c.grid} with {c.text[0]} text tokens before and {c.text[1]} after "
-                                      f"is {nv + sum(c.text)} tokens, but this self-attention has {n}")
-                continue
-            if nv == n:
-                chosen = (c, 0, 0)
-                break
-            if 0 < nv < n:
-                split = _find_text_split(ds, nv, graphs, source_of, module_of(c))
-                if split is not None:
-                    chosen = (c, *split[:2])
-                    s.text_before_from = list(split[2])
-                    break
-                why_not = why_not or (f"grid {c.grid} from {c.source} covers {nv} of {n} tokens but the text "
-                                      f"tokens' position could not be found (pass grid={{'<site>': {{'grid': "
-                                      f"{c.grid}, 'text_before': ..., 'text_after': ...}}}})")
+        pat, user = _user_entry(user_grid, s.site_id)
+        if user is not None:
+            if user.text is not None and s.seq_q != s.seq_k:  # text placement is for joint attention
+                user = GridCandidate(user.grid, "grid= given by the user")
+            chosen, why_not = _place(ds, _with_factorised([user], s, bsz), graphs, source_of, module_of)
+            if chosen is None:
+                inferred, _ = _place(ds, _with_factorised(cands, s, bsz), graphs, source_of, module_of)
+                if inferred is not None and user.text is None and math.prod(inferred[0].grid) == math.prod(user.grid):
+                    # as many video tokens as the model shows: where the others sit was only findable from
+                    # the patch embedding (e.g. two parts of the video's size, one of them the video)
+                    c, tb, ta, before_from = inferred
+                    chosen = (GridCandidate(user.grid, f"{user.source} (the other tokens placed as for the grid "
+                                                       f"from {c.source})", None,
+                                            c.node if tuple(c.grid) == tuple(user.grid) else None),
+                              tb, ta, before_from)
+            matched[pat].append((s, chosen is not None))
+            if chosen is None:
+                if inferred is not None:
+                    c, tb, ta, _ = inferred
+                    raise ValueError(
+                        f"{_misfit(user, s, '')}, where the model shows {math.prod(c.grid)} video tokens "
+                        f"(grid {'×'.join(map(str, c.grid))} from {c.source}"
+                        + (f", with {tb} text tokens before and {ta} after" if tb or ta else "")
+                        + f"). Give a grid whose product is {math.prod(c.grid)}, a grid= entry of its own for "
+                        f"this site ({{'{s.site_id}': (T, H, W)}}), or leave it to inference.")
+                why_not = _misfit(user, s, why_not)
+        else:
+            chosen, why_not = _place(ds, _with_factorised(cands, s, bsz), graphs, source_of, module_of)
         if chosen is None:
             s.grid = None
             s.grid_source = why_not or ("no video grid found for this sequence length: 1D blocks"
-                                        if options else "no video grid found (pass grid=(T, H, W)): 1D blocks")
+                                        if cands else "no video grid found (pass grid=(T, H, W)): 1D blocks")
         else:
-            c, tb, ta = chosen
+            c, tb, ta, before_from = chosen
             s.grid, s.text_before, s.text_after, s.grid_source = c.grid, tb, ta, c.source
             s.grid_module = module_of(c)
+            if before_from:
+                s.text_before_from = before_from
         if s.seq_q == s.seq_k and (s.text_before or s.text_after):
             s.kind = "joint"
+    _check_entries(user_grid, matched, [ds.site.site_id for ds in sites])
+
+
+def _check_entries(user_grid: GridSpec, matched: dict, site_ids: list) -> None:
+    """Raise for a ``grid=`` entry that fits none of the sites it matches; warn for one that matches none."""
+    for pat, hits in matched.items():
+        if hits and not any(ok for _, ok in hits):
+            raise ValueError(
+                f"grid= entry {pat!r}: {dict(_spec_entries(user_grid))[pat]!r} fits none of the {len(hits)} "
+                f"site(s) it matches, e.g. {hits[0][0].grid_source}. Give (T, H, W) whose product is the number "
+                f"of video tokens of those sites (with text_before / text_after for the other tokens of joint "
+                f"attention).")
+    unused = [pat for pat, hits in matched.items() if not hits]
+    if unused:
+        warnings.warn(f"vmonarch_opt: grid= {'entries' if len(unused) > 1 else 'entry'} "
+                      f"{', '.join(map(repr, unused))} match{'' if len(unused) > 1 else 'es'} no attention site, so "
+                      f"{'they are' if len(unused) > 1 else 'it is'} not used; the sites are: {', '.join(site_ids)}",
+                      RuntimeWarning, stacklevel=2)

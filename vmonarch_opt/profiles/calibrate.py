@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -285,6 +286,13 @@ def calibrate_sites(model, batches: list, detected: list, plans: dict, routing, 
             pipeline.observe(model, detected, plans, routing, batches, callback)
     finally:
         bar.close()
+    short = [f"{sid} on {rec.batches} of {len(batches)}" for sid, rec in records.items()
+             if 0 < rec.batches < len(batches)]
+    if short:  # batches of one shape (as_batches) that still called a site otherwise (a mask, a branch)
+        warnings.warn(f"vmonarch_opt: calibration measured {'; '.join(short)} batches: the other batches called "
+                      f"these sites in a way their plan does not run (another shape, mask or dtype, or not at all), "
+                      f"so their choices rest on the batches measured (the profile's per-site 'batches')",
+                      RuntimeWarning, stacklevel=2)
 
     rows: dict[str, dict] = {}
     for s in sites:
@@ -355,6 +363,7 @@ def calibrate(model: torch.nn.Module, calib_batch: Any, *, budget: Optional[Budg
     stderr is a terminal). ``evaluate``: what an output budget is measured on (see ``optimize``)."""
     from ..batch import as_batches, check_finite
     from ..passes.grid import check_grid_spec
+    from ..planner import check_min_seq_len, check_overrides
     from .output_budget import check_evaluate
 
     if budget is None:
@@ -364,6 +373,8 @@ def calibrate(model: torch.nn.Module, calib_batch: Any, *, budget: Optional[Budg
     methods = registry.check_methods(methods)
     check_evaluate(evaluate, None, budget)
     check_grid_spec(grid)
+    check_overrides(overrides)
+    min_seq_len = check_min_seq_len(min_seq_len)
     if getattr(model, "vmonarch", None) is not None:
         raise VMonarchError("this model is already optimized; calibrate the original model")
     batches = as_batches(calib_batch)

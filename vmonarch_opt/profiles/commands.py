@@ -1,47 +1,69 @@
 """``vmonarch-opt calibrate | show | plot | diff``: calibration profiles from the command line."""
 from __future__ import annotations
 
-import json
+import argparse
 import sys
 
-from ..cli import FACTORY_EXAMPLE, load_factory
-from ..errors import ProfileError
-
-
-def _json_arg(text: str, what: str) -> dict:
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"vmonarch-opt: {what} must be a JSON object, e.g. '{{\"frames\": 3}}' ({e})")
-    if not isinstance(d, dict):
-        raise SystemExit(f"vmonarch-opt: {what} must be a JSON object, got {type(d).__name__}")
-    return d
+from ..cli import FACTORY_EXAMPLE, fail, input_file, json_arg, load_factory, output_file
 
 
 def _load(path: str, **kw):
     from .profile import load_profile
 
+    return load_profile(input_file(path, "profile JSON file"), **kw)  # a ProfileError is one line in main()
+
+
+def grid_arg(text: str) -> tuple:
+    """``--grid T,H,W`` as three positive integers (an argparse ``type``)."""
     try:
-        return load_profile(path, **kw)
-    except ProfileError as e:
-        raise SystemExit(f"vmonarch-opt: {e}")
+        g = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        g = ()
+    if len(g) != 3 or min(g) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give T,H,W, three positive integers whose product is the "
+                                         f"number of video tokens, e.g. --grid 21,30,52")
+    return g
+
+
+def count_arg(text: str) -> int:
+    """A number of tokens ≥ 0 (an argparse ``type``)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of tokens ≥ 0")
+    return n
+
+
+def methods_arg(text: str) -> tuple:
+    """``--methods a,b`` as registered method names (an argparse ``type``)."""
+    from .. import methods as registry
+
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    try:
+        return registry.check_methods(names)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _cmd_calibrate(args) -> int:
+    from ..planner import check_overrides
     from .budget import Budget
     from .calibrate import calibrate
 
-    made = load_factory(args.model)(**_json_arg(args.kwargs, "--kwargs"))
-    if not (isinstance(made, tuple) and len(made) == 2):
-        raise SystemExit(f"vmonarch-opt: {args.model} must return (model, batch), got {type(made).__name__}")
-    model, batch = made
+    # every option checked before the factory builds the model
+    output_file(args.output, "profile")
     budget = Budget(max_rel_error=args.max_rel_error, mean_rel_error=args.mean_rel_error,
                     output_rel_error=args.output_rel_error, cost=args.cost,
-                    per_site=_json_arg(args.per_site, "--per-site") if args.per_site else None)
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
-    overrides = _json_arg(args.overrides, "--overrides") if args.overrides else None
-    grid = tuple(int(x) for x in args.grid.split(",")) if args.grid else None
-    profile = calibrate(model, batch, budget=budget, methods=methods, overrides=overrides, grid=grid,
+                    per_site=json_arg(args.per_site, "--per-site") if args.per_site else None)
+    overrides = json_arg(args.overrides, "--overrides") if args.overrides else None
+    check_overrides(overrides)
+    made = load_factory(args.model)(**json_arg(args.kwargs, "--kwargs"))
+    if not (isinstance(made, tuple) and len(made) == 2):
+        fail(f"{args.model} must return (model, batch), got {type(made).__name__}")
+    model, batch = made
+    profile = calibrate(model, batch, budget=budget, methods=args.methods, overrides=overrides, grid=args.grid,
                         min_seq_len=args.min_seq_len, progress=False if args.quiet else None)
     profile.save(args.output)
     print(profile)
@@ -59,6 +81,9 @@ def _cmd_show(args) -> int:
 
 
 def _cmd_plot(args) -> int:
+    from .plot import check_image_path
+
+    check_image_path(output_file(args.output, "image"))
     p = _load(args.profile)
     out = p.plot(args.output)
     print(f"plot written to {out}")
@@ -85,11 +110,11 @@ def add_commands(sub) -> None:
                         "with a loose --max-rel-error such as 0.5)")
     p.add_argument("--per-site", default=None, help="JSON {site_glob: max_rel_error}")
     p.add_argument("--cost", choices=("flops", "time"), default="flops", help="what 'cheapest' means")
-    p.add_argument("--methods", default=None, help="comma-separated allowed methods (default: every registered "
-                   "method: monarch, vmoba, dense)")
+    p.add_argument("--methods", type=methods_arg, default=None, help="comma-separated allowed methods (default: "
+                   "every registered method: monarch, vmoba, dense)")
     p.add_argument("--overrides", default=None, help='JSON {site_glob: "dense"|"monarch"|"vmoba"|"original"}')
-    p.add_argument("--grid", default=None, help="T,H,W latent token grid override")
-    p.add_argument("--min-seq-len", type=int, default=1024, help="shorter sites stay dense (default 1024)")
+    p.add_argument("--grid", type=grid_arg, default=None, help="T,H,W latent token grid override")
+    p.add_argument("--min-seq-len", type=count_arg, default=1024, help="shorter sites stay dense (default 1024)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_calibrate)
 

@@ -31,7 +31,7 @@ from ..errors import VMonarchError
 from .allocation import _choice_entry, _eligible, lagrangian_allocation
 from .budget import config_from_dict
 
-__all__ = ["allocate_by_output", "check_evaluate"]
+__all__ = ["allocate_by_output", "check_evaluate", "output_why"]
 
 _ROUNDS = 6
 
@@ -160,26 +160,39 @@ def allocate_by_output(model, detected: list, plans: dict, routing, batches: lis
         assignment.clear()
         route.remove()
 
-    what = "model output" if evaluate is None else "evaluate() output"
     for (sid, i), e in out_err.items():
         rows[sid]["candidates"][i]["output_error"] = e
-    for sid, r in rows.items():
-        i = picks[sid]
-        choice = _choice_entry(r, i, budget)
-        if i is not None:
-            c = r["candidates"][i]
-            choice["output_error"] = out_err[(sid, i)]
-            choice["why"] = (f"output budget {target:.2g}: {what} {out_err[(sid, i)]:.2e} off with only this "
-                             f"site structured (attention error {c['error']:.2e}); all sites together "
-                             f"{measured:.2e}; {r['dense']['flops'] / c['flops']:.1f}× fewer attention FLOPs")
-        elif any(k[0] == sid for k in out_err):
-            alone = min(e for k, e in out_err.items() if k[0] == sid)
-            choice["why"] = (f"output budget {target:.2g}: " + (
-                f"every candidate alone puts the {what} over it (best {alone:.2e})" if alone > target else
-                f"spent on other sites, where it buys more (best here alone: {alone:.2e})"))
-        r["choice"] = choice
     profile.data["output_budget"] = {"target": target, "measured": measured, "forwards": forwards_run,
                                      "candidates_measured": len(out_err),
                                      "measured_on": "calibration batches" if evaluate is None else
                                      f"evaluate ({getattr(evaluate, '__name__', 'callable')})"}
+    for sid, r in rows.items():
+        i = picks[sid]
+        choice = _choice_entry(r, i, budget)
+        if i is not None:
+            choice["output_error"] = out_err[(sid, i)]
+        choice["why"] = output_why(r, i, profile.data["output_budget"]) or choice["why"]
+        r["choice"] = choice
+
+
+def output_why(row: dict, i, output_budget: dict):
+    """The "why" of an output-budget choice (candidate ``i`` of the profile row, None: dense) from
+    what the row and ``profile.data["output_budget"]`` record; None where no candidate of the site
+    was run in the model (the attention-budget reason stands)."""
+    target, measured = output_budget["target"], output_budget["measured"]
+    what = "model output" if output_budget.get("measured_on") == "calibration batches" else "evaluate() output"
+    if i is not None:
+        c = row["candidates"][i]
+        if c.get("output_error") is None:
+            return None
+        return (f"output budget {target:.2g}: {what} {c['output_error']:.2e} off with only this site structured "
+                f"(attention error {c['error']:.2e}); all sites together {measured:.2e}; "
+                f"{row['dense']['flops'] / c['flops']:.1f}× fewer attention FLOPs")
+    alone = [c["output_error"] for c in row["candidates"] if c.get("output_error") is not None]
+    if not alone:
+        return None
+    best = min(alone)
+    return f"output budget {target:.2g}: " + (
+        f"every candidate alone puts the {what} over it (best {best:.2e})" if best > target else
+        f"spent on other sites, where it buys more (best here alone: {best:.2e})")
 

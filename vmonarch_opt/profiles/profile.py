@@ -118,6 +118,20 @@ class Profile:
         return {"sites": len(self.sites), "by_method": counts, "flops_before": before, "flops_after": after,
                 "flop_cut": before / after if after else None}
 
+    def check(self) -> "Profile":
+        """Raise ``ProfileError`` listing what does not hold together (a file edited by hand: a
+        config its method refuses at the site, FLOPs that are not its plan's, a calibrated choice
+        that is no cheaper than dense or was never measured, a "why" that is not its choice's)."""
+        from .check import profile_problems
+
+        problems = profile_problems(self.data)
+        if problems:
+            more = f"\n  - … {len(problems) - 10} more" if len(problems) > 10 else ""
+            raise ProfileError(f"{self.source}: the profile does not hold together (edited by hand?):\n  - "
+                               + "\n  - ".join(problems[:10]) + more
+                               + f"\nUndo the edit, or {_RECALIBRATE}.")
+        return self
+
     # -- I/O ----------------------------------------------------------------------------------
     def to_json(self) -> str:
         return json.dumps(self.data, indent=1, default=str)
@@ -305,11 +319,13 @@ def load_profile(path, *, allow_shape_change: bool = False) -> Profile:
     p = Path(path)
     if not p.exists():
         raise ProfileError(f"{path}: no such profile file; write one with vmonarch_opt.calibrate(model, batch).save(path)")
+    if p.is_dir():
+        raise ProfileError(f"{path}: is a directory; give the profile's JSON file")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ProfileError(f"{path}: not valid JSON ({e}); the profile is truncated or corrupt: {_RECALIBRATE}") from None
-    return Profile(data, allow_shape_change=allow_shape_change, source=str(path))
+    return Profile(data, allow_shape_change=allow_shape_change, source=str(path)).check()
 
 
 # --------------------------------------------------------------------------------- applying
@@ -357,9 +373,10 @@ def _rederive(choice: dict, site):
 
 
 def as_profile(profile) -> Profile:
-    """A ``Profile``, or a path to one (loaded)."""
+    """A ``Profile`` (checked again: it may have been changed since it was loaded), or a path to one
+    (loaded and checked)."""
     if isinstance(profile, Profile):
-        return profile
+        return profile.check()
     if isinstance(profile, (str, Path)):
         return load_profile(profile)
     raise TypeError(f"profile must be a vmonarch_opt Profile (load_profile(path)) or a path, got {type(profile).__name__}")
