@@ -122,6 +122,20 @@ class Causal(_Base):
         return self.merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
+class SelfAttention(nn.Module):
+    """Plain SDPA self-attention with a residual (x + proj(attention))."""
+
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        return x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
 class Stack(nn.Module):
     """Several blocks of one attention form with MLPs in between."""
 

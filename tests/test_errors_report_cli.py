@@ -65,24 +65,13 @@ def test_report_exports_and_cli(tmp_path, capsys):
 
 _FACTORY_MODULE = """
 import torch
-import torch.nn.functional as F
 
-
-class Attention(torch.nn.Module):
-    def __init__(self, dim=32, heads=2):
-        super().__init__()
-        self.heads = heads
-        self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
-
-    def forward(self, x):
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        return x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+from handwritten_models import SelfAttention
 
 
 def make(tokens=36):
     torch.manual_seed(0)
-    return torch.nn.Sequential(Attention(), Attention()).eval(), torch.randn(1, tokens, 32)
+    return torch.nn.Sequential(SelfAttention(), SelfAttention()).eval(), torch.randn(1, tokens, 32)
 """
 
 

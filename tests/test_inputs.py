@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+from handwritten_models import SelfAttention
 import vmonarch_opt
 from vmonarch_fixtures import models
 
@@ -62,7 +63,7 @@ def test_grid_the_model_agrees_with_is_placed_where_only_the_model_can_place_it(
 def test_grid_entry_that_fits_no_site_it_names_raises():
     """A site whose video tokens are not known (no patch embedding, no latents in the batch): a
     grid that fits none of the sites it matches is wrong, not ignored."""
-    model = torch.nn.Sequential(_SelfAttention(), _SelfAttention()).eval()
+    model = torch.nn.Sequential(SelfAttention(), SelfAttention()).eval()
     x = torch.randn(1, 36, 32)
     with pytest.raises(ValueError, match=r"(?s)grid=.*\(2, 3, 5\).*36"):
         _quiet_optimize(model, x, grid=(2, 3, 5), **FAST)
@@ -77,18 +78,6 @@ def test_non_positive_or_float_grids_say_what_is_wanted(bad):
         vmonarch_opt.optimize(model, batch, grid=bad, **FAST)
     with pytest.raises(ValueError, match="positive integers whose product is"):
         vmonarch_opt.optimize(model, batch, grid={"blocks.*": {"grid": bad}}, **FAST)
-
-
-class _SelfAttention(torch.nn.Module):
-    def __init__(self, dim=32, heads=2):
-        super().__init__()
-        self.heads = heads
-        self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
-
-    def forward(self, x):
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        return x + self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
 
 
 # ------------------------------------------------------------------------------ 10: globs and pins
@@ -160,7 +149,7 @@ class _Skippable(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.blocks = torch.nn.ModuleList([_SelfAttention(), _SelfAttention()])
+        self.blocks = torch.nn.ModuleList([SelfAttention(), SelfAttention()])
 
     def forward(self, x, skip=False):
         x = self.blocks[0](x)

@@ -20,7 +20,7 @@ import torch
 
 from . import methods as registry
 from .passes.keypad import run_key_padded
-from .passes.regrid import adapt_plan
+from .passes.regrid import adapt_plan, exporting
 from .plan import SitePlan
 
 __all__ = ["SiteRuntime", "run_site", "runtime_mismatch", "prepare_qkv", "call_method", "lowering",
@@ -88,7 +88,7 @@ class SiteRuntime:
             if self.tally is None or self.tally.device != like.device:
                 self.counter(like.device)  # compiled code on this device counts from its first call
             return
-        if getattr(torch.compiler, "is_exporting", lambda: False)():
+        if exporting():
             return
         t = self.tally
         if t is not None and t.device == like.device:

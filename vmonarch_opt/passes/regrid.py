@@ -42,8 +42,13 @@ from ..plan import SitePlan
 from .grid import _batch_candidates, _batch_size, conv_grid
 
 
-def _exporting() -> bool:
-    return bool(getattr(torch.compiler, "is_exporting", lambda: False)())
+def exporting() -> bool:
+    """``torch.export`` is tracing the model. Reads the flag export sets: torch 2.11's Dynamo folds
+    ``torch.compiler.is_exporting()`` to True in every trace, torch.compile's included (later
+    versions read the flag too)."""
+    return bool(getattr(torch.compiler, "_is_exporting_flag", False))
+
+
 
 
 class GridTracker:
@@ -74,7 +79,7 @@ class GridTracker:
             self._hooks.append(mod.register_forward_hook(functools.partial(self._on_conv, path, kind)))
 
     def _on_call(self, module, args, kwargs):
-        if _exporting():
+        if exporting():
             return None
         batch = {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}
         self._batch = _batch_size(batch) or 1
@@ -87,7 +92,7 @@ class GridTracker:
         return None
 
     def _on_conv(self, path: str, kind: str, module, args, out):
-        if _exporting() or not isinstance(out, torch.Tensor):
+        if exporting() or not isinstance(out, torch.Tensor):
             return None
         grid = conv_grid(out.shape, kind, self._batch)
         if grid is not None:
