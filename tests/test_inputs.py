@@ -9,11 +9,9 @@ import warnings
 import pytest
 import torch
 
-from handwritten_models import SelfAttention
 import vmonarch_opt
+from handwritten_models import SelfAttention
 from vmonarch_fixtures import models
-
-pytest.importorskip("diffusers")
 
 FAST = dict(budget=None, min_seq_len=0, validate=False)  # no calibration: the checks are what is tested
 
