@@ -236,6 +236,18 @@ def test_the_calibrated_profile_loads_as_written(wan_profile, tmp_path):
     vmonarch_opt.load_profile(out.save(tmp_path / "out.json"))
 
 
+def test_a_vmoba_profile_calibrated_on_three_batches_loads(tmp_path):
+    """Its FLOPs are a mean over the batches: the check recomputes them from the mean density and
+    must not refuse the profile over a rounding of that mean."""
+    model, batch = models.wan()
+    batches = [{**batch, "timestep": torch.tensor([t])} for t in (900, 500, 100)]
+    prof = vmonarch_opt.calibrate(model, batches, methods=("vmoba", "dense"), min_seq_len=0, progress=False,
+                                  budget=vmonarch_opt.Budget(max_rel_error=10.0))
+    assert any(r["choice"]["config"]["method"] == "vmoba" for r in prof.sites.values() if r.get("choice"))
+    loaded = vmonarch_opt.load_profile(prof.save(tmp_path / "three.json"))
+    assert loaded.choices() == prof.choices()
+
+
 def test_a_monarch_block_that_does_not_fit_the_grid_is_refused(wan_profile, tmp_path):
     _, _, path = wan_profile
     bad = _edit(path, tmp_path, lambda r: _as(r, "monarch 1×7×6 s1", block=[1, 7, 6]))

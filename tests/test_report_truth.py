@@ -270,3 +270,11 @@ def test_optimize_reports_its_stages_through_logging(caplog):
     assert [m.split(": ")[2].split(" done")[0] for m in done] == ["analyse", "plan", "calibrate", "validate",
                                                                   "apply", "time"]
     assert all(m.startswith("vmonarch_opt: Stack: ") for m in done)
+
+
+def test_calibrate_names_what_it_could_not_see_like_optimize():
+    model, x = Stack(TwoBiases).eval(), torch.randn(1, 60, 32)
+    with pytest.warns(RuntimeWarning, match="form that detection does not recognise.*blocks.0.attn"):
+        vmonarch_opt.calibrate(model, x, min_seq_len=0, progress=False)
+    with pytest.warns(RuntimeWarning, match="0 attention sites found in Sequential"):
+        vmonarch_opt.calibrate(nn.Sequential(nn.Linear(8, 8)), torch.randn(2, 8), progress=False)

@@ -42,36 +42,6 @@ class OptimizationState:
     switch: Any = None  # switch.AttentionSwitch: run the model's own attention (set_original_attention)
 
 
-def _calls_where(calls: dict) -> str:
-    return ", ".join(f"{p or '<root>'} ({n} call{'s' if n > 1 else ''})" for p, n in sorted(calls.items()))
-
-
-def _uncaptured_text(missed: dict, unrouted: bool = False) -> str:
-    where = _calls_where(missed)
-    if unrouted:  # some of it was captured, in graphs without module information (see optimize())
-        return (f"attention in {where} ran outside the captured graphs or in graphs resumed after a graph "
-                f"break inside a function (e.g. an attention processor) that do not say which module runs "
-                f"it, so it keeps the model's own attention. Try capture='fx', or remove the graph break "
-                f"(the torch.compile warning names it).")
-    return (f"attention ran outside the captured graphs in {where} — Dynamo skipped that code (a graph "
-            f"break in a loop or data-dependent Python), so it keeps the model's own attention. "
-            f"Try capture='fx', or rewrite the loop so that torch.compile can trace it.")
-
-
-def _flex_text(flex: dict) -> str:
-    where = _calls_where(flex)
-    return (f"flex_attention ran in {where}: its score/mask functions and BlockMask are not rewritten, "
-            f"so it keeps the model's own attention.")
-
-
-def _unrecognised_text(found: dict) -> str:
-    where = _calls_where(found)
-    return (f"attention written in a form that detection does not recognise (a softmax over a product of two "
-            f"activations feeding another product) in {where}: it keeps the model's own attention. Write it "
-            f"with F.scaled_dot_product_attention (or as softmax(q @ k.transpose(-2, -1) * scale + bias) @ v) "
-            f"to have it optimized.")
-
-
 def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=None,
              budget="auto", grid=None, inplace: bool = False, overrides: Optional[dict] = None,
              min_seq_len: Optional[int] = None, capture: str = "auto", validate: bool = True,
@@ -133,18 +103,8 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
     progress.step("analyse")
     analysis = pipeline.analyse(target, batches, grid=grid, capture=capture)
     sites = analysis.sites
-    if analysis.missed:
-        warnings.warn(f"vmonarch_opt: {_uncaptured_text(analysis.missed, analysis.unrouted)}", RuntimeWarning,
-                      stacklevel=2)
-    if analysis.census.flex:
-        warnings.warn(f"vmonarch_opt: {_flex_text(analysis.census.flex)}", RuntimeWarning, stacklevel=2)
-    if analysis.unrecognised:
-        warnings.warn(f"vmonarch_opt: {_unrecognised_text(analysis.unrecognised)}", RuntimeWarning, stacklevel=2)
-    if not sites and not analysis.missed and not analysis.census.flex and not analysis.unrecognised:
-        warnings.warn(f"vmonarch_opt: 0 attention sites found in {type(model).__name__}: no "
-                      f"F.scaled_dot_product_attention call and no softmax(q·kᵀ)·v ran on the calibration batch "
-                      f"({len(analysis.graphs)} captured graph(s)); the model is returned unchanged. If it has "
-                      f"attention, check that the batch reaches it, or try capture='fx'", RuntimeWarning, stacklevel=2)
+    for note in pipeline.analysis_notes(analysis, type(model).__name__).values():
+        warnings.warn(f"vmonarch_opt: {note}", RuntimeWarning, stacklevel=2)
 
     # plan: eligibility and default choices (hand-written attention normalised to SDPA)
     choose = dict(methods=methods, overrides=overrides, min_seq_len=min_seq_len)
@@ -188,12 +148,13 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
             "methods": list(methods), "min_seq_len": min_seq_len,
             "optimize_seconds": round(time.perf_counter() - t0, 3),
             "torch": torch.__version__}
-    if analysis.missed:
-        meta["uncaptured"] = {"calls": analysis.missed, "note": _uncaptured_text(analysis.missed, analysis.unrouted)}
-    if analysis.census.flex:
-        meta["flex_attention"] = {"calls": dict(analysis.census.flex), "note": _flex_text(analysis.census.flex)}
-    if analysis.unrecognised:
-        meta["unrecognised"] = {"softmaxes": analysis.unrecognised, "note": _unrecognised_text(analysis.unrecognised)}
+    notes = pipeline.analysis_notes(analysis, type(model).__name__)
+    if "uncaptured" in notes:
+        meta["uncaptured"] = {"calls": analysis.missed, "note": notes["uncaptured"]}
+    if "flex_attention" in notes:
+        meta["flex_attention"] = {"calls": dict(analysis.census.flex), "note": notes["flex_attention"]}
+    if "unrecognised" in notes:
+        meta["unrecognised"] = {"softmaxes": analysis.unrecognised, "note": notes["unrecognised"]}
     report = Report.build(type(model).__name__, sites, plans, meta=meta, site_errors=site_errors,
                           output_error=out_error).attach(applied.runtimes)
     state = OptimizationState(sites=sites, plans=plans, report=report, modules=sorted(applied.route.paths),

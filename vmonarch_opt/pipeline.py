@@ -77,6 +77,55 @@ def analyse(model: torch.nn.Module, batches: list, *, grid=None, capture: str = 
                     unrouted=unrouted, unrecognised=unrecognised_attention(graphs, model, detected))
 
 
+def _calls_where(calls: dict) -> str:
+    return ", ".join(f"{p or '<root>'} ({n} call{'s' if n > 1 else ''})" for p, n in sorted(calls.items()))
+
+
+def _uncaptured_text(missed: dict, unrouted: bool = False) -> str:
+    where = _calls_where(missed)
+    if unrouted:  # some of it was captured, in graphs without module information (see optimize())
+        return (f"attention in {where} ran outside the captured graphs or in graphs resumed after a graph "
+                f"break inside a function (e.g. an attention processor) that do not say which module runs "
+                f"it, so it keeps the model's own attention. Try capture='fx', or remove the graph break "
+                f"(the torch.compile warning names it).")
+    return (f"attention ran outside the captured graphs in {where} — Dynamo skipped that code (a graph "
+            f"break in a loop or data-dependent Python), so it keeps the model's own attention. "
+            f"Try capture='fx', or rewrite the loop so that torch.compile can trace it.")
+
+
+def _flex_text(flex: dict) -> str:
+    where = _calls_where(flex)
+    return (f"flex_attention ran in {where}: its score/mask functions and BlockMask are not rewritten, "
+            f"so it keeps the model's own attention.")
+
+
+def _unrecognised_text(found: dict) -> str:
+    where = _calls_where(found)
+    return (f"attention written in a form that detection does not recognise (a softmax over a product of two "
+            f"activations feeding another product) in {where}: it keeps the model's own attention. Write it "
+            f"with F.scaled_dot_product_attention (or as softmax(q @ k.transpose(-2, -1) * scale + bias) @ v) "
+            f"to have it optimized.")
+
+
+def analysis_notes(analysis: Analysis, model_name: str) -> dict:
+    """What analysis could not see or route, as messages (``optimize`` and ``calibrate`` warn with
+    them; the report lists them under "not optimized"): ``uncaptured``, ``flex_attention``,
+    ``unrecognised``, or ``no_sites`` when the model shows no attention at all."""
+    notes = {}
+    if analysis.missed:
+        notes["uncaptured"] = _uncaptured_text(analysis.missed, analysis.unrouted)
+    if analysis.census.flex:
+        notes["flex_attention"] = _flex_text(analysis.census.flex)
+    if analysis.unrecognised:
+        notes["unrecognised"] = _unrecognised_text(analysis.unrecognised)
+    if not analysis.sites and not notes:
+        notes["no_sites"] = (f"0 attention sites found in {model_name}: no F.scaled_dot_product_attention call and "
+                             f"no softmax(q·kᵀ)·v ran on the calibration batch ({len(analysis.graphs)} captured "
+                             f"graph(s)); the model is returned unchanged. If it has attention, check that the batch "
+                             f"reaches it, or try capture='fx'")
+    return notes
+
+
 # ------------------------------------------------------------------------------------- plan
 def _record_inputs(model, paths: set[str], batch) -> dict:
     """Run the batch once, remembering the (args, kwargs) each module in ``paths`` was called with."""
@@ -263,8 +312,8 @@ def apply(model, analysis: Analysis, plans: dict, routing: Routing, grid=None, d
         if p.rewritten and device is not None:
             runtimes[sid].counter(device)
     for path, fwd in routing.forwards.items():  # normalised hand-written attention: tell its sites
-        if hasattr(fwd, "sites"):
-            fwd.sites = [runtimes[sid] for sid in routing.index.get(path, ())]
+        fwd.sites = [runtimes[sid] for sid in routing.index.get(path, ())
+                     if by_id[sid].form == "handwritten" and plans[sid].rewritten]
     route = Route(model, routing, functools.partial(_runtime_handler, runtimes)).install()
     return Applied(route=route, runtimes=runtimes, switch=switch, tracker=tracker)
 

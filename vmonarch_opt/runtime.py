@@ -85,8 +85,8 @@ class SiteRuntime:
             self.counts[outcome] += 1
             if message:
                 self.last_fallback[outcome] = message
-            if self.tally is None or self.tally.device != like.device:
-                self.counter(like.device)  # compiled code on this device counts from its first call
+            if self.switch is not None and (self.tally is None or self.tally.device != like.device):
+                self.counter(like.device)  # an applied site: compiled code on this device counts from now
             return
         if exporting():
             return
@@ -246,10 +246,10 @@ def run_site(rt: SiteRuntime, a: dict, original: Callable) -> torch.Tensor:
     if _lowering is not None:
         return _lowering(plan, a, original)
     why = mismatch(plan, a)
-    adapted = _follow_grid(rt, a)
+    # only another shape (or another grid at this one) can be followed; masks, dtype, ... cannot
+    adapted = _follow_grid(rt, a) if why is None or why[0] == "shape" else None
     if why is not None and adapted is None:
-        _warn_once(rt, why[1], f"vmonarch_opt: site {plan.site_id} ran dense attention: {why[1]}")
-        rt.record(why[0], a["query"], why[1])
+        rt.fall_back(why[0], a["query"], why[1])
         return original()
     plan = adapted or plan
     q, v = a["query"], a["value"]
@@ -262,9 +262,7 @@ def run_site(rt: SiteRuntime, a: dict, original: Callable) -> torch.Tensor:
         out = run_key_padded(q4, k4, v4, a["attn_mask"], plan.args["text_before"], plan.args["text_after"],
                              scale, call)
         if out is None:
-            why = "its mask is not a padding mask on text tokens"
-            _warn_once(rt, "mask", f"vmonarch_opt: site {plan.site_id} ran dense attention: {why}")
-            rt.record("not_padding", q, why)
+            rt.fall_back("not_padding", q, "its mask is not a padding mask on text tokens")
             return original()
     else:
         out = call_method(plan, q4, k4, v4, scale)

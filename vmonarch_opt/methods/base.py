@@ -172,7 +172,11 @@ class Method:
 
     def calibration_run(self, q, k, v, args: dict, scale: float) -> tuple[torch.Tensor, int, Optional[float]]:
         """``(output, FLOPs, density or None)`` of one candidate on one site's q/k/v."""
-        return self.run(q, k, v, args, scale), int(self.flops(Shape.of_qk(q, k), args) or 0), None
+        flops = self.flops(Shape.of_qk(q, k), args)
+        if flops is None:
+            raise NotImplementedError(f"method {self.name!r}: its FLOPs depend on the data; override "
+                                      f"calibration_run() to measure them")
+        return self.run(q, k, v, args, scale), int(flops), None
 
     def rederive(self, cfg, layout: Optional[str], site):
         """A calibrated choice (``cfg``, made with named ``layout``) for ``site`` at another shape."""

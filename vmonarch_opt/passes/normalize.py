@@ -63,9 +63,6 @@ def _mismatch(sig: dict, values: dict):
     return None
 
 
-def _matches(sig: dict, values: dict) -> bool:
-    return _mismatch(sig, values) is None
-
 
 def _trace_fx(module, values: dict):
     concrete = {k: v for k, v in values.items() if not isinstance(v, torch.Tensor)}

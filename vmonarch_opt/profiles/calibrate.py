@@ -201,7 +201,7 @@ class _SiteRecord:
             err = max(res["errors"])
             d = {"label": describe_config(cfg), "layout": layout, "config": config_to_dict(cfg),
                  "error": err, "error_mean": sum(res["errors"]) / len(res["errors"]),
-                 "error_per_head": res["per_head"], "flops": int(sum(res["flops"]) / len(res["flops"])),
+                 "error_per_head": res["per_head"], "flops": round(sum(res["flops"]) / len(res["flops"])),
                  "time_ms": res["time_ms"], "meets_budget": err <= self.limit,
                  "measure_s": round(res.get("wall_s", 0.0), 4)}
             if res["density"]:
@@ -382,6 +382,8 @@ def calibrate(model: torch.nn.Module, calib_batch: Any, *, budget: Optional[Budg
     choose = dict(methods=methods, overrides=overrides, min_seq_len=min_seq_len)
     with _progress(progress):
         analysis = pipeline.analyse(model, batches, grid=grid, capture=capture)
+        for note in pipeline.analysis_notes(analysis, type(model).__name__).values():
+            warnings.warn(f"vmonarch_opt: {note}", RuntimeWarning, stacklevel=2)
         plans, routing = pipeline.plan(model, analysis, batches[0], **choose)
         profile = calibrate_sites(model, batches, analysis.detected, plans, routing, methods=methods, budget=budget,
                                   overrides=overrides)
