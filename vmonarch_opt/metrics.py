@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["rel_error", "rel_error_per_head", "first_tensor"]
+__all__ = ["rel_error", "rel_error_with_heads", "first_tensor"]
 
 
 def first_tensor(x) -> Optional[torch.Tensor]:
@@ -53,9 +53,13 @@ def rel_error(a, b) -> Optional[float]:
     return _tensor_rel(ta, tb)
 
 
-def rel_error_per_head(a: torch.Tensor, b: torch.Tensor) -> list:
-    """Relative error per head of ``[B, H, N, D]`` outputs (NaN/Inf: ``inf`` for that head)."""
-    a, b = a.detach().double(), b.detach().double()
-    d = (a - b).pow(2).sum(dim=(0, 2, 3)).sqrt()
-    r = b.pow(2).sum(dim=(0, 2, 3)).sqrt().clamp_min(1e-300)
-    return [e if math.isfinite(e) else math.inf for e in (d / r).tolist()]
+def rel_error_with_heads(a: torch.Tensor, b: torch.Tensor) -> tuple[float, list]:
+    """``(relative error, per head)`` of ``[B, H, N, D]`` outputs from one pass over their
+    difference (float32 squares summed per head: calibration calls this for every candidate of every
+    site on full-size activations); NaN/Inf give ``inf``."""
+    d2 = (a.detach().float() - b.detach().float()).pow(2).sum(dim=(0, 2, 3)).double()
+    r2 = b.detach().float().pow(2).sum(dim=(0, 2, 3)).double()
+    total = (d2.sum() / r2.sum().clamp_min(1e-300)).sqrt().item()
+    heads = (d2 / r2.clamp_min(1e-300)).sqrt().tolist()
+    fix = lambda e: e if math.isfinite(e) else math.inf  # noqa: E731
+    return fix(total), [fix(e) for e in heads]

@@ -30,7 +30,7 @@ from .. import pipeline
 from ..errors import VMonarchError
 from ..kernels.tuning import untuned
 from ..methods import Shape
-from ..metrics import rel_error, rel_error_per_head
+from ..metrics import rel_error_with_heads
 from .allocation import _choice_entry, _choose, _global_allocation
 from .budget import Budget, config_to_dict, describe_config
 from .profile import PROFILE_FORMAT, Profile, fingerprint
@@ -60,7 +60,7 @@ def candidate_configs(site, budget: Budget, methods=None, layer: int = 0) -> lis
 # --------------------------------------------------------------------------------- measurement
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> tuple[float, list]:
     """(relative error, per head) of a candidate against the dense output; NaN/Inf count as inf."""
-    return rel_error(a, ref), rel_error_per_head(a, ref)
+    return rel_error_with_heads(a, ref)
 
 
 def _timed(fn: Callable, cuda: bool):
