@@ -26,12 +26,13 @@ from tabulate import tabulate
 from ..errors import ProfileError
 from ..io import atomic_write_text
 from .budget import config_from_dict
+from .check import SHAPE_KEYS as _SHAPE_KEYS
+from .check import _norm, profile_problems
 
 __all__ = ["PROFILE_FORMAT", "Profile", "load_profile", "apply_profile", "annotate_plans", "as_profile", "fingerprint"]
 
 PROFILE_FORMAT = "vmonarch_opt.profile/1"
 _PREFIX = "vmonarch_opt.profile/"
-_SHAPE_KEYS = ("kind", "heads", "seq_q", "seq_k", "head_dim", "grid", "text_before", "text_after")
 _RECALIBRATE = ("recalibrate this model (vmonarch_opt.calibrate(model, batch).save(path), or "
                 "`vmonarch-opt calibrate`)")
 
@@ -122,7 +123,6 @@ class Profile:
         """Raise ``ProfileError`` listing what does not hold together (a file edited by hand: a
         config its method refuses at the site, FLOPs that are not its plan's, a calibrated choice
         that is no cheaper than dense or was never measured, a "why" that is not its choice's)."""
-        from .check import profile_problems
 
         problems = profile_problems(self.data)
         if problems:
@@ -358,10 +358,6 @@ def _compare(profile: Profile, sites: list, model) -> tuple[list, list]:
             if diffs:
                 shape.append(f"{sid}: " + ", ".join(diffs))
     return fatal, shape
-
-
-def _norm(x):
-    return list(x) if isinstance(x, tuple) else x
 
 
 def _rederive(choice: dict, site):
