@@ -15,21 +15,28 @@ layout depends on q's stride order only, which inductor keeps for our ops
 
 Which kernel runs (Triton or the pure-PyTorch reference) is decided in ``kernels/dispatch.py``.
 
-Autograd: :func:`register_reference_autograd` gives an op a backward that recomputes the forward
-with the pure-PyTorch reference under autograd and differentiates it: exact gradients of the same
-function (VMoBA's block selection is a constant, as in the paper), at the reference's memory
-cost. It lets optimized models be fine-tuned and compiled with gradients enabled.
+Autograd: :func:`register_autograd` gives an op its backward. Where the method has a backward
+kernel for the call (CUDA tensors, see ``kernels/dispatch.py``, and a configuration the kernel
+covers) the backward is a second custom op, ``vmonarch::<name>_backward``, taking q, k, v, the
+forward's output and its gradient and returning (dq, dk, dv) from our Triton kernels: it recomputes
+what is cheap (block statistics) and keeps no N x N or N x (N/S) intermediate. Everywhere else the
+backward recomputes the forward with the pure-PyTorch reference under autograd and differentiates
+it: exact gradients of the same function at the reference's memory cost (the CPU path, and the
+oracle of the kernel tests). VMoBA's block selection is a constant in both, as in the paper.
+Both are traceable, so optimized models train eagerly, under ``torch.compile`` (AOT autograd sees
+the backward op and its fake implementation) and with activation checkpointing.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from .kernels.dispatch import use_triton  # noqa: F401  (re-exported)
 from .kernels.out_layout import attention_out_strides, empty_attention_out
 
-__all__ = ["OP_TAGS", "in_q_layout", "empty_attention_out", "register_reference_autograd", "use_triton"]
+__all__ = ["OP_TAGS", "in_q_layout", "empty_attention_out", "register_autograd", "register_reference_autograd",
+           "use_triton"]
 
 # Inductor may hand a custom op inputs laid out otherwise than traced unless told not to; our
 # output layout follows q's stride order, so the compiled graph must keep it. (Exact strides
@@ -44,21 +51,51 @@ def in_q_layout(q: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
     return empty_attention_out(q).copy_(res)
 
 
-def register_reference_autograd(op, reference: Callable) -> None:
-    """Backward of ``op(q, k, v, *args)``: differentiate ``reference(q, k, v, *args)`` (pure
-    PyTorch, recomputed from the saved q/k/v) with autograd."""
+def reference_grads(reference: Callable, q, k, v, grad_out, args: tuple):
+    """(dq, dk, dv) of ``reference(q, k, v, *args)`` by autograd (recomputed from q/k/v)."""
+    with torch.enable_grad():
+        qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+        out = reference(qq, kk, vv, *args)
+        return torch.autograd.grad(out, (qq, kk, vv), grad_out)
+
+
+def register_autograd(op, reference: Callable, backward_op=None,
+                      kernel_covers: Optional[Callable[..., bool]] = None) -> None:
+    """Backward of ``op(q, k, v, *args)``.
+
+    ``backward_op(q, k, v, out, grad_out, *args) -> (dq, dk, dv)`` is the method's kernel backward
+    (a custom op with a fake implementation); it runs when :func:`use_triton` is true for q and
+    ``kernel_covers(q, *args)`` (default: always). Otherwise ``reference(q, k, v, *args)`` (pure
+    PyTorch) is recomputed and differentiated with autograd. The choice depends on the device and
+    the op's non-tensor arguments only, so a compiled backward graph makes it once at trace time.
+    """
+
+    def kernel_runs(q, args) -> bool:
+        if backward_op is None or not use_triton(q):
+            return False
+        return kernel_covers is None or bool(kernel_covers(q, *args))
 
     def setup_context(ctx, inputs, output):
         q, k, v, *rest = inputs
-        ctx.save_for_backward(q, k, v)
         ctx.args = tuple(rest)
+        ctx.kernel = kernel_runs(q, ctx.args)
+        if ctx.kernel:
+            ctx.save_for_backward(q, k, v, output)
+        else:
+            ctx.save_for_backward(q, k, v)
 
     def backward(ctx, grad_out):
-        q, k, v = ctx.saved_tensors
-        with torch.enable_grad():
-            qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
-            out = reference(qq, kk, vv, *ctx.args)
-            gq, gk, gv = torch.autograd.grad(out, (qq, kk, vv), grad_out)
+        if ctx.kernel:
+            q, k, v, out = ctx.saved_tensors
+            gq, gk, gv = backward_op(q, k, v, out, grad_out, *ctx.args)
+        else:
+            q, k, v = ctx.saved_tensors
+            gq, gk, gv = reference_grads(reference, q, k, v, grad_out, ctx.args)
         return (gq, gk, gv) + (None,) * len(ctx.args)
 
     op.register_autograd(backward, setup_context=setup_context)
+
+
+def register_reference_autograd(op, reference: Callable) -> None:
+    """Backward of ``op(q, k, v, *args)`` by the pure-PyTorch reference alone (no kernel backward)."""
+    register_autograd(op, reference)

@@ -2,7 +2,9 @@
 
 CUDA tensors run the Triton kernels; every other device runs the reference beside them, and so
 does CUDA when ``VMONARCH_FORCE_REFERENCE=1`` (the escape hatch when a kernel misbehaves on a new
-GPU or Triton version). The dense op runs torch's SDPA (cuDNN / FlashAttention on CUDA) unless
+GPU or Triton version). Under Triton's CPU interpreter (``TRITON_INTERPRET=1``),
+``VMONARCH_INTERPRET_KERNELS=1`` sends CPU tensors to the kernels too: the tests use it to run
+the ops and their backward kernels end to end without a GPU. The dense op runs torch's SDPA (cuDNN / FlashAttention on CUDA) unless
 ``VMONARCH_DENSE_KERNEL=triton`` selects our own flash kernel. Kernel modules are imported on
 first use, so the references work where Triton cannot compile.
 """
@@ -22,7 +24,10 @@ def use_triton(t: torch.Tensor) -> bool:
     """True when ``t`` should run through our Triton kernels rather than the reference."""
     if os.environ.get("VMONARCH_FORCE_REFERENCE", "0") == "1":
         return False
-    return t.is_cuda
+    if t.is_cuda:
+        return True
+    return (t.device.type == "cpu" and os.environ.get("VMONARCH_INTERPRET_KERNELS", "0") == "1"
+            and os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 def monarch_attention(q, k, v, **kw) -> torch.Tensor:
