@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["use_triton", "monarch_attention", "vmoba_attention", "vmoba_select",
+__all__ = ["use_triton", "monarch_attention", "monarch_attention_backward", "vmoba_attention", "vmoba_select",
            "vmoba_attention_with_selection", "dense_attention", "dense_with_stats"]
 
 
@@ -36,6 +36,12 @@ def monarch_attention(q, k, v, **kw) -> torch.Tensor:
         return monarch_attention_triton(q, k, v, **kw)
     from .monarch.reference import monarch_attention_reference
     return monarch_attention_reference(q, k, v, **kw)
+
+
+def monarch_attention_backward(q, k, v, out, grad_out, **kw):
+    """``(dq, dk, dv)`` from the Monarch backward kernels (callers check ``use_triton`` first)."""
+    from .monarch.backward import monarch_attention_backward_triton
+    return monarch_attention_backward_triton(q, k, v, out, grad_out, **kw)
 
 
 def vmoba_attention(q, k, v, **kw) -> torch.Tensor:

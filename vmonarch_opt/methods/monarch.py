@@ -10,11 +10,12 @@ from typing import Optional
 import torch
 
 from ..kernels import dispatch
-from ..ops import OP_TAGS, empty_attention_out, in_q_layout, register_reference_autograd
+from ..ops import OP_TAGS, empty_attention_out, in_q_layout, register_autograd
 from .base import Method, Shape, check_tile
 from .registry import register
 
-__all__ = ["MonarchConfig", "MonarchMethod", "default_monarch_block", "layout_config", "monarch_attention"]
+__all__ = ["MonarchConfig", "MonarchMethod", "default_monarch_block", "layout_config", "monarch_attention",
+           "monarch_attention_backward"]
 
 LAYOUTS = ("frame", "frame_group", "tile", "1d")
 
@@ -96,7 +97,32 @@ def _reference(q, k, v, grid, block, text_before, text_after, steps, scale, reco
                                        text_after=text_after, steps=steps, scale=scale, recompute=recompute)
 
 
-register_reference_autograd(monarch_attention, _reference)
+@torch.library.custom_op("vmonarch::monarch_attention_backward", mutates_args=())
+def monarch_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                               grad_out: torch.Tensor, grid: list[int], block: list[int], text_before: int,
+                               text_after: int, steps: int, scale: float,
+                               recompute: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) by the Triton backward kernels (``kernels/monarch/backward.py``, steps = 1)."""
+    if not dispatch.use_triton(q):
+        raise RuntimeError("vmonarch::monarch_attention_backward runs the Triton kernels (CUDA tensors); on "
+                           "other devices monarch_attention's autograd differentiates the reference")
+    return dispatch.monarch_attention_backward(q, k, v, out, grad_out, grid=tuple(grid), block=tuple(block),
+                                               text_before=text_before, text_after=text_after, steps=steps,
+                                               scale=scale, recompute=recompute)
+
+
+@monarch_attention_backward.register_fake
+def _(q, k, v, out, grad_out, grid, block, text_before, text_after, steps, scale, recompute):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _kernel_backward_covers(q, grid, block, text_before, text_after, steps, scale, recompute) -> bool:
+    """The backward kernels cover one step (the R and L passes of the final pass), fp16/bf16/fp32
+    and head_dim <= 256; more steps differentiate the reference."""
+    return steps == 1 and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 256
+
+
+register_autograd(monarch_attention, _reference, monarch_attention_backward, _kernel_backward_covers)
 
 
 class MonarchMethod(Method):

@@ -98,12 +98,12 @@ def _r_tile(q, k, v, acc_k, acc_v, m_i, l_i, col_ok, qk_scale, MASKED: tl.conste
 
 
 @triton.jit
-def _r_step_kernel(Q, K, V, QB, AK, CL, Y, TX, TL,
+def _r_step_kernel(Q, K, V, QB, AK, CL, Y, TX, TL, LSE,
                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                    H, M, B, Nv, tb, NT, Tg, Hg, Wg, bt, bh, bw, nH, nW, D, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CONTIG: tl.constexpr, QBAR: tl.constexpr, FINAL: tl.constexpr, TEXT: tl.constexpr,
-                   EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+                   EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, STORE_LSE: tl.constexpr):
     pid_j = tl.program_id(0)
     m = tl.program_id(1)
     pbh = tl.program_id(2)
@@ -125,6 +125,7 @@ def _r_step_kernel(Q, K, V, QB, AK, CL, Y, TX, TL,
     CL = CL + s_off
     TX = TX + s_off * D
     TL = TL + s_off
+    LSE = LSE + s_off
     kb0 = kb
     vb0 = vb
     j_in = offs_j < B
@@ -181,6 +182,8 @@ def _r_step_kernel(Q, K, V, QB, AK, CL, Y, TX, TL,
     # sum_l R log2 R = sum_l R (y_l - m - log2 l) and sum_l R y_l = qk_scale * q . (R K): the
     # entropy term needs no per-logit work in the loop
     tl.store(CL + s_row, qk_scale * tl.sum(q.to(tl.float32) * ak, 1) - m_i - tl.math.log2(l_i), mask=j_in)
+    if STORE_LSE:  # the backward recomputes R from this log2-sum-exp
+        tl.store(LSE + s_row, m_i + tl.math.log2(l_i), mask=j_in)
     if FINAL:
         tl.store(Y + s_row[:, None] * D + offs_d[None, :], (acc_v * inv_l[:, None]).to(Y.dtype.element_ty),
                  mask=st_mask)
@@ -414,7 +417,7 @@ def _layout_args(lay):
     return (T, H, W, bt, bh, bw, nH, nW)
 
 
-def _launch_r(cfg, q, k, v, qbar, ak, cl, y, lay, scale, final, use_qbar, tx=None, tls=None):
+def _launch_r(cfg, q, k, v, qbar, ak, cl, y, lay, scale, final, use_qbar, tx=None, tls=None, lse=None):
     BM, BN, warps, stages = cfg
     text = tx is not None and not use_qbar
     b, h, N, D = q.shape
@@ -422,13 +425,14 @@ def _launch_r(cfg, q, k, v, qbar, ak, cl, y, lay, scale, final, use_qbar, tx=Non
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (triton.cdiv(lay.B, BM), lay.M, b * h)
     _r_step_kernel[grid](q, k, v, qbar if use_qbar else ak, ak, cl, y if final else ak,
-                         tx if text else ak, tls if text else cl,
+                         tx if text else ak, tls if text else cl, lse if lse is not None else cl,
                          q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                          v.stride(0), v.stride(1), v.stride(2),
                          h, lay.M, lay.B, lay.Nv, lay.text_before, lay.n_text, *_layout_args(lay), D,
                          scale * _LOG2E,
                          HEAD_DIM=HD, BLOCK_M=BM, BLOCK_N=BN, CONTIG=lay.contiguous, QBAR=use_qbar,
-                         FINAL=final, TEXT=text, EVEN_D=(HD == D), DOT_PREC=prec, num_warps=warps, num_stages=stages)
+                         FINAL=final, TEXT=text, EVEN_D=(HD == D), DOT_PREC=prec, STORE_LSE=lse is not None,
+                         num_warps=warps, num_stages=stages)
 
 
 def _pick_r_config(q, k, v, qbar, ak, cl, y, lay, scale, final, use_qbar, tx=None, tls=None):
