@@ -15,6 +15,8 @@ from .plan import ORIGINAL
 REPORT_FORMAT = "vmonarch_opt.report/1"
 
 LAUNCH_BOUND_MS = 3.0  # forward time per rewritten site below which a slowdown is put down to launches
+WHY_WIDTH = 56  # characters per line of the printed "why" column
+
 _HEADERS = ["site", "kind", "B×H×N×D", "grid (T×H×W +text)", "method", "params",
             "GFLOP dense→ours", "cut", "error", "ran/fell back", "why"]
 
@@ -110,6 +112,22 @@ class Report:
                 return r
         raise KeyError(f"no site {site_id!r} in the report; sites: {[r['site']['site_id'] for r in self.rows]}")
 
+    def why(self, site_id: str) -> str:
+        """The report's "why" text of one site, unwrapped (the printed table wraps it)."""
+        return self._why(self.site(site_id))
+
+    @staticmethod
+    def _why(r: dict) -> str:
+        s, p = r["site"], r["plan"]
+        why = p["reason"]
+        if s.get("grid_source") and p["method"] != ORIGINAL:
+            why += f"; grid from {s['grid_source']}" if s.get("grid") else ""
+        calls = r.get("calls")
+        if calls and calls["fell_back"]:
+            why += "; fell back to the model's own attention: " + "; ".join(
+                f"{n}× {calls['why'][k]}" for k, n in calls["fell_back"].items())
+        return why
+
     def table_rows(self) -> list[list[Any]]:
         out = []
         for r in self.rows:
@@ -118,16 +136,10 @@ class Report:
             cut = f"{b / a:.1f}×" if a else "?"
             err = "" if r["error"] is None else f"{r['error']:.2e}"
             method = "dense (model's own)" if p["method"] == ORIGINAL else p["method"]
-            why = p["reason"]
-            if s.get("grid_source") and p["method"] != ORIGINAL:
-                why += f"; grid from {s['grid_source']}" if s.get("grid") else ""
             calls = r.get("calls")
             runs = "" if not calls else f"{calls['ran']}/{sum(calls['fell_back'].values())}"
-            if calls and calls["fell_back"]:
-                why += "; fell back to the model's own attention: " + "; ".join(
-                    f"{n}× {calls['why'][k]}" for k, n in calls["fell_back"].items())
             out.append([s["site_id"], s["kind"], "×".join(map(str, (s["batch"], s["heads"], s["seq_q"], s["head_dim"]))),
-                        _grid(s), method, _params(p), f"{_gflop(b)}→{_gflop(a)}", cut, err, runs, why])
+                        _grid(s), method, _params(p), f"{_gflop(b)}→{_gflop(a)}", cut, err, runs, self._why(r)])
         return out
 
     def _totals_line(self) -> str:
@@ -192,7 +204,10 @@ class Report:
     def __str__(self) -> str:
         self.refresh()
         head = f"vmonarch_opt report — {self.data['model']}"
-        table = tabulate(self.table_rows(), headers=_HEADERS, tablefmt="simple", disable_numparse=True)
+        # the "why" column wraps at a readable width (``why(site_id)`` gives it unwrapped)
+        widths = [None] * (len(_HEADERS) - 1) + [WHY_WIDTH]
+        table = tabulate(self.table_rows(), headers=_HEADERS, tablefmt="simple", disable_numparse=True,
+                         maxcolwidths=widths)
         return f"{head}\n{table}\n{self.legend()}\n{self._totals_line()}{self._notes()}"
 
     def __repr__(self) -> str:
