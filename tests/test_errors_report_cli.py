@@ -138,12 +138,31 @@ def test_report_states_the_measured_forward_time(monkeypatch):
         timed = vmonarch_opt.optimize(model, batch, methods=("monarch",), min_seq_len=0, budget=None)
     fm = timed.report.totals["forward_ms"]
     assert set(fm) == {"original", "optimized"} and all(v > 0 for v in fm.values())
+    # no CUDA kernels ran, so the profiler measured no GPU activity: not claimed either way
+    assert timed.report.totals["forward_gpu_busy"] == {"original": None, "optimized": None}
     assert timed.vmonarch.switch.original is False  # the timing left the optimized path on
     r = vmonarch_opt.Report(copy.deepcopy(timed.report.data))
     r.totals["forward_ms"] = {"original": 10.0, "optimized": 4.0}
     assert "one eager forward on the calibration batch: 10 ms → 4 ms (speed-up 2.50×)" in str(r)
     assert "slower" not in str(r)
     r.totals["forward_ms"] = {"original": 4.0, "optimized": 10.0}
-    assert "slower than the original at this size" in str(r) and 'mode="reduce-overhead"' in str(r)
-    r.totals["forward_ms"] = {"original": 1000.0, "optimized": 1100.0}  # 2 sites: 500 ms each, not launches
-    assert "not launch overhead" in str(r) and "reduce-overhead" not in str(r) and "Calibrate" in str(r)
+    # not measured: neither diagnosis is claimed, both remedies are given
+    note = r.slower_note()
+    assert "slower than the original at this size" in note and "was not measured" in note
+    assert 'mode="reduce-overhead"' in note and "Budget(cost=" in note
+    r.totals["forward_gpu_busy"] = {"original": 0.9, "optimized": 0.2}  # measured: launch-bound
+    note = r.slower_note()
+    assert "busy only 20% of the optimized forward (measured)" in note and "reduce-overhead" in note
+    assert "Budget(cost=" not in note and "GPU busy 90% → 20% of the forward" in str(r)
+    r.totals["forward_ms"] = {"original": 1000.0, "optimized": 1100.0}
+    r.totals["forward_gpu_busy"] = {"original": 0.95, "optimized": 0.97}  # measured: the kernels are slower
+    note = r.slower_note()
+    assert "not launch" in note and "reduce-overhead" not in note and "Budget(cost=" in note
+
+
+def test_gpu_busy_counts_overlapping_kernels_once():
+    from vmonarch_opt.pipeline import union_length
+
+    assert union_length([(0, 10)]) == 10
+    assert union_length([(0, 10), (5, 12), (20, 25)]) == 17  # two streams overlapping, then a gap
+    assert union_length([(0, 10), (2, 3), (10, 11)]) == 11

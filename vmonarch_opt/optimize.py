@@ -165,7 +165,8 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
     target.__dict__["report"] = report
     progress.step("time")
     if validate and pipeline.on_cuda(batches[0]) and _uses_structured(plans):
-        report.totals["forward_ms"] = pipeline.time_forwards(target, batches[0], applied)
+        report.totals["forward_ms"], report.totals["forward_gpu_busy"] = pipeline.time_forwards(
+            target, batches[0], applied)
         for rt in applied.runtimes.values():
             rt.reset_calls()  # the report counts the calls of the user's own forwards
         slower = report.slower_note()

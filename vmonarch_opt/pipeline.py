@@ -33,7 +33,7 @@ from .site import AttentionSite
 from .switch import AttentionSwitch
 
 __all__ = ["Analysis", "Applied", "Validation", "analyse", "plan", "replan", "observe", "validate",
-           "validated_plans", "apply", "on_cuda", "time_forwards"]
+           "validated_plans", "apply", "on_cuda", "time_forwards", "gpu_busy_fraction"]
 
 
 # ------------------------------------------------------------------------------------- analyse
@@ -383,10 +383,46 @@ def detached(applied: "Applied"):
         applied.route.install()
 
 
-def time_forwards(model, batch, applied: "Applied") -> dict:
+def gpu_busy_fraction(fn: Callable[[], Any]) -> Optional[float]:
+    """Fraction of ``fn``'s wall time during which some GPU kernel ran (the union of the CUDA
+    kernel intervals that ``torch.profiler`` records, over the host wall time), or None when the
+    profiler records no device activity (no CUDA, or a profiler that cannot trace kernels).
+    Far below 1 means the forward waits on kernel launches and host work, not on the GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            wall_us = (time.perf_counter() - t0) * 1e6
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    except (RuntimeError, AttributeError):  # a profiler without CUDA support: not measured
+        return None
+    if not spans or wall_us <= 0:
+        return None
+    return min(1.0, union_length(spans) / wall_us)
+
+
+def union_length(spans) -> float:
+    """Total length covered by the sorted ``(start, end)`` intervals (overlaps counted once)."""
+    busy, cur_s, cur_e = 0.0, *spans[0]
+    for s, e in spans[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    return busy + cur_e - cur_s
+
+
+def time_forwards(model, batch, applied: "Applied") -> tuple[dict, dict]:
     """Milliseconds of one eager forward on ``batch``, optimized and of the original model (routing
     and grid hooks detached: nothing of ours runs), median of 3 after a warm-up (1 when a forward
-    takes over a second)."""
+    takes over a second); and for each, the measured fraction of the forward the GPU was busy
+    (:func:`gpu_busy_fraction`, None where it could not be measured)."""
     def once() -> float:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -395,9 +431,14 @@ def time_forwards(model, batch, applied: "Applied") -> dict:
         torch.cuda.synchronize()
         return (time.perf_counter() - t0) * 1e3
 
-    out = {}
+    def forward():
+        with torch.no_grad():
+            run_calibration_call(model, batch)
+
+    out, busy = {}, {}
     for name, context in (("optimized", contextlib.nullcontext()), ("original", detached(applied))):
         with context:
             first = once()  # warm-up: kernel tuning, allocator, caches
             out[name] = statistics.median([once() for _ in range(3 if first < 1000 else 1)])
-    return out
+            busy[name] = gpu_busy_fraction(forward)
+    return out, busy

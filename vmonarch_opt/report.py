@@ -14,7 +14,7 @@ from .plan import ORIGINAL
 
 REPORT_FORMAT = "vmonarch_opt.report/1"
 
-LAUNCH_BOUND_MS = 3.0  # forward time per rewritten site below which a slowdown is put down to launches
+LAUNCH_BOUND_BUSY = 0.5  # measured GPU-busy fraction of a forward below which launches dominate it
 WHY_WIDTH = 56  # characters per line of the printed "why" column
 
 _HEADERS = ["site", "kind", "B×H×N×D", "grid (T×H×W +text)", "method", "params",
@@ -156,7 +156,11 @@ class Report:
         fm = t.get("forward_ms")
         if fm:
             line += (f"\none eager forward on the calibration batch: {fm['original']:.3g} ms → "
-                     f"{fm['optimized']:.3g} ms (speed-up {fm['original'] / fm['optimized']:.2f}×)")
+                     f"{fm['optimized']:.3g} ms (speed-up {fm['original'] / fm['optimized']:.2f}×")
+            busy = t.get("forward_gpu_busy") or {}
+            if busy.get("original") is not None and busy.get("optimized") is not None:
+                line += f"; GPU busy {busy['original']:.0%} → {busy['optimized']:.0%} of the forward"
+            line += ")"
             slower = self.slower_note()
             if slower:
                 line += f"\n{slower}"
@@ -164,25 +168,30 @@ class Report:
 
     def slower_note(self) -> Optional[str]:
         """Why the optimized model is slower than the original and what to do, if its timed
-        forward is over 5 % slower (None otherwise, or when nothing was timed). Short forwards
-        per rewritten site (< ``LAUNCH_BOUND_MS`` each) are launch-bound; longer ones mean the
-        chosen kernels are slower than dense attention at these shapes."""
+        forward is over 5 % slower (None otherwise, or when nothing was timed). Whether kernel
+        launches dominate is said only when measured: ``totals["forward_gpu_busy"]`` (the
+        fraction of the optimized forward during which the GPU ran kernels, from
+        ``torch.profiler``) below ``LAUNCH_BOUND_BUSY``."""
         fm = self.totals.get("forward_ms")
         if not fm or fm["optimized"] <= 1.05 * fm["original"]:
             return None
         head = (f"the optimized model is slower than the original at this size ({fm['optimized']:.3g} vs "
                 f"{fm['original']:.3g} ms per eager forward)")
-        by = self.totals.get("by_method") or {}
-        per_site = fm["original"] / max(1, sum(n for m, n in by.items() if m != ORIGINAL))
-        if per_site < LAUNCH_BOUND_MS:
-            return (f"{head}: kernel launches and per-call work, not attention FLOPs, dominate. Run it under "
-                    f"torch.compile(..., mode=\"reduce-overhead\") (CUDA graphs), or leave short sequences dense "
-                    f"(optimize(..., min_seq_len=...))")
-        return (f"{head}: with {per_site:.3g} ms of forward per rewritten site this is not "
-                f"launch overhead — the kernels chosen are slower than the dense attention they replace at "
-                f"these shapes (e.g. much of each sequence is text or other tokens attended densely, or little is "
-                f"cut). Calibrate with Budget(cost=\"time\") (every candidate is timed per site and the fastest "
-                f"within the error budget kept), or pin another method (methods=... / overrides=...)")
+        busy = (self.totals.get("forward_gpu_busy") or {}).get("optimized")
+        launches = ("run it under torch.compile(..., mode=\"reduce-overhead\") (CUDA graphs), or leave short "
+                    "sequences dense (optimize(..., min_seq_len=...))")
+        kernels = ("calibrate with Budget(cost=\"time\") (every candidate is timed per site and the fastest within "
+                   "the error budget kept), or pin another method (methods=... / overrides=...)")
+        if busy is None:
+            return (f"{head}; whether kernel launches or the kernels themselves dominate was not measured (no "
+                    f"GPU profile): if launches, {launches}; if kernels, {kernels}")
+        if busy < LAUNCH_BOUND_BUSY:
+            return (f"{head}: the GPU was busy only {busy:.0%} of the optimized forward (measured), so kernel "
+                    f"launches and host work, not attention FLOPs, dominate. To fix: {launches}")
+        return (f"{head}: the GPU was busy {busy:.0%} of the optimized forward (measured), so this is not launch "
+                f"overhead — the kernels chosen are slower than the dense attention they replace at these shapes "
+                f"(e.g. much of each sequence is text or other tokens attended densely, or little is cut). To "
+                f"fix: {kernels}")
 
     def legend(self) -> str:
         """How the FLOP figures were obtained, per method in the report."""
