@@ -5,7 +5,7 @@ import torch
 import vmonarch_opt
 from vmonarch_opt import MonarchConfig
 from vmonarch_opt.report import WHY_WIDTH
-from conftest import rel_err
+from conftest import assert_kernels_ran, rel_err
 from handwritten_models import (HANDWRITTEN, AdditiveMask, Causal, ReturnsProbs, SdpaForms, Stack,
                                 TinyViT)
 
@@ -27,17 +27,20 @@ def test_handwritten_forms_are_detected_and_rewritten(cls):
         assert r["plan"]["method"] == "dense", r["plan"]["reason"]
     with torch.no_grad():
         assert rel_err(opt(X), ref) < 1e-5
+    assert_kernels_ran(opt)
     # one Monarch block over the whole sequence is dense softmax attention
     opt1 = vmonarch_opt.optimize(model, (X,), overrides={"*": MonarchConfig(block=(1, 1, 24))}, min_seq_len=0, budget=None)
     assert all(r["plan"]["method"] == "monarch" for r in opt1.report.rows)
     with torch.no_grad():
         assert rel_err(opt1(X), ref) < 1e-4
+    assert_kernels_ran(opt1)
     # without a grid a 3-D block means a 1D block of as many tokens: (2, 3, 4) -> 24, one block
     opt3 = vmonarch_opt.optimize(model, (X,), overrides={"*": MonarchConfig(block=(2, 3, 4))}, min_seq_len=0,
                                  budget=None)
     assert [r["plan"]["args"]["block"] for r in opt3.report.rows] == [[1, 1, 24]] * 2
     with torch.no_grad():
         assert rel_err(opt3(X), ref) < 1e-4
+    assert_kernels_ran(opt3)
     # real Monarch blocks (1D, no grid) change the output but keep it finite
     opt2 = vmonarch_opt.optimize(model, (X,), methods=("monarch",), min_seq_len=0, budget=None)
     with torch.no_grad():

@@ -8,7 +8,7 @@ import torch
 import vmonarch_opt
 from vmonarch_fixtures import models
 from vmonarch_opt import MonarchConfig, VMoBAConfig
-from conftest import rel_err
+from conftest import assert_kernels_ran, rel_err
 
 
 # (factory, expected self-attention sites, expected kind of those sites, text before, text after)
@@ -56,6 +56,7 @@ def test_dense_method_reproduces_model_and_leaves_original_alone(name):
     opt = vmonarch_opt.optimize(model, batch, methods=("dense",), min_seq_len=0)
     assert type(opt) is type(model) and opt is not model
     assert rel_err(_out(opt, batch), ref) < 1e-5
+    assert_kernels_ran(opt)
     # the original model: same parameters, same forward, same output
     assert model.forward == forward_before and "forward" not in model.__dict__
     for k, v in model.state_dict().items():
@@ -74,6 +75,7 @@ def test_monarch_with_one_block_is_exact(name):
     rewritten = [r for r in opt.report.rows if r["plan"]["method"] == "monarch" and r["site"]["grid"]]
     assert len(rewritten) == len(_video_self_sites(opt.report))
     assert rel_err(_out(opt, batch), ref) < 1e-4
+    assert_kernels_ran(opt)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -94,6 +96,7 @@ def test_latte_factorised_space_time_attention(batch):
     assert [r["plan"]["args"]["block"] for r in _video_self_sites(one_block.report)] == \
         [[1, 4, 5], [3, 1, 1], [1, 4, 5], [3, 1, 1]]
     assert rel_err(_out(one_block, b), ref) < 1e-4
+    assert_kernels_ran(one_block)
     structured = vmonarch_opt.optimize(model, b, methods=("monarch",), min_seq_len=0, budget=None)
     blocks = {r["site"]["site_id"]: r["plan"]["args"]["block"] for r in _video_self_sites(structured.report)}
     assert blocks["temporal_transformer_blocks.0.attn1"] == [2, 1, 1]  # ~√T frames, not 1×1×1 blocks
@@ -128,6 +131,7 @@ def test_mochi_attention_in_a_per_prompt_loop_is_found():
                                       budget=None)
     assert one_block.report.totals["by_method"]["monarch"] == 2
     assert rel_err(_out(one_block, b), ref) < 1e-4
+    assert_kernels_ran(one_block)
 
 
 def test_attention_outside_the_captured_graphs_is_reported(monkeypatch):
@@ -218,6 +222,7 @@ def test_framepack_blocks_sharing_one_captured_graph_all_get_sites():
                                   budget=None)
     assert exact.report.totals["by_method"].get("monarch") == 7
     assert rel_err(_out(exact, b), ref) < 1e-4
+    assert_kernels_ran(exact)
 
 
 def test_two_copies_of_the_video_in_one_sequence():
