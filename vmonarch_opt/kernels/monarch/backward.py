@@ -23,9 +23,9 @@ Given ``dO`` and ``Delta = dO . out`` per row:
 What is recomputed and what is kept: the backward re-runs the forward's R-step kernel (one flash
 pass inside the blocks) to get ``AK``, ``Y``, ``CL``, the text statistics and the R-step
 log-sum-exp; the L-step's log-sum-exp is recomputed from those (M logits per row). Nothing N x N
-or N x (N/B) is stored: the extra memory is four ``[batch*heads, B, M, head_dim]`` scratch
-tensors in the input dtype (``dAK`` and ``dY`` overwrite ``AK`` and ``Y`` in place) plus fp32
-gradient accumulators. Kernels, in order:
+or N x (N/B) is stored: the extra memory is two ``[batch*heads, B, M, head_dim]`` scratch
+tensors in the input dtype (``dAK`` and ``dY`` overwrite ``AK`` and ``Y`` in place), a float32
+``dq`` accumulator, and float32 ``dk``/``dv`` only with text tokens (which add to every key). Kernels, in order:
 
 1. ``_l_bwd_dq_kernel``: one program = position j x a tile of query blocks i: each row's L-step
    log-sum-exp (stored for the later passes) and ``dq`` from the L-step;
@@ -225,10 +225,10 @@ def _r_bwd_dkv_kernel(Q, K, V, DAK, DY, DCL, DT, LSER, DK, DV,
         rc = tl.trans(r).to(dak.dtype)
         acc_k = tl.dot(rc, dak, acc_k, input_precision=DOT_PREC)
         acc_v = tl.dot(rc, dy, acc_v, input_precision=DOT_PREC)
-    tl.store(DK + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + krow[:, None] * sgn + offs_d[None, :], acc_k,
-             mask=kld)
-    tl.store(DV + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + krow[:, None] * sgn + offs_d[None, :], acc_v,
-             mask=kld)
+    tl.store(DK + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + krow[:, None] * sgn + offs_d[None, :],
+             acc_k.to(DK.dtype.element_ty), mask=kld)
+    tl.store(DV + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + krow[:, None] * sgn + offs_d[None, :],
+             acc_v.to(DV.dtype.element_ty), mask=kld)
 
 
 @triton.jit
@@ -358,9 +358,15 @@ def monarch_attention_backward_triton(q: torch.Tensor, k: torch.Tensor, v: torch
     del tx  # the text keys' backward recomputes its probabilities from the row LSE
     # Delta = dO . out per row
     delta = (do.float() * out.float()).sum(-1).reshape(b * h, N).contiguous()
+    # dq sums the L-step's and the R-step's shares: fp32. The video keys' dk/dv are written once by
+    # the R-step pass, so without text they go straight to q's dtype; text adds to every key: fp32.
     dq = torch.zeros(b, h, N, D, dtype=torch.float32, device=dev)
-    dk = torch.zeros_like(dq)
-    dv = torch.zeros_like(dq)
+    if NT:
+        dk = torch.zeros(b, h, N, D, dtype=torch.float32, device=dev)
+        dv = torch.zeros_like(dk)
+    else:  # every video key belongs to exactly one block: all rows are written
+        dk = torch.empty(b, h, N, D, dtype=q.dtype, device=dev)
+        dv = torch.empty_like(dk)
     lse_l = torch.empty_like(cl)
     dt = torch.empty_like(cl)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
