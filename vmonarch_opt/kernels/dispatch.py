@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["use_triton", "monarch_attention", "monarch_attention_backward", "vmoba_attention", "vmoba_select",
+__all__ = ["use_triton", "dense_uses_triton", "monarch_attention", "monarch_attention_backward", "vmoba_attention",
+           "vmoba_select",
            "vmoba_attention_with_selection", "dense_attention", "dense_with_stats"]
 
 
@@ -28,6 +29,12 @@ def use_triton(t: torch.Tensor) -> bool:
         return True
     return (t.device.type == "cpu" and os.environ.get("VMONARCH_INTERPRET_KERNELS", "0") == "1"
             and os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+def dense_uses_triton(q: torch.Tensor) -> bool:
+    """True when the dense op runs our Triton flash kernel for ``q`` (``VMONARCH_DENSE_KERNEL=triton``
+    and :func:`use_triton`); otherwise it runs torch's SDPA."""
+    return use_triton(q) and os.environ.get("VMONARCH_DENSE_KERNEL", "sdpa") == "triton"
 
 
 def monarch_attention(q, k, v, **kw) -> torch.Tensor:
@@ -78,7 +85,7 @@ def vmoba_attention_with_selection(q, k, v, selection, scale: float, pooled_rest
 
 def dense_attention(q, k, v, scale: float) -> torch.Tensor:
     """Exact attention with the fastest kernel at hand (torch SDPA unless VMONARCH_DENSE_KERNEL=triton)."""
-    if use_triton(q) and os.environ.get("VMONARCH_DENSE_KERNEL", "sdpa") == "triton":
+    if dense_uses_triton(q):
         from .flash.kernel import flash_attention_triton
         return flash_attention_triton(q, k, v, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
