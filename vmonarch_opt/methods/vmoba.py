@@ -1,6 +1,12 @@
 """Block-sparse VMoBA: each query group attends to the key blocks its gate selects (1D/2D/3D
 partitions of the video grid in a layer-wise cycle), optionally with the unselected blocks kept
-as pooled keys. Kernels: ``kernels/vmoba/``."""
+as pooled keys. Kernels: ``kernels/vmoba/``.
+
+Backward: where the forward ran our Triton kernels, ``vmonarch::vmoba_attention_backward`` runs
+the Triton backward (``kernels/vmoba/backward.py``): the selection is recomputed from q and k by
+the forward's selection kernels and held constant (as in VMoBA training), the row logsumexp is
+recomputed, dK/dV are accumulated key-block-major over the transposed selection (no atomics), and
+nothing of size N x N is kept. Elsewhere the reference is differentiated by autograd."""
 from __future__ import annotations
 
 import math
@@ -10,11 +16,12 @@ from typing import Optional
 import torch
 
 from ..kernels import dispatch
-from ..ops import OP_TAGS, empty_attention_out, in_q_layout, register_reference_autograd
+from ..ops import OP_TAGS, empty_attention_out, in_q_layout, register_autograd
 from .base import Method, Shape, check_tile
 from .registry import register
 
-__all__ = ["VMoBAConfig", "VMoBAMethod", "default_vmoba_chunk", "vmoba_config", "vmoba_attention"]
+__all__ = ["VMoBAConfig", "VMoBAMethod", "default_vmoba_chunk", "vmoba_config", "vmoba_attention",
+           "vmoba_attention_backward"]
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,39 @@ def _reference(q, k, v, grid, chunk, text_before, text_after, partition, thresho
                                      topk=topk, scale=scale, pooled_rest=bool(pooled_rest))
 
 
-register_reference_autograd(vmoba_attention, _reference)
+@torch.library.custom_op("vmonarch::vmoba_attention_backward", mutates_args=(), tags=OP_TAGS)
+def vmoba_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                             grad_out: torch.Tensor, grid: list[int], chunk: list[int], text_before: int,
+                             text_after: int, partition: str, threshold: float, topk: int, scale: float,
+                             pooled_rest: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of ``vmoba_attention`` (selection constant) by the Triton backward kernels.
+    The op's autograd calls it only where the kernels run; elsewhere it differentiates the reference."""
+    if not dispatch.use_triton(q):
+        raise RuntimeError("vmonarch::vmoba_attention_backward runs our Triton backward kernels, which need CUDA "
+                           "tensors (or, for tests, TRITON_INTERPRET=1 with VMONARCH_INTERPRET_KERNELS=1); "
+                           "elsewhere call .backward() on vmonarch::vmoba_attention's output (the reference is "
+                           "differentiated)")
+    from ..kernels.vmoba.backward import vmoba_attention_backward_triton
+
+    dq, dk, dv = vmoba_attention_backward_triton(
+        q, k, v, out, grad_out, grid=tuple(grid), chunk=tuple(chunk), text_before=text_before,
+        text_after=text_after, partition=partition, threshold=threshold, topk=topk, scale=scale,
+        pooled_rest=bool(pooled_rest))
+    return in_q_layout(q, dq), in_q_layout(k, dk), in_q_layout(v, dv)
+
+
+@vmoba_attention_backward.register_fake
+def _(q, k, v, out, grad_out, grid, chunk, text_before, text_after, partition, threshold, topk, scale,
+      pooled_rest=False):
+    return empty_attention_out(q), empty_attention_out(k), empty_attention_out(v)
+
+
+def _kernel_covers(q, *args) -> bool:
+    """The Triton backward covers every call the Triton forward runs (its dtypes and head sizes)."""
+    return q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 256
+
+
+register_autograd(vmoba_attention, _reference, vmoba_attention_backward, _kernel_covers)
 
 
 def _select(q, k, args: dict, scale: float):
