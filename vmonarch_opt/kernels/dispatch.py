@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["use_triton", "dense_uses_triton", "monarch_attention", "monarch_attention_backward", "vmoba_attention",
-           "vmoba_select",
-           "vmoba_attention_with_selection", "dense_attention", "dense_with_stats"]
+           "vmoba_attention_backward", "vmoba_select", "vmoba_attention_with_selection", "dense_attention",
+           "dense_attention_backward", "dense_with_stats"]
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -59,6 +59,12 @@ def vmoba_attention(q, k, v, **kw) -> torch.Tensor:
     return vmoba_attention_reference(q, k, v, **kw)
 
 
+def vmoba_attention_backward(q, k, v, out, grad_out, **kw):
+    """``(dq, dk, dv)`` from the VMoBA backward kernels (callers check ``use_triton`` first)."""
+    from .vmoba.backward import vmoba_attention_backward_triton
+    return vmoba_attention_backward_triton(q, k, v, out, grad_out, **kw)
+
+
 def vmoba_select(q: torch.Tensor, k: torch.Tensor, *, grid, chunk, text_before: int = 0,
                  text_after: int = 0, partition: str = "3d", threshold: float = 0.25,
                  topk: int = 0, scale: Optional[float] = None):
@@ -89,6 +95,12 @@ def dense_attention(q, k, v, scale: float) -> torch.Tensor:
         from .flash.kernel import flash_attention_triton
         return flash_attention_triton(q, k, v, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def dense_attention_backward(q, k, v, out, grad_out, scale: float):
+    """``(dq, dk, dv)`` from our flash backward kernels (callers check ``use_triton`` first)."""
+    from .flash.backward import flash_attention_backward_triton
+    return flash_attention_backward_triton(q, k, v, out, grad_out, scale=scale)
 
 
 def dense_with_stats(q, k, v, scale: float):

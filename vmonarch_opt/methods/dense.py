@@ -58,9 +58,7 @@ def dense_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                            "tensors (or, for tests, TRITON_INTERPRET=1 with VMONARCH_INTERPRET_KERNELS=1); "
                            "elsewhere call .backward() on vmonarch::dense_attention's output (SDPA is "
                            "differentiated)")
-    from ..kernels.flash.backward import flash_attention_backward_triton
-
-    dq, dk, dv = flash_attention_backward_triton(q, k, v, out, grad_out, scale=scale)
+    dq, dk, dv = dispatch.dense_attention_backward(q, k, v, out, grad_out, scale)
     return in_q_layout(q, dq), in_q_layout(k, dk), in_q_layout(v, dv)
 
 

@@ -102,9 +102,7 @@ def vmoba_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                            "tensors (or, for tests, TRITON_INTERPRET=1 with VMONARCH_INTERPRET_KERNELS=1); "
                            "elsewhere call .backward() on vmonarch::vmoba_attention's output (the reference is "
                            "differentiated)")
-    from ..kernels.vmoba.backward import vmoba_attention_backward_triton
-
-    dq, dk, dv = vmoba_attention_backward_triton(
+    dq, dk, dv = dispatch.vmoba_attention_backward(
         q, k, v, out, grad_out, grid=tuple(grid), chunk=tuple(chunk), text_before=text_before,
         text_after=text_after, partition=partition, threshold=threshold, topk=topk, scale=scale,
         pooled_rest=bool(pooled_rest))
