@@ -21,7 +21,10 @@ on the data — Monarch's factors, VMoBA's block selection — is computed in th
   gathered by their in-graph indices and attended with a masked Softmax (plus the dense text
   keys). The number of selected blocks is data-dependent, so the graph gathers up to all
   ``C`` blocks per group and masks the unselected slots: the result is exact, the cost that of
-  dense attention (ONNX has no block-sparse attention operator).
+  dense attention (ONNX has no block-sparse attention operator). The token rule computes its
+  per-token gates ``q · mean key`` by MatMul and its per-token (or per-head) selection with the
+  reference's own functions (min-max, TopK sort, CumSum, ArgMax, Gather); every query then
+  scores all ``C`` blocks, its unselected ones masked.
 * **Dense** (:func:`dense_lowered`): ``softmax(q kᵀ · scale) v``.
 
 Every function takes q/k/v as ``[batch, heads, N, D]`` and an optional ``key_valid``
@@ -237,8 +240,12 @@ def _build_vmoba_tables(lay):
     inv[gtok[gvalid]] = slots[gvalid]
     own = torch.zeros(G, C, dtype=torch.bool)
     own[torch.arange(G), lay.group_block] = True
+    # token rule: block-order position of each group slot (nv: the padding row), own block per position
+    gposb = torch.where(gvalid, gstart[:, None] + gpos, torch.full_like(gpos, nv))
+    pos_own = F.one_hot(torch.repeat_interleave(torch.arange(C), lay.block_len), C).bool()
     return dict(C=C, G=G, Lb=Lb, Lg=Lg, btok=btok, bvalid=bvalid, gtok=gtok, gvalid=gvalid, inv=inv,
-                own=own, block_len=lay.block_len, group_len=lay.group_len)
+                own=own, block_len=lay.block_len, group_len=lay.group_len, perm=perm, gposb=gposb,
+                pos_own=pos_own)
 
 
 def _vmoba_selection(qbar, kbar, t, *, threshold: float, topk: int, scale: float, nv: int):
@@ -274,19 +281,23 @@ def _vmoba_selection(qbar, kbar, t, *, threshold: float, topk: int, scale: float
 def vmoba_lowered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, chunk,
                   text_before: int = 0, text_after: int = 0, partition: str = "3d",
                   threshold: float = 0.25, topk: int = 0, scale: Optional[float] = None,
-                  key_valid: Optional[torch.Tensor] = None, pooled_rest: bool = False) -> torch.Tensor:
+                  key_valid: Optional[torch.Tensor] = None, pooled_rest: bool = False,
+                  selection: str = "group", scope: Optional[str] = None) -> torch.Tensor:
     """VMoBA attention (same function as ``vmoba_attention_reference``) in ONNX-friendly ops.
 
     ``key_valid`` ([batch, N] bool, True everywhere on the video tokens) drops text keys.
     ``pooled_rest``: the unselected blocks join the softmax as pooled keys (mean key, logit +
-    log(block size), mean value), as in the reference.
+    log(block size), mean value), as in the reference. ``selection`` / ``scope``: the rule.
     """
-    from ..kernels.vmoba.layout import _check_args
+    from ..kernels.vmoba.layout import _check_args, check_rule
 
     with _real_tensors():
         scale, lay, threshold, topk = _check_args(q, k, v, grid, chunk, text_before, text_after, partition,
                                                   threshold, topk, scale, "vmoba_lowered")
+        selection, scope = check_rule(selection, scope, "vmoba_lowered")
         tables = _vmoba_tables(lay)
+    if selection == "token":
+        return _vmoba_token_lowered(q, k, v, lay, tables, threshold, topk, scope, scale, key_valid, pooled_rest)
     b, h, N, D = q.shape
     cdt, dev = _cdt(q), q.device
     t = {k_: (x.to(dev) if isinstance(x, torch.Tensor) else x) for k_, x in tables.items()}
@@ -353,3 +364,61 @@ def vmoba_lowered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, ch
     text_out = _dense_rows(qf[:, :, tidx], kf, vf, scale, _key_bias(key_valid, torch.arange(N, device=dev), cdt))
     parts = [text_out[:, :, :tb], video_out, text_out[:, :, tb:]]
     return torch.cat([p for p in parts if p.shape[2]], dim=2).to(q.dtype)
+
+
+def _vmoba_token_lowered(q, k, v, lay, tables, threshold, topk, scope, scale, key_valid, pooled_rest):
+    """The token rule (``vmoba_select_token_reference`` + ``vmoba_attention_from_selection``):
+    per-token selection in the graph, then each query group against all ``C`` key blocks with its
+    tokens' unselected blocks masked."""
+    from ..kernels.vmoba.reference import token_keep
+
+    b, h, N, D = q.shape
+    cdt, dev = _cdt(q), q.device
+    t = {k_: (x.to(dev) if isinstance(x, torch.Tensor) else x) for k_, x in tables.items()}
+    tb, nv = lay.text_before, lay.n_video
+    C, G, Lb, Lg = t["C"], t["G"], t["Lb"], t["Lg"]
+    qf, kf, vf = q.to(cdt), k.to(cdt), v.to(cdt)
+    zrow = torch.zeros(b, h, 1, D, dtype=cdt, device=dev)
+    qv = torch.cat([qf[:, :, tb:tb + nv], zrow], dim=2)
+    kv = torch.cat([kf[:, :, tb:tb + nv], zrow], dim=2)
+    vv = torch.cat([vf[:, :, tb:tb + nv], zrow], dim=2)
+    kblk = kv[:, :, t["btok"]]                                                # [b, h, C, Lb, D]
+    vblk = vv[:, :, t["btok"]]
+    kbar = kblk.sum(-2) / t["block_len"].to(cdt)[:, None]                     # [b, h, C, D]
+    gate = torch.matmul(qv[:, :, t["perm"]], kbar.transpose(-1, -2))         # [b, h, Nv, C], block order
+    keep = token_keep(gate, t["pos_own"], threshold, topk, scope)
+    keep = torch.cat([keep, torch.zeros(b, h, 1, C, dtype=torch.bool, device=dev)], dim=2)
+    keep_g = keep[:, :, t["gposb"]]                                           # [b, h, G, Lg, C]
+    qg = qv[:, :, t["gtok"]]                                                  # [b, h, G, Lg, D]
+    kall = kblk.reshape(b, h, 1, C * Lb, D)
+    vall = vblk.reshape(b, h, 1, C * Lb, D)
+    neg = torch.full((), _NEG_INF, dtype=cdt, device=dev)
+    zero = torch.zeros((), dtype=cdt, device=dev)
+    tok_ok = keep_g[..., None] & t["bvalid"]                                  # [b, h, G, Lg, C, Lb]
+    s = torch.matmul(qg, kall.transpose(-1, -2)) * scale + torch.where(tok_ok, zero, neg).reshape(b, h, G, Lg, C * Lb)
+    logits, values = [s], [vall]
+    if pooled_rest:
+        vbar = vblk.sum(-2) / t["block_len"].to(cdt)[:, None]
+        pbias = torch.where(keep_g, neg, zero) + torch.log(t["block_len"].to(cdt))
+        logits.append(torch.matmul(qg, kbar[:, :, None].transpose(-1, -2)) * scale + pbias)
+        values.append(vbar[:, :, None])
+    tidx = _text_index(tb, nv, N, dev)
+    if tidx.numel():
+        st = torch.matmul(qg, kf[:, :, tidx][:, :, None].transpose(-1, -2)) * scale
+        tbias = _key_bias(key_valid, tidx, cdt)
+        if tbias is not None:
+            st = st + tbias[:, :, None]
+        logits.append(st)
+        values.append(vf[:, :, tidx][:, :, None])
+    p = torch.softmax(torch.cat(logits, dim=-1), dim=-1)
+    og, at = 0, 0
+    for lg, val in zip(logits, values):
+        n_ = lg.shape[-1]
+        og = og + torch.matmul(p[..., at:at + n_], val)
+        at += n_
+    video_out = og.reshape(b, h, G * Lg, D)[:, :, t["inv"]]
+    if not tidx.numel():
+        return video_out.to(q.dtype)
+    text_out = _dense_rows(qf[:, :, tidx], kf, vf, scale, _key_bias(key_valid, torch.arange(N, device=dev), cdt))
+    parts = [text_out[:, :, :tb], video_out, text_out[:, :, tb:]]
+    return torch.cat([p_ for p_ in parts if p_.shape[2]], dim=2).to(q.dtype)

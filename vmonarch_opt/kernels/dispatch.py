@@ -67,12 +67,20 @@ def vmoba_attention_backward(q, k, v, out, grad_out, **kw):
 
 def vmoba_select(q: torch.Tensor, k: torch.Tensor, *, grid, chunk, text_before: int = 0,
                  text_after: int = 0, partition: str = "3d", threshold: float = 0.25,
-                 topk: int = 0, scale: Optional[float] = None):
-    """VMoBA's block selection alone (a ``VMoBASelection``)."""
-    from .vmoba.layout import _check_args
+                 topk: int = 0, scale: Optional[float] = None, selection: str = "group",
+                 scope: Optional[str] = None):
+    """VMoBA's block selection alone (a ``VMoBASelection``) under rule ``selection``."""
+    from .vmoba.layout import _check_args, check_rule
 
     s, lay, threshold, topk = _check_args(q, k, k, grid, chunk, text_before, text_after,
                                           partition, threshold, topk, scale, "vmoba_select")
+    selection, scope = check_rule(selection, scope, "vmoba_select")
+    if selection == "token":
+        if use_triton(q):
+            from .vmoba.token import vmoba_select_token_triton
+            return vmoba_select_token_triton(q, k, layout=lay, threshold=threshold, topk=topk, scope=scope)
+        from .vmoba.reference import vmoba_select_token_reference
+        return vmoba_select_token_reference(q, k, layout=lay, threshold=threshold, topk=topk, scope=scope)
     if use_triton(q):
         from .vmoba.kernel import vmoba_select_triton
         return vmoba_select_triton(q, k, layout=lay, threshold=threshold, topk=topk, scale=s)

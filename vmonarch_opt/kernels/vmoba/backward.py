@@ -49,7 +49,7 @@ from ..flash.kernel import _LOG2E, _NEG, _bucket
 from ..out_layout import empty_attention_out
 from ..tuning import interpreting, tuning_cache, tuning_enabled
 from .kernel import _device_layout, _group_pass, _head_pad, vmoba_select_triton
-from .layout import VMoBASelection, _check_args
+from .layout import VMoBASelection, _check_args, check_rule
 
 __all__ = ["vmoba_attention_backward_triton", "vmoba_backward_with_selection", "transposed_selection"]
 
@@ -403,7 +403,11 @@ def _pooled_split(q, bh: int, ctiles: int, G: int) -> int:
 def vmoba_backward_with_selection(q, k, v, out, grad_out, selection: VMoBASelection, scale: float,
                                   pooled_rest: bool = False):
     """``(dq, dk, dv)`` of ``vmoba_attention_with_selection(q, k, v, selection, scale,
-    pooled_rest)`` (the selection held constant), given its output and the output gradient."""
+    pooled_rest)`` (the selection held constant), given its output and the output gradient. A
+    token-rule selection runs the backward of ``token.py``."""
+    if selection.row_sel is not None:
+        from .token import token_backward_with_selection
+        return token_backward_with_selection(q, k, v, out, grad_out, selection, scale, pooled_rest=pooled_rest)
     lay = selection.layout
     B, H, N, D = q.shape
     dq, dk, dv = empty_attention_out(q), empty_attention_out(k), empty_attention_out(v)
@@ -499,12 +503,14 @@ def vmoba_attention_backward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.T
                                     out: torch.Tensor, grad_out: torch.Tensor, *, grid, chunk,
                                     text_before: int = 0, text_after: int = 0,
                                     partition: str = "3d", threshold: float = 0.25, topk: int = 0,
-                                    scale: Optional[float] = None, pooled_rest: bool = False):
+                                    scale: Optional[float] = None, pooled_rest: bool = False,
+                                    selection: str = "group", scope: Optional[str] = None):
     """``(dq, dk, dv)`` of ``vmoba_attention_triton`` with the same arguments, given its output
     ``out`` and the output gradient; the selection is recomputed by the same kernels."""
     s, lay, threshold, topk = _check_args(q, k, v, grid, chunk, text_before, text_after,
                                           partition, threshold, topk, scale,
                                           "vmoba_attention_backward_triton")
+    selection, scope = check_rule(selection, scope, "vmoba_attention_backward_triton")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"vmoba_attention_backward_triton: dtype {q.dtype} unsupported; use "
                          f"float16, bfloat16 or float32")
@@ -517,6 +523,11 @@ def vmoba_attention_backward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.T
                              f"expected {tuple(q.shape)} (the forward's output)")
     if topk == 0 and threshold >= 1.0:  # every block selected: the forward ran dense attention
         return flash_attention_backward_triton(q, k, v, out, grad_out, scale=s)
+    if selection == "token":
+        from .token import token_backward_with_selection, vmoba_select_token_triton
+        sel = vmoba_select_token_triton(q, k, layout=lay, threshold=threshold, topk=topk, scope=scope, v=v,
+                                        pooled=pooled_rest)
+        return token_backward_with_selection(q, k, v, out, grad_out, sel, s, pooled_rest=pooled_rest)
     sel = vmoba_select_triton(q, k, layout=lay, threshold=threshold, topk=topk, scale=s,
                               v=v if pooled_rest else None, copy_kv=False, pooled=pooled_rest)
     return vmoba_backward_with_selection(q, k, v, out, grad_out, sel, s, pooled_rest=pooled_rest)

@@ -46,7 +46,7 @@ from ..flash.kernel import (_LOG2E, _NEG, TensorDescriptor, _bucket, _flash_into
                             text_rows_sdpa_into)
 from ..out_layout import empty_attention_out
 from ..tuning import interpreting, tuning_cache, tuning_enabled
-from .layout import (QUERY_GROUP, VMoBALayout, VMoBASelection, _check_args)
+from .layout import QUERY_GROUP, VMoBALayout, VMoBASelection, _check_args, check_rule
 
 __all__ = ["vmoba_attention_triton", "vmoba_select_triton", "vmoba_attention_with_selection"]
 
@@ -740,7 +740,11 @@ def vmoba_attention_with_selection(q, k, v, selection: VMoBASelection, scale: fl
                                    out: Optional[torch.Tensor] = None,
                                    pooled_rest: bool = False) -> torch.Tensor:
     """Block-sparse attention over an existing selection (text rows/columns dense); with
-    ``pooled_rest`` the unselected blocks join as pooled keys (``reference.py``)."""
+    ``pooled_rest`` the unselected blocks join as pooled keys (``reference.py``). A token-rule
+    selection runs the kernels of ``token.py``."""
+    if selection.row_sel is not None:
+        from .token import token_attention_with_selection
+        return token_attention_with_selection(q, k, v, selection, scale, out=out, pooled_rest=pooled_rest)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     lay = selection.layout
@@ -763,11 +767,13 @@ def vmoba_attention_with_selection(q, k, v, selection: VMoBASelection, scale: fl
 def vmoba_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, chunk,
                            text_before: int = 0, text_after: int = 0, partition: str = "3d",
                            threshold: float = 0.25, topk: int = 0,
-                           scale: Optional[float] = None, pooled_rest: bool = False) -> torch.Tensor:
+                           scale: Optional[float] = None, pooled_rest: bool = False,
+                           selection: str = "group", scope: Optional[str] = None) -> torch.Tensor:
     """VMoBA attention with the Triton kernels; same contract as ``vmoba_attention_reference``."""
     s, lay, threshold, topk = _check_args(q, k, v, grid, chunk, text_before, text_after,
                                           partition, threshold, topk, scale,
                                           "vmoba_attention_triton")
+    selection, scope = check_rule(selection, scope, "vmoba_attention_triton")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"vmoba_attention_triton: dtype {q.dtype} unsupported; use float16, "
                          f"bfloat16 or float32")
@@ -777,6 +783,11 @@ def vmoba_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         # every block selected: exactly dense attention, run by the dense flash kernel
         from ..flash.kernel import flash_attention_triton
         return flash_attention_triton(q, k, v, scale=s)
+    if selection == "token":
+        from .token import token_attention_with_selection, vmoba_select_token_triton
+        sel = vmoba_select_token_triton(q, k, layout=lay, threshold=threshold, topk=topk, scope=scope, v=v,
+                                        pooled=pooled_rest)
+        return token_attention_with_selection(q, k, v, sel, s, pooled_rest=pooled_rest)
     # the selection pass also copies k/v into block order unless the kernel will gather
     cfg = _known_config(q, lay, pooled_rest)
     copy = cfg is None or cfg[4] >= 1

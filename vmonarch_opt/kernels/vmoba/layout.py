@@ -11,11 +11,36 @@ import torch
 
 from ..flash.reference import check_attention_inputs
 
-__all__ = ["QUERY_GROUP", "PARTITIONS", "VMoBALayout", "VMoBASelection", "vmoba_partition_for_layer",
-           "vmoba_layout", "block_means"]
+__all__ = ["QUERY_GROUP", "PARTITIONS", "SELECTIONS", "SCOPES", "TOKEN_EPS", "MAX_TOKEN_BLOCKS", "VMoBALayout", "VMoBASelection",
+           "vmoba_partition_for_layer", "vmoba_layout", "block_means", "default_scope", "check_rule"]
 
 QUERY_GROUP = 128
 PARTITIONS = ("1d", "2d", "3d")
+SELECTIONS = ("group", "token")  # selection rules (reference.py)
+SCOPES = ("query_head", "head_global")  # where the token rule normalises and ranks
+TOKEN_EPS = 1e-6  # the token rule's epsilon (gate range floor, share denominators), as the paper code's
+MAX_TOKEN_BLOCKS = 512  # the token rule's Triton selection holds a token's C gates in registers
+
+
+def default_scope(selection: str) -> str:
+    """The scope a rule uses when none is given: the token rule per (query token, head) as the paper
+    implementation's default; the group rule has only its per-head scope."""
+    return "query_head" if selection == "token" else "head_global"
+
+
+def check_rule(selection, scope, who: str) -> tuple:
+    """``(selection, scope)`` validated (``scope=None``: the rule's default)."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"{who}: selection must be one of {SELECTIONS}, got {selection!r} (\"token\": the "
+                         f"paper implementation's per-query-token rule; \"group\": per query group of "
+                         f"<= {QUERY_GROUP} tokens)")
+    scope = default_scope(selection) if scope is None else scope
+    if scope not in SCOPES:
+        raise ValueError(f"{who}: scope must be one of {SCOPES} (or None for the rule's default), got {scope!r}")
+    if selection == "group" and scope != "head_global":
+        raise ValueError(f"{who}: the group rule ranks its (group, block) pairs over the whole head: use "
+                         f"scope=\"head_global\" (or None), or selection=\"token\" for scope={scope!r}")
+    return selection, scope
 
 
 
@@ -149,21 +174,25 @@ def vmoba_layout(grid: Sequence[int], chunk: Sequence[int], partition: str = "3d
 
 @dataclass
 class VMoBASelection:
-    """The selected (query-group, key-block) pairs of every (batch, head).
+    """The selected key blocks of every (batch, head) and query group (group rule) or video query
+    token (token rule).
 
     * ``layout``: the :class:`VMoBALayout` (blocks, groups, token permutation).
     * ``kv_idx``: int32 [B, H, G, C]; row (b, h, g) lists the selected key blocks of query group
-      g in ascending order in its first ``kv_cnt[b, h, g]`` entries, the rest is -1.
-    * ``kv_cnt``: int32 [B, H, G], >= 1 (the own block is always selected).
-    * ``threshold``, ``topk``: the rule that produced it.
+      g in ascending order in its first ``kv_cnt[b, h, g]`` entries, the rest is -1. Group rule
+      only (None for the token rule).
+    * ``kv_cnt``: int32 [B, H, G], >= 1 (the own block is always selected); group rule only.
+    * ``row_sel`` (token rule only): bool [B, H, Nv, C], True where the video token at
+      block-order position p selected key block c (its own block always).
+    * ``threshold``, ``topk``, ``selection`` (``"group"`` | ``"token"``), ``scope``: the rule.
 
     Text keys are attended by every query and text queries attend to all keys; they are not
     listed here (see :func:`vmoba_flops`).
     """
 
     layout: VMoBALayout
-    kv_idx: torch.Tensor
-    kv_cnt: torch.Tensor
+    kv_idx: Optional[torch.Tensor]
+    kv_cnt: Optional[torch.Tensor]
     threshold: float
     topk: int
     # (k, v) video rows copied into block order by the Triton selection when it was given v;
@@ -172,22 +201,38 @@ class VMoBASelection:
     # (mean key, mean value) per block, float32 [B*H, C, padded head_dim], made by the Triton
     # selection when asked to (pooled rest); None: not made
     block_means: Optional[tuple] = field(default=None, repr=False, compare=False)
+    selection: str = "group"
+    scope: str = "head_global"
+    row_sel: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+
+    @property
+    def _shape_src(self) -> torch.Tensor:
+        return self.row_sel if self.row_sel is not None else self.kv_cnt
 
     @property
     def batch(self) -> int:
-        return int(self.kv_cnt.shape[0])
+        return int(self._shape_src.shape[0])
 
     @property
     def heads(self) -> int:
-        return int(self.kv_cnt.shape[1])
+        return int(self._shape_src.shape[1])
 
     @property
     def num_pairs(self) -> int:
-        """Total selected (query-group, key-block) pairs over batch and heads."""
+        """Selected (query group or token, key block) pairs over batch and heads."""
+        if self.row_sel is not None:
+            return int(self.row_sel.sum())
         return int(self.kv_cnt.long().sum())
 
     def mask(self) -> torch.Tensor:
-        """Dense bool [B, H, G, C] view of the selection (G x C per head, never tokens^2)."""
+        """Dense bool [B, H, G, C] view of the selection (G x C per head, never tokens^2); under
+        the token rule the union over each group's tokens."""
+        if self.row_sel is not None:
+            lay = self.layout
+            pos_group = torch.repeat_interleave(torch.arange(lay.num_groups), lay.group_len).to(self.row_sel.device)
+            B, H, _, C = self.row_sel.shape
+            cnt = torch.zeros(B, H, lay.num_groups, C, dtype=torch.int32, device=self.row_sel.device)
+            return cnt.index_add_(2, pos_group, self.row_sel.to(torch.int32)) > 0
         B, H, G, C = self.kv_idx.shape
         m = torch.zeros(B, H, G, C + 1, dtype=torch.bool, device=self.kv_idx.device)
         idx = self.kv_idx.long()
@@ -195,9 +240,22 @@ class VMoBASelection:
         m.scatter_(3, idx, True)
         return m[..., :C]
 
+    def row_mask(self, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """Bool [B, H, rows, C]: the key blocks of the video tokens at block-order positions
+        ``[start, stop)`` (token rule: their own; group rule: their group's)."""
+        lay = self.layout
+        stop = lay.n_video if stop is None else stop
+        if self.row_sel is not None:
+            return self.row_sel[:, :, start:stop]
+        pos_group = torch.repeat_interleave(torch.arange(lay.num_groups), lay.group_len)[start:stop]
+        return self.mask()[:, :, pos_group.to(self.kv_idx.device)]
+
     def video_pairs(self) -> torch.Tensor:
         """Selected video (query token, key token) pairs per (batch, head), int64 [B, H]."""
         lay = self.layout
+        if self.row_sel is not None:
+            per_block = self.row_sel.sum(2, dtype=torch.int64)  # [B, H, C] tokens selecting each block
+            return per_block @ lay.block_len.to(per_block.device)
         m = self.mask().to(torch.float64)
         bl = lay.block_len.to(m.device, torch.float64)
         gl = lay.group_len.to(m.device, torch.float64)
@@ -205,7 +263,8 @@ class VMoBASelection:
 
     @property
     def density(self) -> float:
-        """Fraction of the video x video token pairs that are computed (1.0 = dense)."""
+        """Fraction of the video x video token pairs that are computed (1.0 = dense): the
+        kernels of both rules compute exactly the selected pairs."""
         nv = self.layout.n_video
         return float(self.video_pairs().double().mean()) / float(nv * nv)
 

@@ -69,10 +69,10 @@ from typing import Optional
 
 import torch
 
-from .layout import VMoBALayout, VMoBASelection, _check_args, block_means
+from .layout import TOKEN_EPS, VMoBALayout, VMoBASelection, _check_args, block_means, check_rule
 
-__all__ = ["vmoba_select_reference", "vmoba_attention_reference", "vmoba_attention_from_selection",
-           "vmoba_flops"]
+__all__ = ["vmoba_select_reference", "vmoba_select_token_reference", "vmoba_attention_reference",
+           "vmoba_attention_from_selection", "vmoba_flops", "token_gate", "token_keep", "threshold_keep", "topk_keep"]
 
 _CHUNK_BYTES = 256 * 1024 * 1024
 
@@ -133,14 +133,104 @@ def vmoba_select_reference(q: torch.Tensor, k: torch.Tensor, *, layout: VMoBALay
         cut = _cut_value(P.reshape(B * Hh, G * C), w.reshape(B * Hh, G * C),
                          own.reshape(B * Hh, G * C), target.reshape(B * Hh))
         sel = own | (P >= cut.view(B, Hh, 1, 1))
+    kv_idx, cnt = _block_lists(sel)
+    return VMoBASelection(layout=lay, kv_idx=kv_idx, kv_cnt=cnt, threshold=float(threshold), topk=int(topk))
+
+
+def _block_lists(sel: torch.Tensor) -> tuple:
+    """``(kv_idx, kv_cnt)`` of a bool ``[..., C]`` mask: ascending block ids, -1 padded."""
+    C = sel.shape[-1]
     cnt = sel.sum(-1).to(torch.int32)
     # ascending block ids first, padding (-1) after: sort keys put unselected blocks last
-    cidx = torch.arange(C, device=dev).expand(B, Hh, G, C)
+    cidx = torch.arange(C, device=sel.device).expand(sel.shape)
     key = torch.where(sel, cidx, cidx + C)
     kv_idx = torch.sort(key, dim=-1).values
     kv_idx = torch.where(kv_idx >= C, torch.full_like(kv_idx, -1), kv_idx).to(torch.int32)
-    return VMoBASelection(layout=lay, kv_idx=kv_idx.contiguous(), kv_cnt=cnt.contiguous(),
-                          threshold=float(threshold), topk=int(topk))
+    return kv_idx.contiguous(), cnt.contiguous()
+
+
+# ----------------------------------------------------------------------------- token rule
+def token_gate(q: torch.Tensor, k: torch.Tensor, layout: VMoBALayout) -> torch.Tensor:
+    """The token rule's gate ``[B, H, Nv, C]``: each video query (rows in block order) dotted with
+    the mean key of every block, in float32 (float64 for float64 inputs), without the softmax scale."""
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    tb = layout.text_before
+    qv = q[:, :, tb + layout.perm.to(q.device)].to(cdt)
+    return torch.matmul(qv, block_means(k, layout, cdt).transpose(-1, -2))
+
+
+def _min_max_normalise(gate: torch.Tensor, dims) -> torch.Tensor:
+    """``(gate - min) / (max - min)`` over ``dims``; a range <= TOKEN_EPS divides by 1 instead."""
+    lo = gate.amin(dim=dims, keepdim=True)
+    rng = gate.amax(dim=dims, keepdim=True) - lo
+    return (gate - lo) / torch.where(rng <= TOKEN_EPS, torch.ones_like(rng), rng)
+
+
+def threshold_keep(n: torch.Tensor, own: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Other entries kept by the token rule's threshold, per row of ``n`` (normalised gates >= 0,
+    ``[R, E]``; ``own`` marks the entries always kept, [R, E] bool).
+
+    With ``T`` the row's total and ``s`` the own entries' sum, the others need the share
+    ``r = max(0, threshold - s / (T + eps))``. They are ranked by ``n`` (descending) and kept up to
+    and including the first one at which their running sum divided by ``T + eps`` reaches ``r``;
+    entries tied with that last one are kept too. At least the best other entry is kept (the
+    first running sum always reaches ``r = 0``); if the others never reach ``r``, all are kept."""
+    total = n.sum(1)
+    share_needed = torch.clamp(threshold - (n * own).sum(1) / (total + TOKEN_EPS), min=0.0)
+    others = torch.where(own, torch.full_like(n, -1.0), n)  # own entries rank after every other
+    ranked, _ = torch.sort(others, dim=1, descending=True)
+    running = torch.cumsum(ranked.clamp_min(0.0), dim=1) / (total + TOKEN_EPS)[:, None]
+    reach = ((running >= share_needed[:, None]) & (ranked >= 0)).to(n.dtype)
+    first = torch.argmax(reach, dim=1, keepdim=True)
+    cut = torch.gather(ranked, 1, first)
+    cut = torch.where(reach.amax(dim=1, keepdim=True) > 0, cut, torch.zeros_like(cut))  # never reached: all
+    return ~own & (n >= cut)
+
+
+def topk_keep(g: torch.Tensor, own: torch.Tensor, count: int, n_others: int) -> torch.Tensor:
+    """Other entries kept by the token rule's top-k, per row of ``g`` ([R, E] raw gates, ``n_others``
+    other entries per row): the ``count`` largest, and any tied with the last of them."""
+    if count <= 0:
+        return torch.zeros_like(own)
+    if count >= n_others:
+        return ~own
+    others = torch.where(own, torch.full_like(g, float("-inf")), g)
+    cut = torch.topk(others, count, dim=1).values[:, -1:]
+    return ~own & (g >= cut)
+
+
+def token_keep(gate: torch.Tensor, own: torch.Tensor, threshold: float, topk: int, scope: str) -> torch.Tensor:
+    """The token rule on gates ``[B, H, Nv, C]`` (``own``: [Nv, C] bool, each token's own block):
+    bool ``[B, H, Nv, C]``, own blocks included. Vectorised over batch and heads (the ONNX
+    lowering traces it too)."""
+    B, H, nv, C = gate.shape
+    if topk == 0 and threshold >= 1.0:
+        return torch.ones_like(gate, dtype=torch.bool)
+    if scope == "query_head":  # one ranking per query token, over its C blocks
+        rows, own_rows, per_row = gate.reshape(B * H * nv, C), own.repeat(B * H, 1), 1
+    else:  # "head_global": one ranking per (batch, head), over every (token, block) entry
+        rows, own_rows, per_row = gate.reshape(B * H, nv * C), own.reshape(1, nv * C).expand(B * H, -1), nv
+    if topk > 0:
+        kept = topk_keep(rows, own_rows, (min(topk, C) - 1) * per_row, (C - 1) * per_row)
+    else:
+        kept = threshold_keep(_min_max_normalise(rows, (1,)), own_rows, threshold)
+    return kept.reshape(B, H, nv, C) | own
+
+
+def vmoba_select_token_reference(q: torch.Tensor, k: torch.Tensor, *, layout: VMoBALayout,
+                                 threshold: float, topk: int, scope: str = "query_head") -> VMoBASelection:
+    """The token rule (module docstring) on an already validated layout: per video query token
+    (rows in block order) its key blocks, as ``row_sel``."""
+    lay = layout
+    C = lay.num_blocks
+    pos_block = torch.repeat_interleave(torch.arange(C), lay.block_len).to(q.device)
+    own = torch.nn.functional.one_hot(pos_block, C).bool()  # [Nv, C], rows in block order
+    if topk == 0 and threshold >= 1.0:
+        keep = own.expand(q.shape[0], q.shape[1], -1, -1) | True
+    else:
+        keep = token_keep(token_gate(q, k, lay), own, threshold, topk, scope)
+    return VMoBASelection(layout=lay, kv_idx=None, kv_cnt=None, threshold=float(threshold), topk=int(topk),
+                          selection="token", scope=scope, row_sel=keep)
 
 
 def vmoba_attention_from_selection(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -173,7 +263,10 @@ def vmoba_attention_from_selection(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     for r0 in range(0, nv, rows):
         r1 = min(nv, r0 + rows)
         qr = q[:, :, tb + perm[r0:r1]].to(cdt)
-        group_sel = sel[:, :, q_group[r0:r1]]  # [B, H, r, C]
+        if selection.row_sel is not None:  # token rule: each token's own blocks
+            group_sel = selection.row_mask(r0, r1).to(dev)  # [B, H, r, C]
+        else:
+            group_sel = sel[:, :, q_group[r0:r1]]
         parts = [text_cols.expand(-1, -1, r1 - r0, -1), group_sel[..., key_block],
                  text_cols_after.expand(-1, -1, r1 - r0, -1)]
         if pooled_rest:
@@ -197,22 +290,28 @@ def vmoba_attention_from_selection(q: torch.Tensor, k: torch.Tensor, v: torch.Te
 def vmoba_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, chunk,
                               text_before: int = 0, text_after: int = 0, partition: str = "3d",
                               threshold: float = 0.25, topk: int = 0,
-                              scale: Optional[float] = None, pooled_rest: bool = False) -> torch.Tensor:
+                              scale: Optional[float] = None, pooled_rest: bool = False,
+                              selection: str = "group", scope: Optional[str] = None) -> torch.Tensor:
     """VMoBA attention output [B, H, N, D] in ``q.dtype`` (see module docstring)."""
     s, lay, threshold, topk = _check_args(q, k, v, grid, chunk, text_before, text_after,
                                           partition, threshold, topk, scale,
                                           "vmoba_attention_reference")
-    sel = vmoba_select_reference(q, k, layout=lay, threshold=threshold, topk=topk, scale=s)
+    selection, scope = check_rule(selection, scope, "vmoba_attention_reference")
+    if selection == "token":
+        sel = vmoba_select_token_reference(q, k, layout=lay, threshold=threshold, topk=topk, scope=scope)
+    else:
+        sel = vmoba_select_reference(q, k, layout=lay, threshold=threshold, topk=topk, scale=s)
     return vmoba_attention_from_selection(q, k, v, sel, s, pooled_rest=pooled_rest)
 
 
 def vmoba_flops(selection: VMoBASelection, head_dim: int, pooled_rest: bool = False) -> int:
     """Attention FLOPs actually executed for ``selection`` (QK^T and PV, 2 FLOPs per MAC each).
 
-    Counted like ``4 * B * H * Nq * Nk * D`` for dense attention: selected video pairs, plus
-    every video query against the text keys, plus every text query against all keys. With every
-    block selected this equals the dense count exactly. ``pooled_rest`` adds every video query
-    against all C pooled keys (the kernel visits them all and masks the selected ones).
+    Counted like ``4 * B * H * Nq * Nk * D`` for dense attention: selected video pairs (the
+    kernels of both rules compute exactly those), plus every video query against the text keys,
+    plus every text query against all keys. With every block selected this equals the dense count
+    exactly. ``pooled_rest`` adds every video query against all C pooled keys (the kernel visits
+    them all and masks the selected ones).
     """
     lay = selection.layout
     N, nt, nv = lay.n_tokens, lay.n_text, lay.n_video
