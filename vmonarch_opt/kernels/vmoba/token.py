@@ -424,6 +424,7 @@ def _tok_pairs(Q, KP, VP, DO, LSE, DELTA, OP, LP, QLIST, QCNT, perm, block_off, 
         if MODE == 2:
             tl.store(OP + slot[:, None] * D + offs_d[None, :], acc, mask=rm)
         else:
+            l_i = tl.where(row_ok, l_i, 1.0)  # rows past the list: nothing to normalise
             tl.store(LP + slot, m_i + tl.math.log2(l_i), mask=row_ok)
             if MODE == 0:
                 tl.store(OP + slot[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(OP.dtype.element_ty),
@@ -524,6 +525,7 @@ def _tok_rows(Q, K, V, O, DO, OUT, LSE, DELTA, OP, LP, SEL, KBAR, VBAR, LOG2N, p
                     vt = tl.load(vbarb + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=in_c[:, None], other=0.0)
                     acc = tl.dot(pp.to(vt.dtype), vt, acc * alpha[:, None], input_precision=DOT_PREC)
                 m_i = m_new
+    l_i = tl.where(row_ok, l_i, 1.0)  # rows past the video: nothing to normalise
     if MODE == 0:
         tl.store(OUT + b * sxb + h * sxh + qtok[:, None] * sxn + offs_d[None, :],
                  (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=rm)
