@@ -97,7 +97,8 @@ def test_candidate_errors_are_measured_against_dense():
                                                        D ** -0.5, cfg["recompute"])
         else:
             out = torch.ops.vmonarch.vmoba_attention(q, k, v, [T, H, W], cfg["chunk"], 0, 0, cfg["partition"],
-                                                     cfg["threshold"], cfg["topk"], D ** -0.5)
+                                                     cfg["threshold"], cfg["topk"], D ** -0.5, cfg["pooled_rest"],
+                                                     cfg["selection"], cfg["scope"] or "")
             assert 0 < c["density"] <= 1
         assert abs(rel_err(out, ref) - c["error"]) < 1e-4 * max(1.0, c["error"]), c["label"]
         assert c["meets_budget"] == (c["error"] <= 0.05)
@@ -143,7 +144,9 @@ def test_candidate_lists():
     blocks = {cfg.block for lay, cfg in labels if cfg.method == "monarch"}
     assert {(1, 6, 10), (2, 6, 10), (1, 3, 5)} <= blocks
     assert {cfg.steps for _, cfg in labels if cfg.method == "monarch"} == {1, 2}
-    vm = [cfg for _, cfg in labels if cfg.method == "vmoba"]
+    vm = [cfg for _, cfg in labels if cfg.method == "vmoba" and cfg.selection == "group"]
+    token = [cfg for _, cfg in labels if cfg.method == "vmoba" and cfg.selection == "token"]
+    assert [(v.threshold, v.topk, v.pooled_rest) for v in token] == [(0.25, 0, False), (0.25, 0, True)]
     thr = [(v.threshold, v.pooled_rest) for v in vm if v.topk == 0]
     assert thr == [(t, p) for t in (0.25, 0.5, 0.75) for p in (False, True)]
     # global top-k at 1/8 of the blocks: 2d partition of (8, 6, 10) in 2×3 tiles = 12 blocks -> 2
@@ -151,7 +154,7 @@ def test_candidate_lists():
     assert all(v.partition == "2d" for v in vm)
     vm1 = [c for _, c in candidate_configs(_site((8, 6, 10)), Budget(vmoba_pooled=(True,), vmoba_topk=()))
            if c.method == "vmoba"]
-    assert len(vm1) == 3 and all(c.pooled_rest for c in vm1)
+    assert len(vm1) == 4 and all(c.pooled_rest for c in vm1)  # 3 group thresholds + the token rule's
     with pytest.raises(ValueError, match="vmoba_pooled"):
         Budget(vmoba_pooled=())
     with pytest.raises(ValueError, match="vmoba_topk"):
@@ -159,7 +162,7 @@ def test_candidate_lists():
     # no grid: 1D blocks of ~sqrt(N)
     s = _site((8, 6, 10))
     s.grid = None
-    one_d = candidate_configs(s, Budget(vmoba_thresholds=(), vmoba_topk=()))
+    one_d = candidate_configs(s, Budget(vmoba_thresholds=(), vmoba_topk=(), vmoba_token_thresholds=()))
     assert one_d and all(cfg.block[:2] == (1, 1) and cfg.block[2] == math.isqrt(479) + 1 for _, cfg in one_d)
     # explicit candidates
     given = candidate_configs(s, Budget(candidates=[VMoBAConfig(threshold=0.3), DenseConfig()]))

@@ -370,4 +370,7 @@ def test_calibration_tries_both_rules():
     site = AttentionSite("s", "s", 0, "sdpa", 1, 2, 2, 96, 96, 16, 16, "float32", "[B,H,N,D]", grid=(4, 4, 6))
     cands = registry.get("vmoba").candidates(site, Budget(), 2)
     rules = {(c.selection, c.threshold, c.topk, c.pooled_rest) for _, c in cands}
-    assert {r[0] for r in rules} == {"group", "token"} and len(rules) == len(cands) == 16
+    assert {r[0] for r in rules} == {"group", "token"} and len(rules) == len(cands) == 10
+    assert {r for r in rules if r[0] == "token"} == {("token", 0.25, 0, p) for p in (False, True)}
+    only_group = registry.get("vmoba").candidates(site, Budget(vmoba_token_thresholds=()), 2)
+    assert len(only_group) == 8 and all(c.selection == "group" for _, c in only_group)

@@ -289,15 +289,16 @@ class VMoBAMethod(Method):
         return s + (" +pooled rest" if args.get("pooled_rest") else "")
 
     def candidates(self, site, budget, layer: int) -> list:
-        rules = [(thr, None) for thr in budget.vmoba_thresholds if thr < 1.0]  # 1.0: exactly dense
-        rules += [(0.25, frac) for frac in budget.vmoba_topk]
+        # both rules (the cheapest within the budget wins); 1.0 is exactly dense under both
+        rules = [("group", thr, None) for thr in budget.vmoba_thresholds if thr < 1.0]
+        rules += [("group", 0.25, frac) for frac in budget.vmoba_topk]
+        rules += [("token", thr, None) for thr in budget.vmoba_token_thresholds if thr < 1.0]
         out = []
-        for selection in ("group", "token"):  # both rules; the cheapest within the budget wins
-            for thr, frac in rules:
-                for pooled in budget.vmoba_pooled:
-                    cfg = vmoba_config(site, thr, layer, pooled, frac, selection)
-                    if cfg is not None:
-                        out.append(("vmoba", cfg))
+        for selection, thr, frac in rules:
+            for pooled in budget.vmoba_pooled:
+                cfg = vmoba_config(site, thr, layer, pooled, frac, selection)
+                if cfg is not None:
+                    out.append(("vmoba", cfg))
         return out
 
     def calibration_run(self, q, k, v, args: dict, scale: float):

@@ -39,9 +39,14 @@ class Budget:
         layouts: Monarch layouts tried: ``"frame"`` (1, H, W) blocks (VMonarch), ``"frame_group"``
             (2, H, W), ``"tile"`` (1, ⌈H/2⌉, ⌈W/2⌉) spatial tiles, ``"1d"`` (~√N tokens, used when
             the grid is unknown).
-        vmoba_thresholds: VMoBA global-selection thresholds tried.
-        vmoba_topk: VMoBA global top-k selections tried, as fractions of the key blocks kept per
-            query group on average (0.125: 8 of 64 blocks).
+        vmoba_thresholds: VMoBA thresholds tried with the group rule (``selection="group"``).
+        vmoba_topk: VMoBA global top-k selections tried (group rule), as fractions of the key
+            blocks kept per query group on average (0.125: 8 of 64 blocks).
+        vmoba_token_thresholds: VMoBA thresholds tried with the paper's per-token rule
+            (``selection="token"``, ``scope="query_head"``; default: the paper's 0.25); a
+            threshold keeps far more under it (0.25: ~13 % of the pairs on our benchmark inputs,
+            ~2 % under the group rule). Its top-k is not tried: at a given fraction it keeps the
+            group top-k's density. ``()``: the group rule alone.
         vmoba_pooled: for each threshold, VMoBA is tried with these ``pooled_rest`` settings
             (``True``: the unselected blocks stay in the softmax as one pooled key each).
         candidates: replaces the automatic candidate list: a list of configs, or
@@ -60,6 +65,7 @@ class Budget:
     layouts: tuple = LAYOUTS
     vmoba_thresholds: tuple = (0.25, 0.5, 0.75)
     vmoba_topk: tuple = (0.125,)
+    vmoba_token_thresholds: tuple = (0.25,)
     vmoba_pooled: tuple = (False, True)
     candidates: Union[None, list, tuple, Callable] = field(default=None, compare=False)
     sample_rows: int = 128
@@ -98,6 +104,11 @@ class Budget:
         object.__setattr__(self, "monarch_steps", tuple(self.monarch_steps))
         object.__setattr__(self, "layouts", tuple(self.layouts))
         object.__setattr__(self, "vmoba_thresholds", tuple(float(t) for t in self.vmoba_thresholds))
+        if any(isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t <= 1)
+               for t in self.vmoba_token_thresholds):
+            raise ValueError(f"Budget(vmoba_token_thresholds={self.vmoba_token_thresholds!r}): numbers in (0, 1], "
+                             f"e.g. (0.25,); () tries the group rule alone")
+        object.__setattr__(self, "vmoba_token_thresholds", tuple(float(t) for t in self.vmoba_token_thresholds))
         if any(isinstance(f, bool) or not isinstance(f, (int, float)) or not (0 < f < 1) for f in self.vmoba_topk):
             raise ValueError(f"Budget(vmoba_topk={self.vmoba_topk!r}): fractions of the key blocks in (0, 1), "
                              f"e.g. (0.125,)")
@@ -122,6 +133,7 @@ class Budget:
         d["monarch_steps"], d["layouts"] = list(self.monarch_steps), list(self.layouts)
         d["vmoba_thresholds"] = list(self.vmoba_thresholds)
         d["vmoba_topk"] = list(self.vmoba_topk)
+        d["vmoba_token_thresholds"] = list(self.vmoba_token_thresholds)
         d["vmoba_pooled"] = list(self.vmoba_pooled)
         return d
 
@@ -130,7 +142,8 @@ class Budget:
         d = dict(d)
         c = d.pop("candidates", None)
         cands = [config_from_dict(x) for x in c] if isinstance(c, list) else None
-        for k in ("monarch_steps", "layouts", "vmoba_thresholds", "vmoba_topk", "vmoba_pooled"):
+        for k in ("monarch_steps", "layouts", "vmoba_thresholds", "vmoba_topk", "vmoba_token_thresholds",
+                  "vmoba_pooled"):
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d, candidates=cands)
