@@ -374,3 +374,25 @@ def test_calibration_tries_both_rules():
     assert {r for r in rules if r[0] == "token"} == {("token", 0.25, 0, p) for p in (False, True)}
     only_group = registry.get("vmoba").candidates(site, Budget(vmoba_token_thresholds=()), 2)
     assert len(only_group) == 8 and all(c.selection == "group" for _, c in only_group)
+
+
+# ---------------------------------------------------------------- the GPU benchmark's CPU path
+def test_bench_vmoba_smoke(monkeypatch, tmp_path):
+    """``benchmarks/bench_vmoba.py --smoke``: checks, both rules' rows, both Flex baselines and the
+    targets table run (interpreter, tiny shape) and land in $OUT."""
+    import json
+
+    monkeypatch.setenv("VMONARCH_INTERPRET_KERNELS", "1")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    from benchmarks import bench_vmoba
+
+    monkeypatch.setattr(sys, "argv", ["bench_vmoba.py", "--smoke"])
+    assert bench_vmoba.main(["--smoke", "--no-append"]) is True
+    res = json.loads((tmp_path / "bench_vmoba.json").read_text())
+    assert res["check"] and all(r["ok"] for r in res["check"])
+    rules = {r["rule"] for r in res["vmoba"]}
+    assert {"group", "token"} == {r["selection"] for r in res["vmoba"]} and any("+pooled" in r for r in rules)
+    assert all(r.get("flex_block_ms", 0) > 0 and "flex_error" not in r for r in res["vmoba"] if not r["pooled"])
+    assert {t["what"] for t in res["targets"]} >= {"group top-k vs cuDNN", "token top-k vs cuDNN"}
+    section = (tmp_path / "bench_vmoba_section.md").read_text()
+    assert section.rstrip().endswith("|") and section.index("Targets") > section.index("VMoBA:")

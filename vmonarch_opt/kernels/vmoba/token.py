@@ -23,10 +23,11 @@ tokens by their block sets first still leaves 40 % (52 %). A union kernel would 
 Slots are dense per (query, block) so that their address needs no count of the pairs before
 them: nothing is read back to the host, and a call can be captured in a CUDA graph. Only the
 selected slots are written or read; the buffer's size is bounded by running the heads in chunks
-(``_PARTIAL_BUDGET`` bytes of slots per chunk). Counting bytes at Wan 480p (12 heads, 64 blocks,
-D = 128, bf16, 12.5 % of the pairs): the pairs cost 4·D FLOPs per key each (~0.8 TFLOP), the
-partials add ~0.5 KB of writes and reads per selected (query, block) pair (~0.2 GB in all),
-about one tenth of the pass's time at H200 rates, against 3.5x the FLOPs for the union.
+(``_PARTIAL_BUDGET`` bytes of slots per chunk). Counting at Wan 480p (12 heads, 64 blocks of ~512
+tokens, D = 128, bf16, 12.5 % of the pairs): the selected pairs cost ~0.8 TFLOP (~260 kFLOP per
+(query, block) pair); the partials add ~0.5 KB of writes and reads per pair (~1.6 GB in all), at
+H200 rates (~500 TFLOP/s achieved, ~4.8 TB/s) about a fifth of the pass's time, against 3.5x the
+FLOPs for the union.
 
 Backward (selection held constant, recomputed from q and k as in ``backward.py``): ``_tok_pairs``
 again in logsumexp-only mode, ``_tok_rows`` merging them into the row logsumexp (plus
