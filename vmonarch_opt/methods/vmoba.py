@@ -69,11 +69,13 @@ class VMoBAConfig:
 
     ``threshold`` 0.25 keeps about 13 % of the pairs under the token rule and about 2 % (little
     more than the own blocks) under the group rule on our structured benchmark inputs
-    (docs/calibration.md has the table). The token rule is the default because at equal density
-    it is the more accurate of the two there (attention error 0.209 vs 0.232 at top-8 of 64 3D
-    blocks, 0.091 vs 0.100 with the pooled rest; 0.136 vs 0.157 at top-16), and because a
-    threshold or top-k from the paper or from FastVideo's configs then means what it says there.
-    Calibration tries both rules and keeps the cheaper one within the error budget."""
+    (docs/calibration.md has the table, ``benchmarks/bench_vmoba.py --rules-table`` makes it). The
+    token rule with ``scope="query_head"`` is the default because at equal density it was the more
+    accurate there (attention error at top-4 / 8 / 16 of 64 3D blocks 0.276 / 0.209 / 0.136 against
+    the group rule's 0.294 / 0.232 / 0.157; with the pooled rest 0.127 / 0.091 / 0.053 against
+    0.136 / 0.100 / 0.067; ``head_global`` 0.247 at top-8), and because a threshold or top-k from
+    the paper or from FastVideo's configs then means what it says there. Calibration tries both
+    rules and keeps the cheaper one within the error budget."""
 
     chunk: Optional[tuple] = None
     partition: Optional[str] = None
