@@ -14,15 +14,16 @@ Partition (layer-wise recurrent 1D -> 2D -> 3D)
     Blocks are numbered ``(block_t, block_h, block_w)`` row-major; inside a block, tokens keep
     their ``(t, h, w)`` order ("block order", the order upstream obtains by rearranging q/k/v).
 
-Block summaries and scores
+Block summaries and scores (group rule, ``selection="group"``)
     Upstream summarises each key block by its mean key and gates each query token with
-    ``q . mean_k``. We keep the mean key, and select per *query group* instead of per token so
-    that the kernel runs on tiles: the tokens of every block, in block order, are cut into
-    groups of at most ``QUERY_GROUP = 128`` tokens (a group never spans two blocks). The group
+    ``q . mean_k`` (the token rule below). The group rule keeps the mean key and selects per
+    *query group* instead of per token so that its kernel runs on tiles: the tokens of every
+    block, in block order, are cut into groups of at most ``QUERY_GROUP = 128`` tokens (a group
+    never spans two blocks). The group
     logit for key block ``c`` is ``scale * mean_q(group) . mean_k(c)``, which equals the mean of
     the per-token gate logits of the group (the gate is linear in q).
 
-Selection (global + threshold; top-k as an option)
+Selection (group rule: global + threshold; top-k as an option)
     Upstream normalises the gates (min-max) and, in its ``head_global`` mode (the "global block
     selection" of the paper; default threshold 0.25), ranks all (query, block) entries of a
     head together and keeps the best until their cumulative normalised gate reaches
@@ -42,6 +43,32 @@ Selection (global + threshold; top-k as an option)
     * ``topk > 0`` switches to global top-k: the same rule with ``w = 1`` and
       ``target = (min(topk, C) - 1) * G``, i.e. on average ``topk`` key blocks per query group
       (own block included), distributed over the head by score. ``threshold`` is then unused.
+
+Token rule (``selection="token"``: upstream's own rule, ``moba_attn_varlen``)
+    Per video query token ``i`` (rows in block order) and block ``c`` the gate is
+    ``g_ic = q_i . kbar_c`` in float32 (float64 for float64 inputs), without the softmax scale
+    (:func:`token_gate`). ``scope="query_head"`` ranks each token's C gates, ``"head_global"`` all
+    ``Nv * C`` gates of a (batch, head) together (each sample alone: upstream's packed-batch call
+    ranks a whole batch together). The own block is always kept (:func:`token_keep`).
+
+    * threshold: the gates of a ranking are min-max normalised to ``n`` (a range <= 1e-6 is not
+      divided); with ``T`` their sum and ``s`` the own entries' sum the others need the share
+      ``r = max(0, threshold - s / (T + 1e-6))``; they are ranked by ``n`` and kept up to and
+      including the first whose running sum over ``T + 1e-6`` reaches ``r`` (so the best other
+      entry is kept even when ``r = 0``, as upstream's ``>=`` on a running sum starting at the
+      first ranked entry does), with every entry tied with that last one; if the running sum
+      never reaches ``r`` every entry is kept (:func:`threshold_keep`). Upstream keeps every entry
+      there in ``head_global`` but only two others in ``query_head``: its fallback index there is
+      ``full_like`` of a boolean tensor, i.e. 1 instead of C - 1; we do not copy that. With
+      ``threshold >= 1`` no share can be reached: every block, exactly dense attention (upstream
+      can cut a block there by float rounding of the share test).
+    * top-k: the ``min(topk, C) - 1`` other blocks with the largest raw gates per token, or the
+      ``(min(topk, C) - 1) * Nv`` largest other entries per head, ties with the last kept
+      (:func:`topk_keep`). ``topk = 1`` is the own block alone: upstream falls back to full
+      attention when no (token, head) of a call selected any block but its own.
+
+    The selection is ``row_sel [B, H, Nv, C]``; each video query attends exactly to the tokens of
+    its own selected blocks (plus text keys; with ``pooled_rest`` the others as pooled keys).
 
 Pooled rest (``pooled_rest=True``; our addition, not in upstream VMoBA)
     Dropping the unselected blocks loses their attention mass, which for broad (high-entropy)
