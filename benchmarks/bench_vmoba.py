@@ -51,6 +51,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: vmonarch_fixtures, benchmarks
 from benchmarks.publish import command_line, out_dir, publish  # noqa: E402
 from benchmarks.video_inputs import make_video_qkv  # noqa: E402
+from vmonarch_opt.kernels.dispatch import vmoba_select  # noqa: E402
 from vmonarch_opt.kernels.flash import kernel as flash_mod  # noqa: E402
 from vmonarch_opt.kernels.tuning import tuned_configs, tuning_cache  # noqa: E402
 from vmonarch_opt.kernels.vmoba import kernel as vmoba_mod  # noqa: E402
@@ -449,7 +450,6 @@ def rules_table(grid=RULES_GRID, chunk=RULES_CHUNK, heads=RULES_HEADS, D=RULES_D
     rows = []
     for rule, scope, th, topk in rules:
         kw = dict(grid=grid, chunk=chunk, partition="3d", threshold=th, topk=topk, selection=rule, scope=scope)
-        from vmonarch_opt.kernels.dispatch import vmoba_select
         sel = vmoba_select(q, k, scale=D ** -0.5, **kw)
         errs = [rel(vmoba_attention_from_selection(q, k, v, sel, D ** -0.5, pooled_rest=p), dense) for p in (False, True)]
         rows.append(dict(rule=rule if rule == "group" else f"token ({scope})",
@@ -528,7 +528,11 @@ def main(argv=None):
         log(f"checks {'PASSED' if ok else 'FAILED'} ({time.time() - t0:.0f}s)")
     flex = None
     if not args.no_flex:
+        import warnings
+
         from torch.nn.attention.flex_attention import flex_attention
+        if SMOKE:  # eager flex (unfused, materialises the scores) on the tiny shape: it says so once
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         flex = flex_attention if SMOKE else torch.compile(flex_attention, dynamic=False)
     if not shapes:  # --shapes "": the GPU checks alone
         save()

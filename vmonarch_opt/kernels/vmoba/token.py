@@ -59,7 +59,9 @@ from .layout import MAX_TOKEN_BLOCKS, TOKEN_EPS, VMoBALayout, VMoBASelection
 
 __all__ = ["vmoba_select_token_triton", "token_attention_with_selection", "token_backward_with_selection"]
 
-_PARTIAL_BUDGET = 1 << 30  # bytes of per-(query, block) slots per head chunk
+# bytes of per-(query, block) slots per head chunk: Wan 480p needs ~0.55 GB per head (bf16), Wan-14B 720p
+# ~1.3 GB, HunyuanVideo 720p ~2 GB; fewer chunks mean fewer launches (each chunk: lists, pairs, rows)
+_PARTIAL_BUDGET = 4 << 30
 _BIG = tl.constexpr(3.0e38)
 
 
@@ -299,7 +301,7 @@ def _select_head_global(q, kbar, lay: VMoBALayout, dl: dict, threshold: float, t
         splits, block_e = 1, 256
     else:
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        splits, block_e = max(1, min(triton.cdiv(E, 4096), triton.cdiv(4 * sms, BH))), 1024
+        splits, block_e = max(1, min(triton.cdiv(E, 4096), triton.cdiv(4 * sms, BH))), 256
     per_split = triton.cdiv(E, splits)
     part = torch.empty(splits, BH, 16, **f32)
     for _ in range(8):  # 16-way search over int32 keys: 16^8 = 2^32
