@@ -119,7 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=int, default=832)
     ap.add_argument("--runs", type=int, default=1, help="timed loops per configuration (median)")
     ap.add_argument("--warmup-steps", type=int, default=2, help="steps of the warm-up loop before timing (0: none)")
-    ap.add_argument("--record-steps", default="0,0.5,1.0", help="record(steps=...): ints are indices, floats fractions")
+    ap.add_argument("--record-steps", default="0,0.5,1.0",
+                    help="record(steps=...): comma-separated ints (indices) and floats (fractions), or 'all'")
     ap.add_argument("--dense-steps", type=int, default=0, help="also time each method with the first K steps exact")
     ap.add_argument("--decode", action="store_true", help="VAE-decode the videos and report PSNR / SSIM")
     ap.add_argument("--seed", type=int, default=0)
@@ -132,7 +133,8 @@ def main(argv=None) -> int:
     devname = torch.cuda.get_device_name(dev) if cuda else "cpu"
     kernels = "Triton" if cuda and os.environ.get("VMONARCH_FORCE_REFERENCE", "0") != "1" else "PyTorch reference"
     print(f"[pipeline] device {devname}, torch {torch.__version__}, optimized attention via {kernels}", flush=True)
-    record_steps = tuple(float(s) if "." in s else int(s) for s in args.record_steps.split(","))
+    record_steps = "all" if args.record_steps == "all" else \
+        tuple(float(s) if "." in s else int(s) for s in args.record_steps.split(","))
 
     pipe, call = build(args, dev)
     n_steps = call["num_inference_steps"]
@@ -214,8 +216,8 @@ def main(argv=None) -> int:
             f"per step), random 512-token prompt embeddings")
     section = (f"## Pipeline: whole denoising loop, dense vs optimized ({when})\n\n"
                f"Device: {devname}, torch {torch.__version__}, optimized attention via {kernels}. Command: `{cmd}`. "
-               f"{what}. Loop = `pipe(..., output_type=\"latent\")` (VAE decode not timed), median of {args.runs} after a "
-               f"{args.warmup_steps}-step warm-up loop, same seed for every row; latents error = relative L2 error of the "
+               f"{what}. Loop = `pipe(..., output_type=\"latent\")` (VAE decode not timed), median of {args.runs} after "
+               f"{f'a {args.warmup_steps}-step warm-up loop' if args.warmup_steps else 'no warm-up'}, same seed for every row; latents error = relative L2 error of the "
                f"final latents vs the dense loop's. `record` around one generation (steps {args.record_steps}): "
                f"{record_s:.2f} s; methods pinned with budget=None unless 'calibrated'.\n\n{table}\n")
     publish("pipeline", section, dict(device=devname, command=cmd, date=when, kernels=kernels, record_s=record_s,

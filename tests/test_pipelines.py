@@ -42,8 +42,8 @@ RECORDED = {
 }
 
 
-@pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "no_cfg"])
-@pytest.mark.parametrize("name", list(RECORDED))
+@pytest.mark.parametrize("name,cfg", [(n, True) for n in RECORDED] + [(n, False) for n in ("wan", "cogvideox", "hunyuan")],
+                         ids=[f"{n}-cfg" for n in RECORDED] + [f"{n}-no_cfg" for n in ("wan", "cogvideox", "hunyuan")])
 def test_record_gets_every_call_of_the_requested_steps(name, cfg):
     factory, fkw, calls_cfg, batch_cfg = RECORDED[name]
     pipe, kw = factory(cfg=cfg, steps=4, **fkw)
@@ -89,6 +89,18 @@ def test_record_all_steps_several_runs_and_device_none():
     with vmonarch_opt.record(pipe, steps=-1) as last:
         _latents(pipe, kw)
     assert [c.step for c in last.calls] == [2]
+
+
+def test_positional_calls_are_recorded_by_name():
+    pipe, kw = P.wan(cfg=False, steps=3)
+    x = torch.randn(1, 4, 3, 8, 10)
+    with vmonarch_opt.record(pipe, steps=(0,)) as rec:
+        pipe.scheduler.set_timesteps(3)  # a hand-written loop: step 0 of 3
+        with torch.no_grad():
+            pipe.transformer(x, torch.tensor([999.0]), kw["prompt_embeds"], return_dict=False)
+    (b,) = rec.batches()
+    assert set(b) == {"hidden_states", "timestep", "encoder_hidden_states", "return_dict"}
+    assert torch.equal(b["hidden_states"], x) and b["hidden_states"] is not x and rec.calls[0].steps == 3
 
 
 def test_record_wan_2_1_image_to_video_with_a_clip_image_encoder():

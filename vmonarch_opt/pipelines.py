@@ -265,6 +265,7 @@ class Recording:
         self._hooks: list = []
         self._counter: Optional[_StepCounter] = None
         self._runs: dict[int, tuple[int, set]] = {}  # run -> (steps, wanted indices)
+        self._run_index: dict[int, int] = {}  # the step counter's run number -> run of this recording
         self._order: Counter = Counter()  # (component, run, step) -> calls so far
         self.active = False
 
@@ -324,7 +325,8 @@ class Recording:
             if c is None or c.step is None:
                 self.outside_loop[name] += 1
                 return None
-            run, step = c.run, c.step
+            run = self._run_index.setdefault(c.run, len(self._run_index))  # 0 = the first run of this recording
+            step = c.step
             if run not in self._runs:
                 n = c.steps_in_run(self._pipe())
                 wanted, outside = _resolve_steps(self.steps_spec, n)
@@ -341,12 +343,17 @@ class Recording:
                 if sig is None:
                     raise VMonarchError(f"vmonarch_opt.record: {name} was called with positional arguments and its "
                                         f"forward signature cannot be read to name them")
-                bound = sig.bind_partial(*args, **kwargs)
-                batch = dict(bound.arguments)
-                extra = batch.pop("kwargs", None) if "kwargs" in sig.parameters and \
-                    sig.parameters["kwargs"].kind is inspect.Parameter.VAR_KEYWORD else None
-                if extra:
-                    batch.update(extra)
+                batch = {}
+                for pname, value in sig.bind_partial(*args, **kwargs).arguments.items():
+                    kind = sig.parameters[pname].kind
+                    if kind is inspect.Parameter.VAR_KEYWORD:
+                        batch.update(value)
+                    elif kind is inspect.Parameter.VAR_POSITIONAL:
+                        if value:
+                            raise VMonarchError(f"vmonarch_opt.record: {name} was called with {len(value)} variadic "
+                                                f"positional argument(s), which have no names to record them under")
+                    else:
+                        batch[pname] = value
             else:
                 batch = dict(kwargs)
             batch = _copy(batch, self.device)
