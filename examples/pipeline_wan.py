@@ -119,8 +119,12 @@ def write_video(dense: torch.Tensor, opt: torch.Tensor, out: Path, fps: int) -> 
 
     path = out / "side_by_side.gif"
     images = [Image.fromarray((f * 255).round().astype(np.uint8)) for f in frames]
+    shrink = -(-images[0].width // 1536)  # a full-size 3 × 832-wide GIF would be huge: keep it under 1536 px
+    if shrink > 1:
+        images = [im.resize((im.width // shrink, im.height // shrink), Image.BILINEAR) for im in images]
     images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-    print("(imageio / imageio-ffmpeg not installed: wrote a GIF; `pip install imageio imageio-ffmpeg` for mp4)")
+    print("(imageio / imageio-ffmpeg not installed: wrote a GIF" + (f" at 1/{shrink} size" if shrink > 1 else "")
+          + "; `pip install imageio imageio-ffmpeg` for mp4)")
     return path
 
 
