@@ -9,7 +9,7 @@
     fast = vmonarch_opt.optimize_pipeline(pipe, rec)   # then optimize every transformer
 """
 from . import methods  # noqa: F401  registers the methods and their torch.ops.vmonarch.* ops
-from .methods import DenseConfig, MonarchConfig, VMoBAConfig
+from .methods import DenseConfig, MonarchConfig, MonarchRTConfig, VMoBAConfig
 from .errors import CalibrationBatchError, CaptureError, ProfileError, VMonarchError
 from .optimize import optimize, restore, stats
 from .deploy import export_onnx  # noqa: F401  (ONNX export; needs onnx + onnxscript at call time)
@@ -22,5 +22,5 @@ __version__ = "0.1.0"
 
 __all__ = ["optimize", "restore", "stats", "set_original_attention", "record", "optimize_pipeline", "Recording",
            "PipelineReport", "calibrate", "load_profile", "Budget", "Profile", "Report",
-           "MonarchConfig", "VMoBAConfig", "DenseConfig",
+           "MonarchConfig", "MonarchRTConfig", "VMoBAConfig", "DenseConfig",
            "CalibrationBatchError", "CaptureError", "ProfileError", "VMonarchError"]

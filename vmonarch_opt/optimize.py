@@ -57,7 +57,8 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
             (``model(*b)``) or a tensor; a list of dicts for several batches (timesteps).
         profile: a calibration profile (``load_profile(path)``) whose per-site choices are reused.
         methods: allowed methods: names of registered methods (``"monarch"``, ``"vmoba"``,
-            ``"dense"``, …); default: every registered method.
+            ``"dense"``, ``"monarch_rt"``, …); default: every registered method except the opt-in
+            ones (``monarch_rt``), which run only when named here.
         budget: quality budget for calibration: ``"auto"`` (default) calibrates under ``Budget()``
             (each site's attention error ≤ 5 %), a ``Budget`` calibrates under it, ``None`` skips
             calibration and uses the default policy (Monarch frame blocks, then VMoBA, then dense,

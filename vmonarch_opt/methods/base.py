@@ -21,7 +21,8 @@ report                 ``describe`` (short label of a config), ``params`` (the p
 =====================  ==========================================================================
 
 Class attributes say what kind of method it is: ``name``, ``config_cls``, ``default_rank`` (its
-place in the default choice without calibration), ``structured`` (cuts attention FLOPs),
+place in the default choice without calibration), ``opt_in`` (left out of the default methods),
+``structured`` (cuts attention FLOPs),
 ``uses_grid`` (its arguments depend on the video grid), ``grid_params`` (the arguments
 ``adapt_args`` re-derives), ``measured_flops`` (its cost depends on the data), ``lowered_as``
 (what ONNX export turns it into).
@@ -91,6 +92,8 @@ class Method:
     config_cls: type = type(None)
     #: preference when no calibration chooses (lower first); None: only used when asked for
     default_rank: Optional[int] = None
+    #: not among the default methods: planned and calibrated only when ``methods=`` names it
+    opt_in: bool = False
     #: cuts attention FLOPs (dense does not): the report times the optimized forward only then
     structured: bool = True
     #: its op arguments depend on the video grid: re-derived when the input's grid changes
