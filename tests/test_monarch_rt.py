@@ -25,6 +25,7 @@ from vmonarch_opt.kernels.monarch_rt.backward import monarch_rt_backward_triton
 from vmonarch_opt.kernels.monarch_rt.kernel import monarch_rt_r_pass_triton, monarch_rt_triton
 from vmonarch_opt.kernels.monarch_rt.layout import make_rt_layout
 from vmonarch_opt.kernels.out_layout import empty_attention_out
+from vmonarch_opt.kernels.tuning import force_config
 from vmonarch_opt.kernels.monarch_rt.reference import (CBAR_EPS, monarch_rt_flops, monarch_rt_reference,
                                                        monarch_rt_reference_details)
 from vmonarch_opt.methods import Shape
@@ -191,8 +192,9 @@ def test_kernel_matches_reference(grid, tiling, tb, ta, d, dtype, b, h, chunk):
 
 
 def test_kernel_strided_inputs_and_every_output_written(monkeypatch):
-    """q/k/v as transposed views of [b, N, h, D]; the output allocation poisoned with NaN: every
-    element is written (video rows by the L pass, text rows by the dense pass)."""
+    """q/k/v as transposed views of [b, N, h, D], a forced R-pass tile config, and every allocation
+    poisoned with NaN: every output element is written (video rows by the L pass, text rows by the
+    dense pass) and no scratch entry is read unwritten."""
     import vmonarch_opt.kernels.monarch_rt.kernel as rk
 
     real_empty = torch.empty
@@ -206,7 +208,8 @@ def test_kernel_strided_inputs_and_every_output_written(monkeypatch):
     monkeypatch.setattr(rk.torch, "empty", poisoned)
     monkeypatch.setattr(rk.torch, "empty_like", lambda x, **kw: poisoned(x.shape, dtype=x.dtype, device=x.device))
     monkeypatch.setattr(rk, "empty_attention_out", lambda q: empty_attention_out(q).fill_(float("nan")))
-    out = rk.monarch_rt_triton(q, k, v, grid=grid, tiling=tiling, text_before=tb, text_after=ta, scale=0.3)
+    with force_config("monarch_rt", (16, 32, 4, 1)):   # R pass: 32 keys per tile, 16 columns
+        out = rk.monarch_rt_triton(q, k, v, grid=grid, tiling=tiling, text_before=tb, text_after=ta, scale=0.3)
     monkeypatch.undo()
     assert not torch.isnan(out).any()
     ref = monarch_rt_reference(q, k, v, grid=grid, tiling=tiling, text_before=tb, text_after=ta, scale=0.3)
