@@ -80,7 +80,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     p.add_argument("--profile", help="calibration profile (JSON) whose per-site choices are used")
     p.add_argument("--methods", type=methods_arg, default=None,
-                   help="allowed methods, comma-separated (default: every registered method: monarch, vmoba, dense)")
+                   help="allowed methods, comma-separated (default: monarch, vmoba, dense; opt-in: monarch_rt)")
     p.add_argument("--min-seq-len", type=count_arg, default=None,
                    help="sites with fewer tokens keep the model's attention (default 1024, or the "
                         "profile's own with --profile)")

@@ -111,8 +111,8 @@ def add_commands(sub) -> None:
     p.add_argument("--per-site", default=None, help="JSON {site_glob: max_rel_error}")
     p.add_argument("--cost", choices=("flops", "time"), default="flops", help="what 'cheapest' means")
     p.add_argument("--methods", type=methods_arg, default=None, help="comma-separated allowed methods (default: "
-                   "every registered method: monarch, vmoba, dense)")
-    p.add_argument("--overrides", default=None, help='JSON {site_glob: "dense"|"monarch"|"vmoba"|"original"}')
+                   "monarch, vmoba, dense; opt-in: monarch_rt)")
+    p.add_argument("--overrides", default=None, help='JSON {site_glob: "dense"|"monarch"|"monarch_rt"|"vmoba"|"original"}')
     p.add_argument("--grid", type=grid_arg, default=None, help="T,H,W latent token grid override")
     p.add_argument("--min-seq-len", type=count_arg, default=1024, help="shorter sites stay dense (default 1024)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
