@@ -13,8 +13,9 @@ AdamW. What trains is a choice:
   ``peft`` (an optional dependency: ``pip install peft``); merged into the weights at the end, so the
   model keeps its class, modules and ``state_dict`` keys.
 
-The teacher is never changed: it runs under ``torch.no_grad()``, in the mode it is in, and none of
-its parameters may be shared with the student. The optimized model is changed in place (that is
+The teacher is never changed: it runs under ``torch.no_grad()`` in eval mode (no dropout, no
+running-statistics updates; its modes are put back afterwards), and none of its parameters may be
+shared with the student. The optimized model is changed in place (that is
 the point); its ``requires_grad`` flags and its train/eval mode are put back afterwards.
 """
 from __future__ import annotations
@@ -199,7 +200,7 @@ class _FrozenOriginal:
     """``teacher=None``: a frozen deep copy of the optimized model that runs its own attention."""
 
     def __init__(self, optimized):
-        self.model = copy.deepcopy(optimized).requires_grad_(False)
+        self.model = copy.deepcopy(optimized).requires_grad_(False).eval()
 
     def __call__(self, *a, **kw):
         from .switch import set_original_attention
@@ -211,13 +212,13 @@ class _FrozenOriginal:
 def finetune(optimized: torch.nn.Module, teacher: Optional[torch.nn.Module], batches, *, train: str = "attention",
              steps: int = 100, lr: float = 1e-4, max_seconds: Optional[float] = None, weight_decay: float = 0.0,
              grad_clip: Optional[float] = 1.0, warmup: Optional[int] = None, loss_fn: Optional[Callable] = None,
-             lora_rank: int = 8,
-             lora_alpha: Optional[float] = None, callback: Optional[Callable] = None) -> FinetuneResult:
+             lora_rank: int = 8, lora_alpha: Optional[float] = None,
+             callback: Optional[Callable] = None) -> FinetuneResult:
     """Distil ``optimized`` (a model returned by :func:`vmonarch_opt.optimize`) toward ``teacher``'s
     outputs on ``batches``, in place; returns a :class:`FinetuneResult`.
 
     Args:
-        teacher: the original model (dense attention); never modified. ``None``: a frozen copy of
+        teacher: the original model (dense attention); run in eval mode, never modified. ``None``: a frozen copy of
             ``optimized`` made now, run with its own attention (``set_original_attention``): costs
             a second copy of the weights.
         batches: a list of batches (cycled), an iterable (a DataLoader is restarted when it ends, an
@@ -261,6 +262,7 @@ def finetune(optimized: torch.nn.Module, teacher: Optional[torch.nn.Module], bat
 
     flags = {id(p): p.requires_grad for p in optimized.parameters()}
     was_training = optimized.training
+    teacher_modes = [(m, m.training) for m in teacher.modules()] if isinstance(teacher, torch.nn.Module) else []
     if train == "all":
         named = [(n, p) for n, p in optimized.named_parameters()]
     elif train == "attention":
@@ -277,6 +279,8 @@ def finetune(optimized: torch.nn.Module, teacher: Optional[torch.nn.Module], bat
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         ramp = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / (warmup + 1)))
         optimized.train()
+        for m, _ in teacher_modes:
+            m.training = False  # targets without dropout or batch-statistics updates
         t0 = time.perf_counter()
         for step in itertools.count():
             if step >= steps:
@@ -316,4 +320,6 @@ def finetune(optimized: torch.nn.Module, teacher: Optional[torch.nn.Module], bat
             if id(p) in flags:
                 p.requires_grad_(flags[id(p)])
         optimized.train(was_training)
+        for m, mode in teacher_modes:
+            m.training = mode
     return result
