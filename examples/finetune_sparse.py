@@ -116,6 +116,9 @@ def save_atomic(model, path: Path, metadata: dict) -> None:
     os.close(fd)
     try:
         save_tiny_video_dit(model, tmp, dtype=torch.float32, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would have made it (mkstemp makes 0600)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
