@@ -42,6 +42,7 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -255,7 +256,9 @@ def run_flex(shape, q, k, v, g, sel, row, cuda: bool) -> None:
     gp = g[:, :, perm].contiguous()
 
     def attn(q_, k_, v_):
-        return fn(q_, k_, v_, block_mask=bm)
+        with warnings.catch_warnings():  # CPU smoke: eager flex_attention (unfused) is what we mean to run
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            return fn(q_, k_, v_, block_mask=bm)
 
     label = f"FlexAttention, VMoBA's block mask ({100 * float(sel.density):.1f} % dense)"
     r = dict(shape=shape, N=q.shape[2], heads=q.shape[1], D=q.shape[3], attention=label, backward="torch",
