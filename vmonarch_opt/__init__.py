@@ -12,6 +12,7 @@ from . import methods  # noqa: F401  registers the methods and their torch.ops.v
 from .methods import DenseConfig, MonarchConfig, MonarchRTConfig, VMoBAConfig
 from .errors import CalibrationBatchError, CaptureError, ProfileError, VMonarchError
 from .optimize import optimize, restore, stats
+from .finetune import FinetuneResult, distillation_loss, finetune
 from .deploy import export_onnx  # noqa: F401  (ONNX export; needs onnx + onnxscript at call time)
 from .profiles import Budget, Profile, calibrate, load_profile
 from .report import Report
@@ -22,5 +23,6 @@ __version__ = "0.1.0"
 
 __all__ = ["optimize", "restore", "stats", "set_original_attention", "record", "optimize_pipeline", "Recording",
            "PipelineReport", "calibrate", "load_profile", "Budget", "Profile", "Report",
+           "finetune", "FinetuneResult", "distillation_loss",
            "MonarchConfig", "MonarchRTConfig", "VMoBAConfig", "DenseConfig",
            "CalibrationBatchError", "CaptureError", "ProfileError", "VMonarchError"]
