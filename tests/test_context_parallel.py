@@ -59,7 +59,7 @@ def _job(rank: int, world: int) -> dict:
     warnings.simplefilter("ignore")
     import vmonarch_opt
     from handwritten_models import UlyssesStack
-    from vmonarch_fixtures.distributed import enable_parallelism_cpu
+    from vmonarch_fixtures.distributed import enable_context_parallel
     from vmonarch_opt import Budget, MonarchConfig, VMoBAConfig, VMonarchError
     from vmonarch_opt.parallel import Comm
 
@@ -71,12 +71,12 @@ def _job(rank: int, world: int) -> dict:
     model, batch = _wan()
     opt = vmonarch_opt.optimize(model, batch, overrides=pinned, budget=None, min_seq_len=0)
     single = _out(opt, batch)
-    enable_parallelism_cpu(opt, _ulysses(world))
+    enable_context_parallel(opt, _ulysses(world))
     res["ulysses_after"] = dict(err=_rel(_out(opt, batch), single), stats=vmonarch_opt.stats(opt), plans=_plans(opt))
 
     # 2. the other order needs inplace=True (diffusers' hooks cannot be deep-copied)
     model, batch = _wan()
-    enable_parallelism_cpu(model, _ulysses(world))
+    enable_context_parallel(model, _ulysses(world))
     try:
         vmonarch_opt.optimize(model, batch, min_seq_len=0)
         res["copy_refused"] = None
@@ -106,7 +106,7 @@ def _job(rank: int, world: int) -> dict:
         opt = vmonarch_opt.optimize(model, batch, overrides={"*attn1": over}, budget=None, min_seq_len=0)
         single = _out(opt, batch)
         dense = _out(model, batch)
-        enable_parallelism_cpu(opt, _ring(world))
+        enable_context_parallel(opt, _ring(world))
         out = _out(opt, batch)
         res[f"ring_{name}"] = dict(err=_rel(out, single), err_dense=_rel(out, dense), stats=vmonarch_opt.stats(opt))
 
@@ -124,7 +124,13 @@ def _job(rank: int, world: int) -> dict:
     res["handwritten"] = dict(plans=_plans(opt), err=_rel(_out(opt, x), _out(ref, x)), stats=vmonarch_opt.stats(opt),
                               ref_plans=_plans(ref))
 
-    # 6. a local step that fails on one rank fails on every rank, naming it
+    # 6. benchmarks/context_parallel.py --smoke, its per-rank part: one device, then Ulysses on both
+    from benchmarks.context_parallel import measure
+
+    cfg = dict(smoke=True, layers=0, methods=["monarch"], runs=1, warmup=0)
+    res["bench"] = {1: measure(rank, 1, cfg), world: measure(rank, world, cfg)}
+
+    # 7. a local step that fails on one rank fails on every rank, naming it
     comm = Comm.of(None, origin="test")
     try:
         comm.exchange("a local step", lambda: 1 / (rank - 1))
@@ -132,11 +138,11 @@ def _job(rank: int, world: int) -> dict:
     except VMonarchError as e:
         res["exchange"] = str(e)
 
-    # 7. a rank that fails inside a forward (between diffusers' all-to-alls): the other rank errors
+    # 8. a rank that fails inside a forward (between diffusers' all-to-alls): the other rank errors
     # within the group's timeout instead of hanging (the failed rank leaves the group)
     model, batch = _wan()
     opt = vmonarch_opt.optimize(model, batch, overrides=pinned, budget=None, min_seq_len=0)
-    enable_parallelism_cpu(opt, _ulysses(world))
+    enable_context_parallel(opt, _ulysses(world))
     if rank == 1:
         opt.blocks[1].register_forward_pre_hook(lambda *a: 1 / 0)
     t0 = time.monotonic()
@@ -216,6 +222,20 @@ def test_handwritten_ulysses_model_agrees_and_matches_one_process(ranks):
         assert all(c["ran"] >= 1 and not c["fell_back"] for c in r["stats"].values())
 
 
+def test_benchmark_smoke_path(ranks):
+    from benchmarks.context_parallel import summarize
+
+    results, rows = summarize({d: [r["bench"][d] for r in ranks] for d in (1, P)})
+    got = {(x["degree"], x["attention"]): x for x in results}
+    assert set(got) == {(1, "dense"), (1, "monarch"), (P, "dense"), (P, "monarch")}
+    assert all("error" not in x and x["step_ms"] > 0 for x in results)
+    opt = got[(P, "monarch")]
+    assert opt["sites_ran_ours"] == opt["sites"] == 2 and 0 < opt["flop_cut"] < 1
+    assert opt["rel_error_vs_dense"] == pytest.approx(got[(1, "monarch")]["rel_error_vs_dense"], rel=1e-4)
+    assert opt["scaling_efficiency"] == pytest.approx(got[(1, "monarch")]["step_ms"] / (P * opt["step_ms"]))
+    assert len(rows) == 4
+
+
 def test_a_failed_rank_fails_every_rank(ranks):
     for r in ranks:
         assert "failed on 1 of 2 ranks" in r["exchange"] and "rank 1: ZeroDivisionError" in r["exchange"]
@@ -281,3 +301,91 @@ def test_log_sum_exp_merge_is_exact(sizes):
     assert _rel(out, ref) < 1e-6
     assert torch.allclose(lse.double(), torch.logsumexp(q @ k.transpose(-1, -2) * 0.3, -1), atol=1e-5)
     assert math.isfinite(out.abs().max().item())
+
+
+def _guarded(plan_args: dict, takeover: bool, cp: dict):
+    """A routed module stub whose processor carries a diffusers-like parallel config ``cp``, its
+    guard and the handler of one site planned with ``plan_args``."""
+    from types import SimpleNamespace
+
+    from vmonarch_opt.parallel.guard import GuardedHandler, ModuleGuard
+    from vmonarch_opt.plan import SitePlan
+    from vmonarch_opt.runtime import SiteRuntime
+
+    mesh = SimpleNamespace(get_group=lambda: "ring group")
+    config = SimpleNamespace(context_parallel_config=SimpleNamespace(ring_anything=False, _ring_mesh=mesh, **cp))
+    module = torch.nn.Identity()
+    module.processor = SimpleNamespace(_parallel_config=config)
+    rt = SiteRuntime(SitePlan("s", "monarch", args=plan_args, seq_q=60, seq_k=60, head_dim=16))
+    guard = ModuleGuard(module, [rt], takeover, "site s is joint attention with text tokens")
+    return module, config, rt, guard, GuardedHandler(rt, guard)
+
+
+def test_ulysses_joint_site_runs_the_models_attention_with_the_reason():
+    module, _, rt, guard, handler = _guarded({"text_before": 7, "text_after": 0}, False,
+                                             dict(ring_degree=1, ulysses_degree=2))
+    guard.pre(module, ())
+    q = torch.randn(1, 1, 60, 16)
+    with pytest.warns(RuntimeWarning, match="text tokens are not where the plan has them"):
+        out = handler(dict(query=q, key=q, value=q, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                           enable_gqa=False), lambda: "the model's own")
+    assert out == "the model's own" and rt.counts["context_parallel"] == 1
+    guard.post(module, (), None)
+    assert guard.mode is None
+
+
+def test_ring_guard_takes_over_self_attention_and_puts_the_config_back():
+    module, config, rt, guard, _ = _guarded({"text_before": 0, "text_after": 0}, True,
+                                            dict(ring_degree=2, ulysses_degree=1))
+    guard.pre(module, ())
+    assert guard.mode == "ring" and guard.group == "ring group" and module.processor._parallel_config is None
+    guard.post(module, (), None)
+    assert module.processor._parallel_config is config and guard.mode is None
+    # a module it cannot take over keeps diffusers' ring attention, and says so on every call
+    module, config, rt, guard, _ = _guarded({"text_before": 7, "text_after": 0}, False,
+                                            dict(ring_degree=2, ulysses_degree=1))
+    with pytest.warns(RuntimeWarning, match="diffusers' own ring attention ran"):
+        guard.pre(module, ())
+    assert module.processor._parallel_config is config and rt.counts["context_parallel"] == 1
+    assert "joint attention with text tokens" in rt.last_fallback["context_parallel"]
+
+
+def test_optimize_refuses_hooked_copies_and_ring_before_optimize():
+    from types import SimpleNamespace
+
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    import vmonarch_opt
+
+    model, batch = _wan()
+    HookRegistry.check_if_exists_or_initialize(model.blocks[0]).register_hook(ModelHook(), "a hook")
+    with pytest.raises(vmonarch_opt.VMonarchError, match=r"deepcopy.*inplace=True"):
+        vmonarch_opt.optimize(model, batch, min_seq_len=0)
+    model, batch = _wan()
+    model._parallel_config = SimpleNamespace(context_parallel_config=SimpleNamespace(ring_degree=2, ulysses_degree=1))
+    with pytest.raises(vmonarch_opt.VMonarchError, match=r"ring context parallelism .* already enabled.*optimize\(\)"):
+        vmonarch_opt.optimize(model, batch, inplace=True, min_seq_len=0)
+
+
+def test_session_keeps_joint_sites_dense_under_ulysses():
+    from types import SimpleNamespace
+
+    from vmonarch_opt.parallel.session import Session
+    from vmonarch_opt.plan import SitePlan
+
+    sites = [SimpleNamespace(site_id="joint", text_before=7, text_after=0),
+             SimpleNamespace(site_id="video", text_before=0, text_after=0)]
+    plans = {s.site_id: SitePlan(s.site_id, "monarch", args={"grid": [3, 4, 5]}) for s in sites}
+    out = Session(kind="ulysses").restrict(sites, plans)
+    assert out["video"] is plans["video"] and not out["joint"].rewritten
+    assert "joint attention stays dense" in out["joint"].reason
+    assert Session().restrict(sites, plans) is plans
+
+
+def test_benchmark_needs_two_gpus(capsys, monkeypatch):
+    from benchmarks.context_parallel import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["--no-append"]) == 0
+    assert "needs at least 2 GPUs; found 1: nothing to measure" in capsys.readouterr().out

@@ -1,8 +1,9 @@
-"""Run a function on several CPU processes joined by a gloo process group (tests and smoke runs of
-context parallelism without GPUs), and enable diffusers' context parallelism on CPU.
+"""Run a function on several processes joined by a process group (gloo on CPU for tests and smoke
+runs of context parallelism without GPUs; NCCL, one GPU per rank, for benchmarks), and enable
+diffusers' context parallelism (on CPU too).
 
-``run_ranks(fn, world)`` spawns ``world`` processes; each initialises ``torch.distributed`` (gloo,
-a file rendezvous, a collective timeout of ``timeout`` seconds), calls ``fn(rank, world, *args)``
+``run_ranks(fn, world)`` spawns ``world`` processes; each initialises ``torch.distributed`` (a
+file rendezvous, a collective timeout of ``timeout`` seconds), calls ``fn(rank, world, *args)``
 and sends back its return value (picklable) or its traceback. The parent returns the values in
 rank order, or raises with every failed rank's traceback; processes still running after
 ``deadline`` seconds are terminated and reported as hung.
@@ -20,20 +21,23 @@ from unittest import mock
 
 import torch
 
-__all__ = ["run_ranks", "enable_parallelism_cpu", "RanksFailed"]
+__all__ = ["run_ranks", "enable_context_parallel", "RanksFailed"]
 
 
 class RanksFailed(RuntimeError):
     """Some rank raised, or did not finish in time."""
 
 
-def _entry(rank: int, world: int, init: str, timeout: float, threads: int, fn: Callable, args: tuple, out) -> None:
+def _entry(rank: int, world: int, init: str, timeout: float, threads: int, backend: str, fn: Callable, args: tuple,
+           out) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
     status, payload = "ok", None
     try:
-        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=init, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout))
         payload = fn(rank, world, *args)
     except BaseException:  # noqa: BLE001  reported to the parent
@@ -45,15 +49,16 @@ def _entry(rank: int, world: int, init: str, timeout: float, threads: int, fn: C
 
 
 def run_ranks(fn: Callable, world: int = 2, *args, timeout: float = 30.0, deadline: float = 240.0,
-              threads: int = 1) -> list:
+              threads: int = 1, backend: str = "gloo") -> list:
     """``[fn(0, world, *args), ..., fn(world - 1, world, *args)]``, each run in its own process of a
-    gloo group (``timeout``: the group's collective timeout, seconds)."""
+    ``backend`` group (``timeout``: the group's collective timeout, seconds; ``"nccl"``: rank r on
+    GPU r)."""
     ctx = torch.multiprocessing.get_context("spawn")
     out = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init = "file://" + os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_entry, args=(r, world, init, timeout, threads, fn, args, out), daemon=True)
-                 for r in range(world)]
+        procs = [ctx.Process(target=_entry, args=(r, world, init, timeout, threads, backend, fn, args, out),
+                             daemon=True) for r in range(world)]
         for p in procs:
             p.start()
         got: dict = {}
@@ -78,11 +83,11 @@ def run_ranks(fn: Callable, world: int = 2, *args, timeout: float = 30.0, deadli
     return [got[r][1] for r in range(world)]
 
 
-def enable_parallelism_cpu(model, config, cp_plan=None) -> None:
-    """``model.enable_parallelism(config=config, cp_plan=cp_plan)`` on a CPU-only machine.
+def enable_context_parallel(model, config, cp_plan=None) -> None:
+    """``model.enable_parallelism(config=config, cp_plan=cp_plan)``, around two diffusers 0.42 bugs.
 
-    diffusers 0.42 picks the rank's device as ``rank % torch.accelerator.device_count()``, which is
-    0 without an accelerator (ZeroDivisionError): the count is 1 here for the call. The root
+    It picks the rank's device as ``rank % torch.accelerator.device_count()``, which is 0 without
+    an accelerator (ZeroDivisionError on CPU): the count is at least 1 here for the call. The root
     entry of a model's ``_cp_plan`` that splits a 1-D ``timestep`` (Wan) makes its split hook warn
     through ``logger.warning_once``, which diffusers' logger lacks: that entry is left out when
     ``cp_plan`` is not given (the timestep is not split either way)."""

@@ -104,7 +104,8 @@ class GuardedHandler:
         g, rt = self.guard, self.runtime
         if g.mode == RING:
             return ring_site(rt, a, g.group, g.uneven)
-        if g.mode == ULYSSES and rt.plan.rewritten and (rt.plan.args.get("text_before") or rt.plan.args.get("text_after")):
+        text = rt.plan.args.get("text_before") or rt.plan.args.get("text_after")
+        if g.mode == ULYSSES and rt.plan.rewritten and text:
             rt.fall_back("context_parallel", a["query"],
                          "Ulysses context parallel: diffusers splits the text and video streams separately, so after "
                          "the all-to-all the text tokens are not where the plan has them (joint attention)")

@@ -59,7 +59,7 @@ class Session:
         if hooked and not inplace:
             what = "enable_parallelism(...)" if cp is not None else "diffusers hooks (offloading, caching, parallelism)"
             raise VMonarchError(
-                f"{who}: this {type(model).__name__} carries {what} on {hooked[:3]}{' …' if len(hooked) > 3 else ''}; "
+                f"{who}: this {type(model).__name__} carries {what} on {hooked[:3]}{' …' * (len(hooked) > 3)}; "
                 f"copy.deepcopy cannot copy diffusers' hooks (the copy would keep calling the original modules). "
                 f"Pass inplace=True, or call {who} before enabling them")
         if cp is not None:
