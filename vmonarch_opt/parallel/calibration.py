@@ -12,7 +12,9 @@ each rank's calibration sees a different slice of each site. The merge, per site
 * FLOPs and density are the ranks' mean (per-rank cost: every rank runs ``H / P`` heads), a
   measured time the slowest rank's.
 
-The rows then go through the same choice as a single process (``choose_calibrated``).
+The rows then go through the same choice as a single process (``choose_calibrated``). When every
+rank ran all heads (``process_group(replicated=True)``: optimize before ``enable_parallelism``),
+the per-head lists are rank 0's and the worst error guards against rounding differences.
 """
 from __future__ import annotations
 
@@ -47,21 +49,21 @@ def _worst(xs: list) -> float:
     return out
 
 
-def _merge_stats(stats: list[dict]) -> dict:
+def _merge_stats(stats: list[dict], split: bool) -> dict:
     out = {}
     for key, val in stats[0].items():
-        if isinstance(val, list):
+        if isinstance(val, list) and split:
             out[key] = [x for s in stats for x in s.get(key, [])]
         else:
             out[key] = val
     return out
 
 
-def _merge_candidate(cands: list[dict], limit: float) -> dict:
+def _merge_candidate(cands: list[dict], limit: float, split: bool) -> dict:
     c = dict(cands[0])
     c["error"] = _worst([x["error"] for x in cands])
     c["error_mean"] = _mean([x.get("error_mean") for x in cands])
-    if all(x.get("error_per_head") is not None for x in cands):
+    if split and all(x.get("error_per_head") is not None for x in cands):
         c["error_per_head"] = [e for x in cands for e in x["error_per_head"]]
     c["flops"] = round(_mean([x["flops"] for x in cands]))
     c["time_ms"] = _max([x.get("time_ms") for x in cands])
@@ -100,14 +102,15 @@ def agree_profile(comm: Comm, profile, budget):
     from ..profiles.calibrate import choose_calibrated
 
     rows = profile.data["sites"]
+    split = not comm.replicated  # the ranks measured different heads
     got = comm.exchange("calibration", lambda: {sid: _portable(r) for sid, r in rows.items()})
     _check_alike(got, comm)
     for sid, row in rows.items():
         if row["status"] not in _MERGED:
             continue
         per_rank = [g[sid] for g in got]
-        row["stats"] = _merge_stats([p["stats"] or {} for p in per_rank])
-        row["candidates"] = [_merge_candidate([p["candidates"][i] for p in per_rank], row["limit"])
+        row["stats"] = _merge_stats([p["stats"] or {} for p in per_rank], split)
+        row["candidates"] = [_merge_candidate([p["candidates"][i] for p in per_rank], row["limit"], split)
                              for i in range(len(row["candidates"]))]
         row["dense"] = {"flops": round(_mean([p["dense"]["flops"] for p in per_rank])),
                         "time_ms": _max([p["dense"].get("time_ms") for p in per_rank])}
@@ -117,6 +120,7 @@ def agree_profile(comm: Comm, profile, budget):
             row["choice"] = {**row["choice"], "error": c["error"], "flops": c["flops"], "density": c.get("density")}
     choose_calibrated(rows, budget)
     profile.data["context_parallel"] = {
-        "ranks": comm.world, "group": comm.origin,
-        "merge": "per site: the worst rank's error, per-head lists in rank order, the ranks' mean FLOPs"}
+        "ranks": comm.world, "group": comm.origin, "heads": "replicated" if comm.replicated else "split",
+        "merge": "per site: the worst rank's error, " + ("rank 0's per-head lists" if comm.replicated else
+                                                         "per-head lists in rank order") + ", the ranks' mean FLOPs"}
     return profile

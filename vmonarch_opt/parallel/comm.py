@@ -39,14 +39,16 @@ class Comm:
     world: int = 1
     origin: str = ""  # where the group came from (for messages): "process_group()", "diffusers ..."
     timeout: Optional[datetime.timedelta] = None  # gloo: a monitored barrier bounds each exchange
+    replicated: bool = False  # every rank runs all heads (not split across the ranks)
 
     @classmethod
-    def of(cls, group=None, origin: str = "", timeout: Optional[float] = None) -> "Comm":
+    def of(cls, group=None, origin: str = "", timeout: Optional[float] = None, replicated: bool = False) -> "Comm":
         if not (dist.is_available() and dist.is_initialized()):
             raise VMonarchError(f"{origin or 'vmonarch_opt.parallel'}: torch.distributed is not initialized; call "
                                 f"torch.distributed.init_process_group(...) on every rank first")
         td = None if timeout is None else datetime.timedelta(seconds=float(timeout))
-        return cls(group=group, rank=dist.get_rank(group), world=dist.get_world_size(group), origin=origin, timeout=td)
+        return cls(group=group, rank=dist.get_rank(group), world=dist.get_world_size(group), origin=origin, timeout=td,
+                   replicated=replicated)
 
     @property
     def backend(self) -> str:
@@ -80,16 +82,20 @@ class Comm:
 
 
 @contextlib.contextmanager
-def process_group(group=None, *, timeout: Optional[float] = None):
+def process_group(group=None, *, timeout: Optional[float] = None, replicated: bool = False):
     """Inside this block, ``optimize`` and ``calibrate`` treat the ranks of ``group`` (default: the
-    default group) as one model split across ranks: every rank must call them with the same model
+    default group) as one model run by several ranks: every rank must call them with the same model
     and batch; calibration choices are agreed across the ranks and the plans are checked to be
-    identical. Use it for models that run their own context parallelism (hand-written Ulysses);
-    a diffusers model with ``enable_parallelism(ContextParallelConfig(...))`` needs no block.
+    identical. Use it for models that run their own Ulysses (each rank's attention holds its share
+    of the heads); a diffusers model with ``enable_parallelism(ContextParallelConfig(...))``
+    already on needs no block.
 
+    ``replicated=True``: every rank runs the whole model (``optimize`` before
+    ``enable_parallelism``): the ranks measure the same heads, and the agreement only makes
+    certain that rounding differences between the ranks cannot choose differently.
     ``timeout`` (seconds): with gloo, each exchange first waits at a monitored barrier that long and
     names the ranks that did not arrive (default: the process group's own timeout)."""
-    comm = Comm.of(group, origin="vmonarch_opt.parallel.process_group()", timeout=timeout)
+    comm = Comm.of(group, origin="vmonarch_opt.parallel.process_group()", timeout=timeout, replicated=replicated)
     token = _EXPLICIT.set(comm)
     try:
         yield comm
