@@ -146,7 +146,7 @@ def _job(rank: int, world: int) -> dict:
     res["bench"] = {1: measure(rank, 1, cfg), world: measure(rank, world, cfg)}
 
     # 7. a local step that fails on one rank fails on every rank, naming it
-    comm = Comm.of(None, origin="test")
+    comm = Comm.of(None, origin="test", timeout=10.0)  # gloo: a monitored barrier first
     try:
         comm.exchange("a local step", lambda: 1 / (rank - 1))
         res["exchange"] = None
