@@ -35,8 +35,11 @@ __all__ = ["Session", "diffusers_hooked"]
 
 
 def diffusers_hooked(model: torch.nn.Module) -> list:
-    """Paths of the modules carrying diffusers hooks (``enable_parallelism``, offloading, caches)."""
-    return [name or "<root>" for name, m in model.named_modules() if getattr(m, "_diffusers_hook", None) is not None]
+    """Paths of the modules carrying diffusers hooks (``enable_parallelism``, offloading, caches).
+    An empty hook registry (a pipeline's ``cache_context`` leaves one on the transformer) wraps
+    nothing and does not count."""
+    return [name or "<root>" for name, m in model.named_modules()
+            if getattr(getattr(m, "_diffusers_hook", None), "hooks", None)]
 
 
 @dataclass
