@@ -13,6 +13,7 @@ from .methods import DenseConfig, MonarchConfig, MonarchRTConfig, VMoBAConfig
 from .errors import CalibrationBatchError, CaptureError, ProfileError, VMonarchError
 from .optimize import optimize, restore, stats
 from .finetune import FinetuneResult, distillation_loss, finetune
+from . import parallel  # noqa: F401  context parallelism: parallel.process_group (docs/multi_gpu.md)
 from .deploy import export_onnx  # noqa: F401  (ONNX export; needs onnx + onnxscript at call time)
 from .profiles import Budget, Profile, calibrate, load_profile
 from .report import Report

@@ -40,6 +40,7 @@ FALLBACKS = {
     "dtype": "unsupported dtype",
     "not_padding": "the mask is not a padding mask on text tokens",
     "handwritten": "hand-written attention called unlike when traced (dtype, device, rank or an argument)",
+    "context_parallel": "under context parallelism the method cannot take this call (parallel/)",
 }
 _SLOT = {RAN: 0, **{k: i + 1 for i, k in enumerate(FALLBACKS)}}
 
