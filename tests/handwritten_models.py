@@ -177,3 +177,76 @@ class TinyViT(nn.Module):
 
 
 HANDWRITTEN = [MulScale, PreScaledQ, DivScaleMatmul, BmmHeads, Baddbmm, Einsum]
+
+
+def _all_to_all(x: torch.Tensor, scatter: int, gather: int) -> torch.Tensor:
+    """Split ``x`` along ``scatter`` into one part per rank, send part r to rank r, and concatenate
+    what every rank sent along ``gather`` (rank order)."""
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+
+    p = dist.get_world_size()
+    parts = torch.stack(x.chunk(p, dim=scatter)).contiguous()  # [p, ...]: part r goes to rank r
+    got = funcol.all_to_all_single(parts.flatten(), None, None, dist.group.WORLD)
+    got = funcol.wait_tensor(got).reshape(parts.shape)
+    return torch.cat(got.unbind(0), dim=gather)
+
+
+class HandAttentionCore(nn.Module):
+    """softmax(q·kᵀ·scale)·v written by hand on [B, heads, N, D]."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, q, k, v):
+        return (q @ k.transpose(-2, -1) * self.scale).softmax(-1) @ v
+
+
+class UlyssesAttention(nn.Module):
+    """Hand-written Ulysses sequence parallelism (DeepSpeed-style): this rank's run of the sequence
+    in; q/k/v exchanged all-to-all so that the attention core sees every token of heads/P heads;
+    the output exchanged back. ``ulysses=False``: plain self-attention on the whole sequence."""
+
+    def __init__(self, dim=32, heads=2, ulysses=True):
+        super().__init__()
+        self.h, self.d, self.ulysses = heads, dim // heads, ulysses
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.core = HandAttentionCore(self.d ** -0.5)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.h, self.d).permute(2, 0, 3, 1, 4)  # [B, H, n, D]
+        if self.ulysses:
+            q, k, v = (_all_to_all(t, scatter=1, gather=2) for t in (q, k, v))  # [B, H/P, N, D]
+        o = self.core(q, k, v)
+        if self.ulysses:
+            o = _all_to_all(o, scatter=2, gather=1)  # [B, H, n, D]
+        return self.proj(o.transpose(1, 2).reshape(b, n, c))
+
+
+class UlyssesStack(nn.Module):
+    """Blocks of :class:`UlyssesAttention` and MLPs; the full sequence in and out, each rank of the
+    default process group working on its run of tokens in between (split at the input, all-gathered
+    at the output). ``ulysses=False``: the same model in one process."""
+
+    def __init__(self, depth=2, dim=32, heads=2, ulysses=True):
+        super().__init__()
+        self.ulysses = ulysses
+        self.blocks = nn.ModuleList(nn.ModuleDict({"attn": UlyssesAttention(dim, heads, ulysses),
+                                                   "mlp": nn.Linear(dim, dim)}) for _ in range(depth))
+
+    def forward(self, x):
+        import torch.distributed as dist
+
+        parallel = self.ulysses
+        if parallel:
+            x = x.chunk(dist.get_world_size(), dim=1)[dist.get_rank()]
+        for blk in self.blocks:
+            x = x + blk["attn"](x)
+            x = x + blk["mlp"](x)
+        if parallel:
+            import torch.distributed._functional_collectives as funcol
+
+            x = funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), gather_dim=1, group=dist.group.WORLD))
+        return x

@@ -120,13 +120,17 @@ def test_deepcopy_has_its_own_switch_plans_report_and_tracker():
         assert torch.equal(_out(dup, batch), fast)
         assert torch.equal(_out(opt, batch), own)
     assert torch.equal(_out(opt, batch), fast)
-    # the grid tracker's hooks on the copy are the copy's tracker's, none the source's
+    # the hooks on the copy (grid tracker; context-parallel guards of its attention modules) are the
+    # copy's, none the source's
     assert ds.tracker._model is dup
     hooks = _hooks(dup)
     assert len(hooks) == len(_hooks(opt)) > 0
+    mine = {id(ds.tracker)} | {id(g) for g in ds.parallel.guards.values()}
+    theirs = {id(st.tracker)} | {id(g) for g in st.parallel.guards.values()}
+    assert all(g.module is dup.get_submodule(p) for p, g in ds.parallel.guards.items())
     for fn in hooks:
         owners = _hook_owners(fn)
-        assert id(ds.tracker) in owners and id(st.tracker) not in owners, fn
+        assert owners & mine and not owners & theirs, fn
     # restore() of the copy removes the copy's route and hooks, not the source's
     vmonarch_opt.restore(dup)
     assert not _hooks(dup) and "forward" not in vars(dup.get_submodule(st.modules[0]))

@@ -17,6 +17,7 @@ from . import methods as registry
 from . import pipeline
 from .batch import as_batches, batch_device, check_finite
 from .errors import VMonarchError
+from .parallel.session import Session
 from .passes.grid import check_grid_spec
 from .planner import check_min_seq_len, check_overrides
 from .profiles.output_budget import check_evaluate
@@ -40,6 +41,7 @@ class OptimizationState:
     route: Any = None  # router.Route installed on the model
     tracker: Any = None  # passes.regrid.GridTracker: the input's token grid, for other video sizes
     switch: Any = None  # switch.AttentionSwitch: run the model's own attention (set_original_attention)
+    parallel: Any = None  # parallel.guard.Guards: the sites under diffusers' context parallelism
 
 
 def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=None,
@@ -57,7 +59,8 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
             (``model(*b)``) or a tensor; a list of dicts for several batches (timesteps).
         profile: a calibration profile (``load_profile(path)``) whose per-site choices are reused.
         methods: allowed methods: names of registered methods (``"monarch"``, ``"vmoba"``,
-            ``"dense"``, …); default: every registered method.
+            ``"dense"``, ``"monarch_rt"``, …); default: every registered method except the opt-in
+            ones (``monarch_rt``), which run only when named here.
         budget: quality budget for calibration: ``"auto"`` (default) calibrates under ``Budget()``
             (each site's attention error ≤ 5 %), a ``Budget`` calibrates under it, ``None`` skips
             calibration and uses the default policy (Monarch frame blocks, then VMoBA, then dense,
@@ -94,6 +97,7 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
     check_overrides(overrides)
     batches = as_batches(calib_batch)
     check_finite(batches)
+    session = Session.start(model, inplace)  # ranks of a context-parallel model agree (parallel/)
     target = model if inplace else copy.deepcopy(model)
     if getattr(target, "vmonarch", None) is not None:
         raise VMonarchError("this model is already optimized; call optimize() on the original model")
@@ -110,6 +114,7 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
     choose = dict(methods=methods, overrides=overrides, min_seq_len=min_seq_len)
     progress.step("plan")
     plans, routing = pipeline.plan(target, analysis, batches[0], **choose)
+    plans = session.restrict(sites, plans)
 
     # calibrate: a profile's choices, or measured under the budget
     progress.step("calibrate")
@@ -125,6 +130,7 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
             budget = Budget()
         profile = calibrate_sites(target, batches, analysis.detected, plans, routing, methods=methods,
                                   budget=budget, overrides=overrides)
+        profile = session.agree_profile(profile, budget)  # context parallel: one choice on every rank
         if budget.output_rel_error is not None:  # re-choose by the model's output error
             from .profiles.output_budget import allocate_by_output
             allocate_by_output(target, analysis.detected, plans, routing, batches, profile, budget, evaluate)
@@ -141,6 +147,7 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
 
     # apply: the plans installed for good
     progress.step("apply")
+    session.check_plans(plans)
     applied = pipeline.apply(target, analysis, plans, routing, grid, device=batch_device(batches))
 
     # report
@@ -160,7 +167,7 @@ def optimize(model: torch.nn.Module, calib_batch: Any, *, profile=None, methods=
     state = OptimizationState(sites=sites, plans=plans, report=report, modules=sorted(applied.route.paths),
                               profile=profile, normalized=dict(routing.graphs),
                               runtimes=applied.runtimes, route=applied.route, tracker=applied.tracker,
-                              switch=applied.switch)
+                              switch=applied.switch, parallel=applied.guards)
     target.__dict__["vmonarch"] = state
     target.__dict__["report"] = report
     progress.step("time")
@@ -187,6 +194,8 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
     model.__dict__.pop("report", None)
     if state is None:
         return model
+    if state.parallel is not None:
+        state.parallel.remove()
     if state.route is not None:
         state.route.remove()
     if state.tracker is not None:

@@ -292,6 +292,7 @@ class Applied:
     runtimes: dict  # site id -> SiteRuntime
     switch: AttentionSwitch
     tracker: Optional[GridTracker]
+    guards: Any = None  # parallel.guard.Guards: diffusers attention modules under context parallelism
 
 
 def apply(model, analysis: Analysis, plans: dict, routing: Routing, grid=None, device=None) -> Applied:
@@ -315,7 +316,9 @@ def apply(model, analysis: Analysis, plans: dict, routing: Routing, grid=None, d
         fwd.sites = [runtimes[sid] for sid in routing.index.get(path, ())
                      if by_id[sid].form == "handwritten" and plans[sid].rewritten]
     route = Route(model, routing, functools.partial(_runtime_handler, runtimes)).install()
-    return Applied(route=route, runtimes=runtimes, switch=switch, tracker=tracker)
+    from .parallel.guard import attach  # diffusers' enable_parallelism, before or after optimize
+    guards = attach(model, route, runtimes, routing, analysis.sites, analysis.missed)
+    return Applied(route=route, runtimes=runtimes, switch=switch, tracker=tracker, guards=guards)
 
 
 def _runtime_handler(runtimes: dict, sid: str):
@@ -375,9 +378,13 @@ def detached(applied: "Applied"):
     applied.route.remove()
     if applied.tracker is not None:
         applied.tracker.remove()
+    if applied.guards is not None:
+        applied.guards.remove_hooks()
     try:
         yield
     finally:
+        if applied.guards is not None:
+            applied.guards.install_hooks()
         if applied.tracker is not None:
             applied.tracker.install()
         applied.route.install()

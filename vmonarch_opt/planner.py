@@ -34,7 +34,8 @@ def unsupported_reason(site: AttentionSite, min_seq_len: int, forced: bool) -> O
         return (f"attention mask ({site.mask_kind or 'mask'} {shp}): only text padding masks of joint attention "
                 f"([B, 1, 1, N] keys, or [B, 1, N, N] = valid queries × valid keys) are supported")
     if site.dropout_training:
-        return f"attention dropout p={site.dropout_p:g} in training mode"
+        return (f"attention dropout p={site.dropout_p:g} in training mode: optimize() the model in eval mode "
+                f"(model.eval()) to rewrite it; training-mode calls then run the model's own attention, dropout included")
     if site.scale_is_tensor:
         return "softmax scale is a tensor (learned or computed at run time)"
     if site.probs_escape:

@@ -40,6 +40,7 @@ FALLBACKS = {
     "dtype": "unsupported dtype",
     "not_padding": "the mask is not a padding mask on text tokens",
     "handwritten": "hand-written attention called unlike when traced (dtype, device, rank or an argument)",
+    "context_parallel": "under context parallelism the method cannot take this call (parallel/)",
 }
 _SLOT = {RAN: 0, **{k: i + 1 for i, k in enumerate(FALLBACKS)}}
 
@@ -144,8 +145,9 @@ def mismatch(plan: SitePlan, a: dict) -> Optional[tuple[str, str]]:
         return "mask", "an attention mask was passed"
     if a["is_causal"]:
         return "causal", "is_causal=True"
-    if a["dropout_p"]:
-        return "dropout", f"dropout_p={a['dropout_p']}"
+    if a["dropout_p"]:  # honoured by the model's own call: never dropped
+        return "dropout", (f"attention dropout_p={a['dropout_p']} (the model's own attention ran, with its dropout; in "
+                           f"eval mode, or with dropout_p=0, the optimized attention runs)")
     if q.dim() not in (3, 4):
         return "rank", f"q has {q.dim()} dims"
     if q.shape[-2] != plan.seq_q or k.shape[-2] != plan.seq_k or q.shape[-1] != plan.head_dim:

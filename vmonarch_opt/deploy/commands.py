@@ -67,7 +67,7 @@ def _cmd_export_onnx(args) -> int:
 def add_commands(subparsers) -> None:
     import argparse
 
-    from ..profiles.commands import count_arg, methods_arg
+    from ..profiles.commands import count_arg, methods_arg, methods_help
 
     p = subparsers.add_parser(
         "export-onnx", help="optimize a model given as MODULE:FACTORY and write it as ONNX",
@@ -80,7 +80,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     p.add_argument("--profile", help="calibration profile (JSON) whose per-site choices are used")
     p.add_argument("--methods", type=methods_arg, default=None,
-                   help="allowed methods, comma-separated (default: every registered method: monarch, vmoba, dense)")
+                   help=methods_help())
     p.add_argument("--min-seq-len", type=count_arg, default=None,
                    help="sites with fewer tokens keep the model's attention (default 1024, or the "
                         "profile's own with --profile)")

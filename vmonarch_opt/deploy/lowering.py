@@ -26,6 +26,11 @@ on the data — Monarch's factors, VMoBA's block selection — is computed in th
   reference's own functions (min-max, TopK sort, CumSum, ArgMax, Gather); every query then
   scores all ``C`` blocks, its unselected ones masked.
 * **Dense** (:func:`dense_lowered`): ``softmax(q kᵀ · scale) v``.
+* **MonarchRT** (:func:`monarch_rt_lowered`): the video tokens are reshaped/transposed to
+  ``[.., tiles, rows, columns, D]``; the per-query-tile R-step is one broadcast MatMul of the query
+  tiles against every key tile (``[.., Aq, Ag, rows, b2, b2]`` scores: ``N²/rows`` per head, the
+  reference's cost) + Softmax, the entropy term ``Σ R·s − logsumexp``, the L-step a MatMul +
+  Softmax over all key rows per (tile, column) with the exact text keys; more steps unrolled.
 
 Every function takes q/k/v as ``[batch, heads, N, D]`` and an optional ``key_valid``
 (``[batch, N]`` bool): keys where it is False are dropped, exactly as
@@ -43,7 +48,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["monarch_lowered", "vmoba_lowered", "dense_lowered"]
+__all__ = ["monarch_lowered", "vmoba_lowered", "dense_lowered", "monarch_rt_lowered"]
 
 _NEG_INF = float("-inf")
 
@@ -422,3 +427,95 @@ def _vmoba_token_lowered(q, k, v, lay, tables, threshold, topk, scope, scale, ke
     text_out = _dense_rows(qf[:, :, tidx], kf, vf, scale, _key_bias(key_valid, torch.arange(N, device=dev), cdt))
     parts = [text_out[:, :, :tb], video_out, text_out[:, :, tb:]]
     return torch.cat([p_ for p_ in parts if p_.shape[2]], dim=2).to(q.dtype)
+
+
+# ------------------------------------------------------------------------------------ MonarchRT
+def _to_tiles(x: torch.Tensor, lay) -> torch.Tensor:
+    """Video tokens [b, h, Nv, D] -> [b, h, tiles, rows, columns, D] (``kernels/monarch_rt/layout.py``)."""
+    b, h, _, d = x.shape
+    T, H, W = lay.grid
+    f, hr, wr = lay.tiling
+    x = x.reshape(b, h, T // f, f, hr, lay.hc, wr, lay.b2, d).permute(0, 1, 2, 4, 6, 3, 5, 7, 8)
+    return x.reshape(b, h, lay.n_tiles, lay.b1, lay.b2, d)
+
+
+def _from_tiles(x: torch.Tensor, lay) -> torch.Tensor:
+    """Inverse of :func:`_to_tiles`: [b, h, tiles, rows, columns, D] -> [b, h, Nv, D]."""
+    b, h = x.shape[:2]
+    d = x.shape[-1]
+    T, H, W = lay.grid
+    f, hr, wr = lay.tiling
+    x = x.reshape(b, h, T // f, hr, wr, f, lay.hc, lay.b2, d).permute(0, 1, 2, 5, 3, 6, 4, 7, 8)
+    return x.reshape(b, h, T * H * W, d)
+
+
+def monarch_rt_lowered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, tiling,
+                       text_before: int = 0, text_after: int = 0, steps: int = 1,
+                       scale: Optional[float] = None, key_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MonarchRT attention (same function as ``monarch_rt_reference``) in ONNX-friendly ops.
+
+    ``key_valid`` ([batch, N] bool, True everywhere on the video tokens) drops text keys: the
+    result equals the reference run on the sequence without them.
+    """
+    from ..kernels.monarch_rt.layout import check_qkv, check_steps, make_rt_layout, resolve_scale
+    from ..kernels.monarch_rt.reference import CBAR_EPS
+
+    check_qkv(q, k, v)
+    with _real_tensors():
+        lay = make_rt_layout(q.shape[2], grid, tiling, text_before, text_after)
+    steps = check_steps(steps)
+    scale = resolve_scale(scale, q.shape[-1])
+    cdt = _cdt(q)
+    b, h, N, D = q.shape
+    tb, nv, nt = lay.text_before, lay.Nv, lay.n_text
+    A, b1, b2 = lay.n_tiles, lay.b1, lay.b2
+    gk = A * b1
+    dev = q.device
+    qf, kf, vf = q.to(cdt), k.to(cdt), v.to(cdt)
+    vid = slice(tb, tb + nv)
+    qt = _to_tiles(qf[:, :, vid], lay)                                        # [b, h, A, b1, b2, D]
+    kt = _to_tiles(kf[:, :, vid], lay)[:, :, None]                            # [b, h, 1, Ag, b1, b2, D]
+    vt = _to_tiles(vf[:, :, vid], lay)[:, :, None]
+    qj = qt.transpose(3, 4)                                                   # [b, h, A, b2(j), b1(i), D]
+    tidx = _text_index(tb, nv, N, dev)
+    if nt:
+        kx = kf[:, :, tidx][:, :, None, None]                                 # [b, h, 1, 1, nt, D]
+        vx = vf[:, :, tidx][:, :, None, None]
+        tbias = _key_bias(key_valid, tidx, cdt)                               # [b, 1, 1, nt] or None
+    qbar = qt[:, :, :, None]                                                  # [b, h, A, 1, b1(k), b2(j), D]
+    video_out = None
+    for step in range(steps):
+        final = step == steps - 1
+        # R-step of every (query tile, key tile, row, column): softmax over the row's columns
+        s = torch.matmul(qbar, kt.transpose(-1, -2)) * scale                  # [b, h, A, Ag, b1, b2(j), b2(l)]
+        lse = _lse(s, -1)
+        r = torch.exp(s - lse[..., None])
+        a_l = torch.matmul(r, kt) * scale                                     # [b, h, A, Ag, b1, b2, D]
+        c_l = (r * s).sum(-1) - lse                                           # [b, h, A, Ag, b1, b2]
+        # L-step logits z[b, h, a, j, i, (g, k)] = q[a, i, j] . A_L[a, g, k, j] - cL[a, g, k, j]
+        akj = a_l.permute(0, 1, 2, 5, 3, 4, 6).reshape(b, h, A, b2, gk, D)
+        z = torch.matmul(qj, akj.transpose(-1, -2)) - c_l.permute(0, 1, 2, 5, 3, 4).reshape(b, h, A, b2, 1, gk)
+        if nt:
+            zt = torch.matmul(qj, kx.transpose(-1, -2)) * scale               # [b, h, A, b2, b1, nt]
+            if tbias is not None:
+                zt = zt + tbias[:, :, None, None]
+            lse_row = _lse(torch.cat([z, zt], -1), -1)
+        else:
+            lse_row = _lse(z, -1)                                             # [b, h, A, b2, b1]
+        w = torch.exp(z - lse_row[..., None])
+        if final:
+            y = torch.matmul(r, vt).permute(0, 1, 2, 5, 3, 4, 6).reshape(b, h, A, b2, gk, D)
+            o = torch.matmul(w, y)                                            # [b, h, A, b2(j), b1(i), D]
+            if nt:
+                o = o + torch.matmul(torch.exp(zt - lse_row[..., None]), vx)
+            video_out = _from_tiles(o.transpose(3, 4), lay)
+            break
+        cbar = w.sum(-2)                                                      # [b, h, A, b2, gk]
+        abar = torch.matmul(w.transpose(-1, -2), qj)                          # [b, h, A, b2, gk, D]
+        qbar = (abar / cbar.clamp_min(CBAR_EPS)[..., None]).reshape(b, h, A, b2, A, b1, D)
+        qbar = qbar.permute(0, 1, 2, 4, 5, 3, 6)                              # [b, h, A, Ag, b1, b2, D]
+    if not nt:
+        return video_out.to(q.dtype)
+    text_out = _dense_rows(qf[:, :, tidx], kf, vf, scale, _key_bias(key_valid, torch.arange(N, device=dev), cdt))
+    parts = [text_out[:, :, :tb], video_out, text_out[:, :, tb:]]
+    return torch.cat([p for p in parts if p.shape[2]], dim=2).to(q.dtype)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 __all__ = ["use_triton", "dense_uses_triton", "monarch_attention", "monarch_attention_backward", "vmoba_attention",
            "vmoba_attention_backward", "vmoba_select", "vmoba_attention_with_selection", "dense_attention",
-           "dense_attention_backward", "dense_with_stats"]
+           "dense_attention_backward", "dense_with_stats", "monarch_rt_attention", "monarch_rt_attention_backward"]
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -49,6 +49,21 @@ def monarch_attention_backward(q, k, v, out, grad_out, **kw):
     """``(dq, dk, dv)`` from the Monarch backward kernels (callers check ``use_triton`` first)."""
     from .monarch.backward import monarch_attention_backward_triton
     return monarch_attention_backward_triton(q, k, v, out, grad_out, **kw)
+
+
+def monarch_rt_attention(q, k, v, *, steps: int = 1, **kw) -> torch.Tensor:
+    """MonarchRT: the Triton kernels cover one step; more steps run the reference everywhere."""
+    if use_triton(q) and steps == 1:
+        from .monarch_rt.kernel import monarch_rt_triton
+        return monarch_rt_triton(q, k, v, steps=steps, **kw)
+    from .monarch_rt.reference import monarch_rt_reference
+    return monarch_rt_reference(q, k, v, steps=steps, **kw)
+
+
+def monarch_rt_attention_backward(q, k, v, out, grad_out, **kw):
+    """``(dq, dk, dv)`` from the MonarchRT backward kernels (callers check ``use_triton`` first)."""
+    from .monarch_rt.backward import monarch_rt_backward_triton
+    return monarch_rt_backward_triton(q, k, v, out, grad_out, **kw)
 
 
 def vmoba_attention(q, k, v, **kw) -> torch.Tensor:

@@ -16,12 +16,15 @@ calibration            ``candidates`` (configs tried at a site), ``calibration_r
 running                ``run`` (the op on ``[B, H, N, D]`` q/k/v), ``adapt_args`` (the plan at
                        another token grid), ``executed`` (FLOPs and density measured on a call,
                        for methods whose cost depends on the data)
+context parallel       ``ring_unsupported`` / ``ring_run`` (the site's sequence split across ranks;
+                       ``parallel/ring.py``)
 deployment             ``lower`` (an ONNX-exportable decomposition)
 report                 ``describe`` (short label of a config), ``params`` (the plan's parameters)
 =====================  ==========================================================================
 
 Class attributes say what kind of method it is: ``name``, ``config_cls``, ``default_rank`` (its
-place in the default choice without calibration), ``structured`` (cuts attention FLOPs),
+place in the default choice without calibration), ``opt_in`` (left out of the default methods),
+``structured`` (cuts attention FLOPs),
 ``uses_grid`` (its arguments depend on the video grid), ``grid_params`` (the arguments
 ``adapt_args`` re-derives), ``measured_flops`` (its cost depends on the data), ``lowered_as``
 (what ONNX export turns it into).
@@ -91,6 +94,8 @@ class Method:
     config_cls: type = type(None)
     #: preference when no calibration chooses (lower first); None: only used when asked for
     default_rank: Optional[int] = None
+    #: not among the default methods: planned and calibrated only when ``methods=`` names it
+    opt_in: bool = False
     #: cuts attention FLOPs (dense does not): the report times the optimized forward only then
     structured: bool = True
     #: its op arguments depend on the video grid: re-derived when the input's grid changes
@@ -194,6 +199,21 @@ class Method:
     def executed(self, q, k, v, args: dict, scale: float) -> Optional[tuple[int, float]]:
         """``(FLOPs, density)`` of this call, for ``measured_flops`` methods; None otherwise."""
         return None
+
+    # ------------------------------------------------------------------------------ context parallel
+    def ring_unsupported(self, args: dict, sizes: tuple) -> Optional[str]:
+        """Why a plan with ``args`` cannot run when the site's sequence is split across ranks in
+        contiguous runs of ``sizes`` tokens (rank order; ring context parallelism), or None when
+        ``ring_run`` takes it. The caller then runs exact dense ring attention and reports this
+        reason. Default: no sequence-split form."""
+        return f"{self.name} has no sequence-split (ring) form"
+
+    def ring_run(self, q, k, v, args: dict, scale: float, split) -> torch.Tensor:
+        """The output rows of this rank's queries (``q/k/v [B, H, n_r, D]``: this rank's run of the
+        sequence) over the whole sequence. ``split`` (``parallel.ring.SequenceSplit``) has the runs'
+        ``sizes``, this ``rank`` and ``all_gather(t, dim, sizes=None)``. Only called when
+        ``ring_unsupported`` returned None."""
+        raise NotImplementedError(f"method {self.name!r} has no ring form")
 
     # ------------------------------------------------------------------------------ deployment
     def lower(self, q, k, v, args: dict, scale: float, key_valid=None) -> torch.Tensor:

@@ -203,6 +203,19 @@ class MonarchMethod(Method):
         block = [g_new if b == g_old else min(b, g_new) for b, g_old, g_new in zip(args["block"], old_grid, new_grid)]
         return {**args, "grid": list(new_grid), "block": block}
 
+    def ring_unsupported(self, args: dict, sizes: tuple) -> Optional[str]:
+        from ..kernels.monarch.ring import ring_unsupported
+
+        return ring_unsupported(args["grid"], args["block"], args["text_before"], args["text_after"], args["steps"],
+                                sizes)
+
+    def ring_run(self, q, k, v, args: dict, scale: float, split) -> torch.Tensor:
+        # R-step factors of this rank's blocks, gathered; L-step of its queries (kernels/monarch/ring.py)
+        from ..kernels.monarch.ring import monarch_ring_attention
+
+        return monarch_ring_attention(q, k, v, grid=args["grid"], block=args["block"], scale=scale,
+                                      sizes=split.sizes, gather=split.all_gather)
+
     def lower(self, q, k, v, args: dict, scale: float, key_valid=None) -> torch.Tensor:
         from ..deploy.lowering import monarch_lowered
 

@@ -73,8 +73,8 @@ def parse(spec):
 
 
 def default_methods() -> tuple:
-    """What ``optimize(methods=None)`` allows: every registered method."""
-    return names()
+    """What ``optimize(methods=None)`` allows: every registered method that is not ``opt_in``."""
+    return tuple(n for n, m in _METHODS.items() if not m.opt_in)
 
 
 def check_methods(methods) -> tuple:

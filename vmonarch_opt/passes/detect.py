@@ -311,12 +311,16 @@ def _match_handwritten(sm: torch.fx.Node, modules: dict, training: bool) -> Opti
         if _is_call(u, _CAST_FUNCS, _CAST_METHODS):
             p = u; continue
         if _is_call(u, _DROPOUT_FUNCS, {"dropout"}):
+            # its arguments are constants of the traced graph (``training=self.training`` included)
             dropout["p"] = float(u.kwargs.get("p", u.args[1] if len(u.args) > 1 else 0.5))
-            dropout["training"] = bool(u.kwargs.get("training", u.args[2] if len(u.args) > 2 else True))
+            dropout["training"] = bool(u.kwargs.get("training", u.kwargs.get(
+                "train", u.args[2] if len(u.args) > 2 else True)))
+            dropout["kind"] = "function"
             p = u; continue
         if u.op == "call_module" and isinstance(modules.get(u.target), torch.nn.Dropout):
             mod = modules[u.target]
             dropout["p"], dropout["training"] = float(mod.p), bool(mod.training)
+            dropout["kind"], dropout["module"] = "module", u.target  # reads its own p and mode when called
             p = u; continue
         v = _pv_operands(u, p)
         if v is None:

@@ -8,7 +8,13 @@ intercepts the SDPA call like any other.
 
 At run time the traced graph is used only for calls like the traced one (same non-tensor
 arguments, tensor dtypes, devices and ranks); any other call runs the module's original code, so
-the model never computes something it did not mean.
+the model never computes something it did not mean. Dropout is one of those cases: the SDPA node
+that replaces ``dropout(softmax(·)) @ v`` has no dropout, so while a rewritten attention's dropout
+is active (an ``nn.Dropout`` in training mode with p > 0; a functional ``dropout``, whose arguments
+the trace fixed, once the module is in another mode than when traced) the module's own code runs,
+dropout included, and its sites count the call as a ``"dropout"`` fallback. A functional dropout
+elsewhere in the module (``F.dropout(x, p, training=self.training)``) is fixed by the trace too: in
+the other mode the module's own code runs as well.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .detect import _is_softmax, _match_handwritten
+from .detect import _DROPOUT_FUNCS, _is_softmax, _match_handwritten
 
 
 class NormalizeError(Exception):
@@ -121,12 +127,18 @@ def normalize_module(module: torch.nn.Module, args: tuple, kwargs: dict, expecte
     if len(matches) != expected:
         raise NormalizeError(f"the traced module has {len(matches)} hand-written attentions where torch.compile saw {expected}")
     skipped = {}
+    dropouts = []  # ("module", target) / ("function", p): dropout on the probabilities of a rewritten attention
     for i, (m, do) in enumerate(zip(matches, rewrite)):
         if not do:
             continue
         if m.get("probs_escape"):
             skipped[i] = "attention probabilities are used beyond the product with V"
             continue
+        d = m["dropout"]
+        if d.get("kind") == "module":
+            dropouts.append(("module", d["module"]))
+        elif d.get("kind") == "function":
+            dropouts.append(("function", d["p"]))
         pv = m["pv"]
         with gm.graph.inserting_before(pv):
             k = m["k"]
@@ -145,7 +157,8 @@ def normalize_module(module: torch.nn.Module, args: tuple, kwargs: dict, expecte
 
     names = list(values)
     forward = NormalizedForward(module, gm, names, {n: p.default for n, p in sig.parameters.items()},
-                                _signature_of(values))
+                                _signature_of(values), dropouts=dropouts, traced_training=module.training,
+                                mode_fixed=_has_functional_dropout(gm))
     with torch.no_grad():
         ref = module(*args, **kwargs)
         out = forward.run(values)
@@ -160,13 +173,41 @@ class NormalizedForward:
     model runs the copy's graph and weights, and pickle stores it with the model."""
 
     def __init__(self, module: torch.nn.Module, gm: torch.fx.GraphModule, names: list, defaults: dict,
-                 traced: dict):
+                 traced: dict, dropouts: list = (), traced_training: bool = False, mode_fixed: bool = False):
         self.module = module
         self.gm = gm  # shares the module's submodules and parameters
         self.names = names  # the forward's parameters, in order
         self.defaults = defaults
         self.traced = traced  # _signature_of the traced call
         self.sites: list = []  # runtimes of the module's sites once applied: told when a call falls back
+        self.dropouts = list(dropouts)  # dropout on the probabilities of rewritten attentions (dropped by the graph)
+        self.traced_training = bool(traced_training)  # the module's mode when traced
+        self.mode_fixed = bool(mode_fixed)  # the graph keeps a functional dropout whose mode the trace fixed
+
+    def _mode_mismatch(self):
+        """``(kind, why)`` when the graph would not compute what the module's code computes in its
+        current mode (see the module docstring), else None."""
+        training = self.module.training
+        traced = getattr(self, "traced_training", training)  # (objects pickled before these fields: no check)
+        was = "training" if traced else "eval"
+        for kind, ref in getattr(self, "dropouts", ()):
+            if kind == "module":
+                try:
+                    sub = self.gm.get_submodule(ref)
+                except AttributeError:
+                    return "dropout", f"the attention dropout module {ref!r} is gone"
+                if sub.training and sub.p > 0:
+                    return "dropout", (f"attention dropout ({ref}, p={sub.p:g}) is active in training mode: the "
+                                       f"module's own code ran, dropout included (in eval mode, or with p=0, the "
+                                       f"optimized attention runs)")
+            elif training != traced:
+                return "dropout", (f"attention dropout (a functional dropout, its p and mode fixed when traced in "
+                                   f"{was} mode) may be active now: the module's own code ran, dropout included (in "
+                                   f"{was} mode the optimized attention runs)")
+        if getattr(self, "mode_fixed", False) and training != traced:
+            return "handwritten", (f"the module was traced in {was} mode and calls a functional dropout whose mode "
+                                   f"the trace fixed: its own code ran (in {was} mode the optimized attention runs)")
+        return None
 
     def run(self, vals: dict):
         return self.gm(*[vals[n] for n in self.names])
@@ -183,13 +224,27 @@ class NormalizedForward:
             if n not in vals:
                 vals[n] = self.defaults[n]
         why = _mismatch(self.traced, vals)
-        if why is not None:  # not the traced kind of call: the module's own code, its sites told
-            like = next((v for v in vals.values() if isinstance(v, torch.Tensor)), None)
-            for rt in self.sites:
-                rt.fall_back("handwritten", like, f"the hand-written attention was called unlike when traced ({why}): "
-                             f"its own code ran; optimize() the model as you call it (dtype, device, arguments)")
-            return type(self.module).forward(self.module, *a, **kw)
-        return self.run(vals)
+        if why is not None:
+            kind, msg = "handwritten", (f"the hand-written attention was called unlike when traced ({why}): its own "
+                                        f"code ran; optimize() the model as you call it (dtype, device, arguments)")
+        else:
+            mode = self._mode_mismatch()
+            if mode is None:
+                return self.run(vals)
+            kind, msg = mode
+        # not the traced kind of call: the module's own code, its sites told
+        like = next((v for v in vals.values() if isinstance(v, torch.Tensor)), None)
+        for rt in self.sites:
+            rt.fall_back(kind, like, msg)
+        return type(self.module).forward(self.module, *a, **kw)
+
+
+def _has_functional_dropout(gm: torch.fx.GraphModule) -> bool:
+    """The graph calls a functional dropout (its p and training arguments fixed by the trace)."""
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in _DROPOUT_FUNCS or n.op == "call_method" and n.target == "dropout":
+            return True
+    return False
 
 
 def _check_close(ref, out) -> None:

@@ -36,7 +36,7 @@ from .budget import Budget, config_to_dict, describe_config
 from .profile import PROFILE_FORMAT, Profile, fingerprint
 from .stats import block_concentration, dense_with_stats, entropy_stats, masked_dense_with_stats
 
-__all__ = ["calibrate", "calibrate_sites", "candidate_configs"]
+__all__ = ["calibrate", "calibrate_sites", "candidate_configs", "choose_calibrated"]
 
 
 # --------------------------------------------------------------------------------- candidates
@@ -314,15 +314,9 @@ def calibrate_sites(model, batches: list, detected: list, plans: dict, routing, 
                 row["status"] = "calibrated"
         rows[s.site_id] = row
 
-    calibrated = {sid: r for sid, r in rows.items() if r["status"] == "calibrated"}
-    if budget.mean_rel_error is not None and calibrated:
-        picks = _global_allocation(calibrated, budget.mean_rel_error, budget.cost)
-    else:
-        picks = {sid: _choose(r["candidates"], r["dense"], budget.cost) for sid, r in calibrated.items()}
+    choose_calibrated(rows, budget)
     for sid, row in rows.items():
-        if row["status"] == "calibrated":
-            row["choice"] = _choice_entry(row, picks[sid], budget)
-        elif row["status"] == "pinned":
+        if row["status"] == "pinned":
             rec = records[sid]
             cand = row["candidates"][0] if row["candidates"] else None
             row["choice"] = {"config": config_to_dict(rec.pinned[0]), "label": describe_config(rec.pinned[0]),
@@ -339,6 +333,19 @@ def calibrate_sites(model, batches: list, detected: list, plans: dict, routing, 
             "batches": len(batches), "device": _device_name(batches), "torch": torch.__version__,
             "seconds": round(time.perf_counter() - t0, 3), "tuned_kernel_times": budget.cost == "time", "sites": rows}
     return Profile(data)
+
+
+def choose_calibrated(rows: dict, budget: Budget) -> None:
+    """Set ``row["choice"]`` of every calibrated site row from its measured candidates under
+    ``budget`` (per site, or the global allocation under ``mean_rel_error``). Also used after the
+    ranks of a context-parallel model merged their rows (``parallel/calibration.py``)."""
+    calibrated = {sid: r for sid, r in rows.items() if r["status"] == "calibrated"}
+    if budget.mean_rel_error is not None and calibrated:
+        picks = _global_allocation(calibrated, budget.mean_rel_error, budget.cost)
+    else:
+        picks = {sid: _choose(r["candidates"], r["dense"], budget.cost) for sid, r in calibrated.items()}
+    for sid, row in calibrated.items():
+        row["choice"] = _choice_entry(row, picks[sid], budget)
 
 
 def _config_from_plan(p):
@@ -380,13 +387,17 @@ def calibrate(model: torch.nn.Module, calib_batch: Any, *, budget: Optional[Budg
     batches = as_batches(calib_batch)
     check_finite(batches)
     choose = dict(methods=methods, overrides=overrides, min_seq_len=min_seq_len)
+    from ..parallel.session import Session
+    session = Session.start(model, inplace=True, who="calibrate()")  # context parallel: ranks agree
     with _progress(progress):
         analysis = pipeline.analyse(model, batches, grid=grid, capture=capture)
         for note in pipeline.analysis_notes(analysis, type(model).__name__).values():
             warnings.warn(f"vmonarch_opt: {note}", RuntimeWarning, stacklevel=2)
         plans, routing = pipeline.plan(model, analysis, batches[0], **choose)
+        plans = session.restrict(analysis.sites, plans)
         profile = calibrate_sites(model, batches, analysis.detected, plans, routing, methods=methods, budget=budget,
                                   overrides=overrides)
+        profile = session.agree_profile(profile, budget)
         if budget.output_rel_error is not None:
             from .output_budget import allocate_by_output
             allocate_by_output(model, analysis.detected, plans, routing, batches, profile, budget, evaluate)

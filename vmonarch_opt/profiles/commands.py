@@ -36,6 +36,15 @@ def count_arg(text: str) -> int:
     return n
 
 
+def methods_help() -> str:
+    """``--methods`` help: the default methods and the opt-in ones, from the registry."""
+    from .. import methods as registry
+
+    extra = [n for n in registry.names() if n not in registry.default_methods()]
+    return (f"comma-separated allowed methods (default: {', '.join(registry.default_methods())}"
+            + (f"; opt-in: {', '.join(extra)})" if extra else ")"))
+
+
 def methods_arg(text: str) -> tuple:
     """``--methods a,b`` as registered method names (an argparse ``type``)."""
     from .. import methods as registry
@@ -110,9 +119,8 @@ def add_commands(sub) -> None:
                         "with a loose --max-rel-error such as 0.5)")
     p.add_argument("--per-site", default=None, help="JSON {site_glob: max_rel_error}")
     p.add_argument("--cost", choices=("flops", "time"), default="flops", help="what 'cheapest' means")
-    p.add_argument("--methods", type=methods_arg, default=None, help="comma-separated allowed methods (default: "
-                   "every registered method: monarch, vmoba, dense)")
-    p.add_argument("--overrides", default=None, help='JSON {site_glob: "dense"|"monarch"|"vmoba"|"original"}')
+    p.add_argument("--methods", type=methods_arg, default=None, help=methods_help())
+    p.add_argument("--overrides", default=None, help="JSON {site_glob: method name or \"original\"}")
     p.add_argument("--grid", type=grid_arg, default=None, help="T,H,W latent token grid override")
     p.add_argument("--min-seq-len", type=count_arg, default=1024, help="shorter sites stay dense (default 1024)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
