@@ -340,3 +340,27 @@ def test_output_budget_never_picks_a_candidate_that_blows_up(monkeypatch):
     assert errs and all(e == math.inf for e in errs)
     assert any(r["choice"]["config"]["method"] != "dense" for r in rows.values())  # others still structured
     assert 0 < opt.vmonarch.profile.data["output_budget"]["measured"] <= 0.2
+
+
+def test_a_candidate_that_raises_is_skipped_with_its_reason(monkeypatch):
+    """A candidate whose kernel cannot run (e.g. does not compile on a new GPU) is never chosen:
+    calibration warns, records the error in the profile and chooses among the others."""
+    import sys
+
+    cal = sys.modules["vmonarch_opt.profiles.calibrate"]  # (the package exports the function calibrate)
+    real = cal._run_candidate
+
+    def run(cfg, *a, **kw):
+        if isinstance(cfg, VMoBAConfig):
+            raise RuntimeError("PTX compilation failed\nmore lines")
+        return real(cfg, *a, **kw)
+
+    monkeypatch.setattr(cal, "_run_candidate", run)
+    with pytest.warns(RuntimeWarning, match=r"candidate vmoba .* failed at site .*PTX compilation failed"):
+        prof = _calib(frame_local(), Budget(max_rel_error=0.5), methods=("monarch", "vmoba"))
+    row = _only(prof)
+    failed = row["failed_candidates"]
+    assert failed and all(f["label"].startswith("vmoba") for f in failed)
+    assert all(f["error"] == "RuntimeError: PTX compilation failed" for f in failed)
+    assert row["candidates"] and all(not c["label"].startswith("vmoba") for c in row["candidates"])
+    assert row["choice"]["config"]["method"] == "monarch"

@@ -167,10 +167,21 @@ class _SiteRecord:
                                       top_fraction=self._budget.top_fraction, sample_rows=self._budget.sample_rows))
         self._accumulate(st)
         for res, (_, cfg, args) in zip(self.results, self.cands):
+            if "failed" in res:
+                continue
             t0 = time.perf_counter()
-            out, flops, density, ms = _run_candidate(cfg, args, q, k, v, scale, timed, mask)
-            if q.is_cuda:
-                torch.cuda.synchronize(q.device)
+            try:
+                out, flops, density, ms = _run_candidate(cfg, args, q, k, v, scale, timed, mask)
+                if q.is_cuda:
+                    torch.cuda.synchronize(q.device)
+            except Exception as e:  # noqa: BLE001  e.g. a kernel that does not compile on this GPU
+                # a candidate that cannot run is never chosen; the profile and a warning say why
+                res["failed"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+                warnings.warn(f"vmonarch_opt: calibration candidate {describe_config(cfg)} failed at site "
+                              f"{s.site_id} and is not considered there ({res['failed']}); set "
+                              f"VMONARCH_FORCE_REFERENCE=1 to measure the references instead, or leave its method "
+                              f"out with methods=...", RuntimeWarning, stacklevel=2)
+                continue
             # wall time of the measurement (kernel compilation and tuning on first use included)
             res["wall_s"] = res.get("wall_s", 0.0) + time.perf_counter() - t0
             err, per_head = _rel(out, ref)
@@ -196,7 +207,7 @@ class _SiteRecord:
     def candidates_json(self) -> list[dict]:
         out = []
         for (layout, cfg, args), res in zip(self.cands, self.results):
-            if not res["errors"]:
+            if not res["errors"] or "failed" in res:
                 continue
             err = max(res["errors"])
             d = {"label": describe_config(cfg), "layout": layout, "config": config_to_dict(cfg),
@@ -208,6 +219,11 @@ class _SiteRecord:
                 d["density"] = sum(res["density"]) / len(res["density"])
             out.append(d)
         return out
+
+    def failed_json(self) -> list[dict]:
+        """Candidates that raised when run (never chosen): label and the error."""
+        return [{"label": describe_config(cfg), "layout": layout, "error": res["failed"]}
+                for (layout, cfg, _), res in zip(self.cands, self.results) if "failed" in res]
 
 
 # --------------------------------------------------------------------------------- progress
@@ -305,6 +321,8 @@ def calibrate_sites(model, batches: list, detected: list, plans: dict, routing, 
             row.update(layer=rec.layer, stats=rec.stats, limit=rec.limit, candidates=rec.candidates_json(),
                        dense={"flops": rec.dense_flops or p.flops_before, "time_ms": rec.dense_ms},
                        batches=rec.batches, seconds=round(rec.seconds, 4))
+            if rec.failed_json():
+                row["failed_candidates"] = rec.failed_json()
             if rec.batches == 0:
                 row.update(status="not observed",
                            reason="the calibration batch never reached this site with the calibrated shape; left dense")
