@@ -108,7 +108,8 @@ class VMoBALayout:
 
     @property
     def max_block_len(self) -> int:
-        return int(self.block_len.max())
+        # the first block is a whole (clipped) chunk: no tensor read, so it works while tracing
+        return self.chunk[0] * self.chunk[1] * self.chunk[2]
 
 
 def _effective_chunk(grid: tuple, chunk: tuple, partition: str) -> tuple:
@@ -129,6 +130,12 @@ def _effective_chunk(grid: tuple, chunk: tuple, partition: str) -> tuple:
 _LAYOUT_CACHE: dict = {}
 
 
+def _faking() -> bool:
+    """A FakeTensorMode is active (AOT autograd / torch.export tracing): tensors made now are fake
+    and real ones may not mix with them, so the layout caches are neither read nor written."""
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
 def vmoba_layout(grid: Sequence[int], chunk: Sequence[int], partition: str = "3d",
                  text_before: int = 0, text_after: int = 0) -> VMoBALayout:
     """Block / query-group geometry (pure index arithmetic, cached on CPU)."""
@@ -139,7 +146,8 @@ def vmoba_layout(grid: Sequence[int], chunk: Sequence[int], partition: str = "3d
             raise ValueError(f"{name} must be a non-negative int, got {val!r}")
     eff = _effective_chunk(grid, chunk, partition)
     key = (grid, eff, partition, int(text_before), int(text_after))
-    hit = _LAYOUT_CACHE.get(key)
+    faking = _faking()
+    hit = None if faking else _LAYOUT_CACHE.get(key)
     if hit is not None:
         return hit
     T, H, W = grid
@@ -166,6 +174,8 @@ def vmoba_layout(grid: Sequence[int], chunk: Sequence[int], partition: str = "3d
                       block_len=block_len, group_block=torch.tensor(gb, dtype=torch.int64),
                       group_start=torch.tensor(gs, dtype=torch.int64),
                       group_len=torch.tensor(gl, dtype=torch.int64))
+    if faking:
+        return lay
     if len(_LAYOUT_CACHE) > 64:
         _LAYOUT_CACHE.clear()
     _LAYOUT_CACHE[key] = lay
@@ -297,7 +307,8 @@ def _check_args(q, k, v, grid, chunk, text_before, text_after, partition, thresh
 def _block_table(layout: VMoBALayout, device) -> tuple:
     """``(idx [C, Lmax], valid [C, Lmax])``: sequence index of each block's tokens, padded."""
     key = (layout.grid, layout.chunk, layout.partition, layout.text_before, layout.text_after, str(device))
-    hit = _TABLE_CACHE.get(key)
+    faking = _faking()
+    hit = None if faking else _TABLE_CACHE.get(key)
     if hit is None:
         L = layout.max_block_len
         pos = torch.arange(L)[None, :]
@@ -305,6 +316,8 @@ def _block_table(layout: VMoBALayout, device) -> tuple:
         idx = torch.where(valid, layout.block_off[:, None] + pos, 0)
         idx = layout.perm[idx] + layout.text_before
         hit = (idx.to(device), valid.to(device))
+        if faking:
+            return hit
         if len(_TABLE_CACHE) > 64:
             _TABLE_CACHE.clear()
         _TABLE_CACHE[key] = hit
@@ -321,7 +334,7 @@ def block_means(x: torch.Tensor, layout: VMoBALayout, dtype=None) -> torch.Tenso
     cdt = dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
     idx, valid = _block_table(layout, x.device)
     rows = x[:, :, idx]  # [B, H, C, Lmax, D]
-    if not bool(valid.all()):
+    if any(g % c for g, c in zip(layout.grid, layout.chunk)):  # partial edge blocks: padded slots
         rows = rows.masked_fill(~valid[:, :, None], 0)
     n = layout.block_len.to(x.device, cdt)[:, None]
     return torch.sum(rows, dim=3, dtype=cdt) / n
