@@ -390,6 +390,9 @@ def detached(applied: "Applied"):
         applied.route.install()
 
 
+SLOW_FORWARD_MS = 1000.0  # time_forwards: a warm-up forward this long is timed once more, not three times
+
+
 def gpu_busy_fraction(fn: Callable[[], Any]) -> Optional[float]:
     """Fraction of ``fn``'s wall time during which some GPU kernel ran (the union of the CUDA
     kernel intervals that ``torch.profiler`` records, over the host wall time), or None when the
@@ -446,6 +449,6 @@ def time_forwards(model, batch, applied: "Applied") -> tuple[dict, dict]:
     for name, context in (("optimized", contextlib.nullcontext()), ("original", detached(applied))):
         with context:
             first = once()  # warm-up: kernel tuning, allocator, caches
-            out[name] = statistics.median([once() for _ in range(3 if first < 1000 else 1)])
+            out[name] = statistics.median([once() for _ in range(3 if first < SLOW_FORWARD_MS else 1)])
             busy[name] = gpu_busy_fraction(forward)
     return out, busy
