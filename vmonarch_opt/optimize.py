@@ -40,7 +40,7 @@ class OptimizationState:
     runtimes: dict = field(default_factory=dict)  # site id -> runtime.SiteRuntime (what changes while it runs)
     route: Any = None  # router.Route installed on the model
     tracker: Any = None  # passes.regrid.GridTracker: the input's token grid, for other video sizes
-    switch: Any = None  # switch.AttentionSwitch: run the model's own attention (set_original_attention)
+    switch: Any = None  # runtime.AttentionSwitch: run the model's own attention (set_original_attention)
     parallel: Any = None  # parallel.guard.Guards: the sites under diffusers' context parallelism
 
 

@@ -28,9 +28,8 @@ from .passes.regrid import GridTracker
 from .passes.siblings import add_sibling_sites
 from .planner import plan_sites, warn_unmatched_overrides
 from .router import Route, Routing, owning_module
-from .runtime import SiteRuntime, executed_cost, prepare_qkv, runtime_mismatch
+from .runtime import AttentionSwitch, SiteRuntime, executed_cost, prepare_qkv, runtime_mismatch
 from .site import AttentionSite
-from .switch import AttentionSwitch
 
 __all__ = ["Analysis", "Applied", "Validation", "analyse", "plan", "replan", "observe", "validate",
            "validated_plans", "apply", "on_cuda", "time_forwards", "gpu_busy_fraction"]

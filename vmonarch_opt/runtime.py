@@ -23,7 +23,7 @@ from .passes.keypad import run_key_padded
 from .passes.regrid import adapt_plan, exporting
 from .plan import SitePlan
 
-__all__ = ["SiteRuntime", "run_site", "runtime_mismatch", "prepare_qkv", "call_method", "lowering",
+__all__ = ["AttentionSwitch", "SiteRuntime", "run_site", "runtime_mismatch", "prepare_qkv", "call_method", "lowering",
            "executed_cost", "RAN", "FALLBACKS", "mismatch"]
 
 RAN = "ran"  # the outcome of a call that ran the site's method
@@ -45,12 +45,24 @@ FALLBACKS = {
 _SLOT = {RAN: 0, **{k: i + 1 for i, k in enumerate(FALLBACKS)}}
 
 
+class AttentionSwitch:
+    """The flag ``set_original_attention`` flips (``switch.py``), shared by every site of one
+    optimized model (``SiteRuntime.switch``): while ``original`` is on, sites run the model's own
+    attention."""
+
+    def __init__(self) -> None:
+        self.original = False
+
+    def __repr__(self) -> str:
+        return f"AttentionSwitch(original={self.original})"
+
+
 @dataclass(eq=False)
 class SiteRuntime:
     """One rewritten site of one optimized model while it runs."""
 
     plan: SitePlan
-    switch: object = None  # switch.AttentionSwitch shared by the model's sites (set_original_attention)
+    switch: object = None  # AttentionSwitch shared by the model's sites (set_original_attention)
     tracker: object = None  # passes.regrid.GridTracker: the input's token grid, for other video sizes
     grid_inferred: bool = True  # False: the user gave the grid (grid=): not re-derived at the same token count
     grid_module: str = ""  # the patch embedding whose output gave the grid at optimize time

@@ -27,18 +27,9 @@ from typing import Optional
 import torch
 
 from .errors import VMonarchError
+from .runtime import AttentionSwitch  # noqa: F401  (the flag; defined beside the site runtimes)
 
 __all__ = ["set_original_attention", "AttentionSwitch"]
-
-
-class AttentionSwitch:
-    """Shared by every site of one optimized model (``SiteRuntime.switch``)."""
-
-    def __init__(self) -> None:
-        self.original = False
-
-    def __repr__(self) -> str:
-        return f"AttentionSwitch(original={self.original})"
 
 
 class set_original_attention:

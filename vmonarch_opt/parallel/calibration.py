@@ -99,7 +99,7 @@ def _check_alike(got: list[dict], comm: Comm) -> None:
 def agree_profile(comm: Comm, profile, budget):
     """Merge the ranks' calibration measurements into ``profile`` (in place; returned) and choose
     from them, identically on every rank."""
-    from ..profiles.calibrate import choose_calibrated
+    from ..profiles.allocation import choose_calibrated
 
     rows = profile.data["sites"]
     split = not comm.replicated  # the ranks measured different heads

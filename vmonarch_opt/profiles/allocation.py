@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 from .budget import Budget
 
-__all__ = ["lagrangian_allocation"]
+__all__ = ["lagrangian_allocation", "choose_calibrated"]
 
 
 def _cost(x: dict, dense: dict, cost: str) -> float:
@@ -99,3 +99,16 @@ def _choice_entry(row: dict, i: Optional[int], budget: Budget) -> dict:
         why += f", {dense['time_ms'] / c['time_ms']:.1f}× faster than SDPA"
     return {"config": c["config"], "label": c["label"], "layout": c["layout"], "error": c["error"],
             "flops": c["flops"], "time_ms": c.get("time_ms"), "density": c.get("density"), "why": why}
+
+
+def choose_calibrated(rows: dict, budget: Budget) -> None:
+    """Set ``row["choice"]`` of every calibrated site row from its measured candidates under
+    ``budget`` (per site, or the global allocation under ``mean_rel_error``). Also used after the
+    ranks of a context-parallel model merged their rows (``parallel/calibration.py``)."""
+    calibrated = {sid: r for sid, r in rows.items() if r["status"] == "calibrated"}
+    if budget.mean_rel_error is not None and calibrated:
+        picks = _global_allocation(calibrated, budget.mean_rel_error, budget.cost)
+    else:
+        picks = {sid: _choose(r["candidates"], r["dense"], budget.cost) for sid, r in calibrated.items()}
+    for sid, row in calibrated.items():
+        row["choice"] = _choice_entry(row, picks[sid], budget)

@@ -31,7 +31,7 @@ from ..errors import VMonarchError
 from ..kernels.tuning import untuned
 from ..methods import Shape
 from ..metrics import rel_error_with_heads
-from .allocation import _choice_entry, _choose, _global_allocation
+from .allocation import choose_calibrated
 from .budget import Budget, config_to_dict, describe_config
 from .profile import PROFILE_FORMAT, Profile, fingerprint
 from .stats import block_concentration, dense_with_stats, entropy_stats, masked_dense_with_stats
@@ -351,19 +351,6 @@ def calibrate_sites(model, batches: list, detected: list, plans: dict, routing, 
             "batches": len(batches), "device": _device_name(batches), "torch": torch.__version__,
             "seconds": round(time.perf_counter() - t0, 3), "tuned_kernel_times": budget.cost == "time", "sites": rows}
     return Profile(data)
-
-
-def choose_calibrated(rows: dict, budget: Budget) -> None:
-    """Set ``row["choice"]`` of every calibrated site row from its measured candidates under
-    ``budget`` (per site, or the global allocation under ``mean_rel_error``). Also used after the
-    ranks of a context-parallel model merged their rows (``parallel/calibration.py``)."""
-    calibrated = {sid: r for sid, r in rows.items() if r["status"] == "calibrated"}
-    if budget.mean_rel_error is not None and calibrated:
-        picks = _global_allocation(calibrated, budget.mean_rel_error, budget.cost)
-    else:
-        picks = {sid: _choose(r["candidates"], r["dense"], budget.cost) for sid, r in calibrated.items()}
-    for sid, row in calibrated.items():
-        row["choice"] = _choice_entry(row, picks[sid], budget)
 
 
 def _config_from_plan(p):

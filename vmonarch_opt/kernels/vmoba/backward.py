@@ -48,7 +48,8 @@ from ..flash.backward import (_dkdv_tile, _dq_tile, _lse_tile, bwd_dkdv_keys, bw
 from ..flash.kernel import _LOG2E, _NEG, _bucket
 from ..out_layout import empty_attention_out
 from ..tuning import interpreting, tuning_cache, tuning_enabled
-from .kernel import _device_layout, _group_pass, _head_pad, vmoba_select_triton
+from .groups import _device_layout, _group_pass, _head_pad
+from .kernel import vmoba_select_triton
 from .layout import VMoBASelection, _check_args, check_rule
 
 __all__ = ["vmoba_attention_backward_triton", "vmoba_backward_with_selection", "transposed_selection"]

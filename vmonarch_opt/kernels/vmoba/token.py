@@ -54,7 +54,7 @@ from ..flash.backward import _dkdv_tile, _dq_tile, _lse_tile, bwd_dkdv_keys, bwd
 from ..flash.kernel import _LOG2E, _NEG, _flash_into, _online_tile, sdpa_text_rows, text_rows_sdpa_into
 from ..out_layout import empty_attention_out
 from ..tuning import interpreting
-from .kernel import _device_layout, _group_pass, _head_pad
+from .groups import _device_layout, _group_pass, _head_pad
 from .layout import MAX_TOKEN_BLOCKS, TOKEN_EPS, VMoBALayout, VMoBASelection
 
 __all__ = ["vmoba_select_token_triton", "token_attention_with_selection", "token_backward_with_selection"]
