@@ -54,6 +54,16 @@ __all__ = ["monarch_attention_backward_triton", "dense_rows_backward"]
 
 # ----------------------------------------------------------------------------- L-step backward
 @triton.jit
+def _l_bwd_tile(q, do, ak, y, cl, lse, delta, row_ok, m_ok, qk_scale, DOT_PREC: tl.constexpr):
+    """One [query rows x blocks] tile of the L-step backward: ``L`` (from the block logits and
+    each row's log2-sum-exp) and ``dz = L (dO . Y - Delta)``."""
+    z = tl.dot(q, tl.trans(ak), input_precision=DOT_PREC) * qk_scale - cl[None, :]
+    p = tl.where(row_ok[:, None] & m_ok[None, :], tl.math.exp2(z - lse[:, None]), 0.0)
+    dl = tl.dot(do, tl.trans(y), input_precision=DOT_PREC)
+    return p, p * (dl - delta[:, None])
+
+
+@triton.jit
 def _l_bwd_dq_kernel(Q, DO, DELTA, AK, CL, Y, TL, LSEL, DQ,
                      sqb, sqh, sqn, sdb, sdh, sdn, sgb, sgh, sgn,
                      H, M, B, Nv, tb, NT, Tg, Hg, Wg, bt, bh, bw, nH, nW, D, qk_scale, sm_scale,
@@ -109,10 +119,7 @@ def _l_bwd_dq_kernel(Q, DO, DELTA, AK, CL, Y, TL, LSEL, DQ,
         ak = tl.load(AK + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         y = tl.load(Y + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         cl = tl.load(CL + offs_m, mask=m_ok, other=0.0)
-        z = tl.dot(q, tl.trans(ak), input_precision=DOT_PREC) * qk_scale - cl[None, :]
-        p = tl.where(q_ok[:, None] & m_ok[None, :], tl.math.exp2(z - lse[:, None]), 0.0)
-        dl = tl.dot(do, tl.trans(y), input_precision=DOT_PREC)
-        dz = p * (dl - delta[:, None])
+        p, dz = _l_bwd_tile(q, do, ak, y, cl, lse, delta, q_ok, m_ok, qk_scale, DOT_PREC)
         acc = tl.dot(dz.to(ak.dtype), ak, acc, input_precision=DOT_PREC)
     tl.store(DQ + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + qrow[:, None] * sgn + offs_d[None, :],
              acc * sm_scale, mask=ld)
@@ -158,10 +165,7 @@ def _l_bwd_dkv_kernel(Q, DO, DELTA, AK, CL, Y, LSEL, LSER, DT,
         do = tl.load(dbase + qrow[:, None] * sdn + offs_d[None, :], mask=ld, other=0.0).to(AK.dtype.element_ty)
         delta = tl.load(DELTA + pbh.to(tl.int64) * (Nv + NT) + qrow, mask=q_ok, other=0.0)
         lse = tl.load(LSEL + offs_i, mask=offs_i < M, other=0.0)
-        z = tl.dot(q, tl.trans(ak), input_precision=DOT_PREC) * qk_scale - cl[None, :]
-        p = tl.where(q_ok[:, None] & m_ok[None, :], tl.math.exp2(z - lse[:, None]), 0.0)
-        dl = tl.dot(do, tl.trans(y), input_precision=DOT_PREC)
-        dz = p * (dl - delta[:, None])
+        p, dz = _l_bwd_tile(q, do, ak, y, cl, lse, delta, q_ok, m_ok, qk_scale, DOT_PREC)
         acc_y = tl.dot(tl.trans(p).to(do.dtype), do, acc_y, input_precision=DOT_PREC)
         acc_a = tl.dot(tl.trans(dz).to(q.dtype), q, acc_a, input_precision=DOT_PREC)
         acc_c -= tl.sum(dz, 0)
@@ -177,6 +181,18 @@ def _l_bwd_dkv_kernel(Q, DO, DELTA, AK, CL, Y, LSEL, LSER, DT,
 
 
 # ----------------------------------------------------------------------------- R-step backward
+@triton.jit
+def _r_bwd_tile(q, k, v, dak, dy, dcl, dt, lse, row_ok, col_ok, qk_scale, DOT_PREC: tl.constexpr):
+    """One [positions x keys] tile of the R-step backward: ``R`` (from the base-2 logits and the
+    saved log2-sum-exp) and ``dy = R (dAK . k + dY . v + dCL y - D)`` (natural-log logits y)."""
+    yl = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale       # base-2 logits
+    r = tl.where(row_ok[:, None] & col_ok[None, :], tl.math.exp2(yl - lse[:, None]), 0.0)
+    dp = tl.dot(dak, tl.trans(k), input_precision=DOT_PREC)
+    dp = tl.dot(dy, tl.trans(v), dp, input_precision=DOT_PREC)
+    dp += dcl[:, None] * (yl * 0.6931471805599453)
+    return r, r * (dp - dt[:, None])
+
+
 @triton.jit
 def _r_bwd_dkv_kernel(Q, K, V, DAK, DY, DCL, DT, LSER, DK, DV,
                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sgb, sgh, sgn,
@@ -215,12 +231,8 @@ def _r_bwd_dkv_kernel(Q, K, V, DAK, DY, DCL, DT, LSER, DK, DV,
         dcl = tl.load(DCL + srow, mask=j_in, other=0.0)
         dt = tl.load(DT + srow, mask=j_in, other=0.0)
         lse = tl.load(LSER + srow, mask=j_in, other=0.0)
-        yl = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale       # base-2 logits
-        r = tl.where(j_in[:, None] & k_ok[None, :], tl.math.exp2(yl - lse[:, None]), 0.0)
-        dp = tl.dot(dak, tl.trans(k), input_precision=DOT_PREC)
-        dp = tl.dot(dy, tl.trans(v), dp, input_precision=DOT_PREC)
-        dp += dcl[:, None] * (yl * 0.6931471805599453)
-        ds = r * (dp - dt[:, None]) * sm_scale
+        r, ds = _r_bwd_tile(q, k, v, dak, dy, dcl, dt, lse, j_in, k_ok, qk_scale, DOT_PREC)
+        ds = ds * sm_scale
         acc_k = tl.dot(tl.trans(ds).to(q.dtype), q, acc_k, input_precision=DOT_PREC)
         rc = tl.trans(r).to(dak.dtype)
         acc_k = tl.dot(rc, dak, acc_k, input_precision=DOT_PREC)
@@ -266,12 +278,7 @@ def _r_bwd_dq_kernel(Q, K, V, DAK, DY, DCL, DT, LSER, DQ,
         kld = k_ok[:, None] & d_ok[None, :]
         k = tl.load(kbase + krow[:, None] * skn + offs_d[None, :], mask=kld, other=0.0)
         v = tl.load(vbase + krow[:, None] * svn + offs_d[None, :], mask=kld, other=0.0)
-        yl = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        r = tl.where(j_in[:, None] & k_ok[None, :], tl.math.exp2(yl - lse[:, None]), 0.0)
-        dp = tl.dot(dak, tl.trans(k), input_precision=DOT_PREC)
-        dp = tl.dot(dy, tl.trans(v), dp, input_precision=DOT_PREC)
-        dp += dcl[:, None] * (yl * 0.6931471805599453)
-        ds = r * (dp - dt[:, None])
+        _, ds = _r_bwd_tile(q, k, v, dak, dy, dcl, dt, lse, j_in, k_ok, qk_scale, DOT_PREC)
         acc = tl.dot(ds.to(k.dtype), k, acc, input_precision=DOT_PREC)
     dq_ptr = DQ + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + qrow[:, None] * sgn + offs_d[None, :]
     prev = tl.load(dq_ptr, mask=qld, other=0.0)
