@@ -139,11 +139,12 @@ def resolve_scale(scale, head_dim: int) -> float:
     return s
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, what: str = "Monarch attention") -> None:
+    """q, k, v: one float shape ``[batch, heads, seq, head_dim]`` (``what`` names the method)."""
     if q.dim() != 4:
         raise ValueError(f"q must be [batch, heads, seq, head_dim], got shape {tuple(q.shape)}")
     if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"Monarch attention is self-attention: q, k, v must have the same shape "
+        raise ValueError(f"{what} is self-attention: q, k, v must have the same shape "
                          f"[batch, heads, seq, head_dim] (expand GQA heads first), got "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if not (q.is_floating_point() and k.is_floating_point() and v.is_floating_point()):

@@ -31,6 +31,9 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from ..monarch.layout import check_qkv as _check_qkv
+from ..monarch.layout import resolve_scale  # noqa: F401  (re-exported: one scale rule)
+
 __all__ = ["RTLayout", "make_rt_layout", "tiling_problem", "resolve_scale", "check_qkv", "check_steps"]
 
 
@@ -151,26 +154,8 @@ def make_rt_layout(seq: int, grid: Sequence[int], tiling: Sequence[int], text_be
     return RTLayout(g, p, tb, ta)
 
 
-def resolve_scale(scale, head_dim: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    s = float(scale)
-    if not math.isfinite(s) or s <= 0:
-        raise ValueError(f"scale must be a positive finite float (or None for 1/sqrt(head_dim)), got {scale!r}")
-    return s
-
-
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    if q.dim() != 4:
-        raise ValueError(f"q must be [batch, heads, seq, head_dim], got shape {tuple(q.shape)}")
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"MonarchRT attention here is self-attention over one video: q, k, v must have the same "
-                         f"shape [batch, heads, seq, head_dim] (expand GQA heads first), got "
-                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if not (q.is_floating_point() and k.is_floating_point() and v.is_floating_point()):
-        raise ValueError(f"q, k, v must be floating point, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[-1] < 1 or q.shape[2] < 1:
-        raise ValueError(f"empty q/k/v: shape {tuple(q.shape)}")
+    _check_qkv(q, k, v, "MonarchRT attention")
 
 
 def check_steps(steps) -> int:
