@@ -236,6 +236,28 @@ def motif_video(frames: int = 3, height: int = 6, width: int = 8, text: int = 7,
     return m, _to(b, device, dtype)
 
 
+def skyreels_v2(frames: int = 6, height: int = 4, width: int = 5, layers: int = 2, heads: int = 2,
+                head_dim: int = 16, text: int = 7, causal_block_size: int = 2, batch: int = 1, seed: int = 0,
+                dtype=torch.float32, device="cpu"):
+    """SkyReelsV2Transformer3DModel with its autoregressive (block-causal) attention switched on:
+    ``_set_ar_attention(causal_block_size)`` makes every self-attention take a bool mask under which
+    chunks of ``causal_block_size`` latent frames see themselves and the earlier chunks (0: off)."""
+    _need_diffusers()
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    torch.manual_seed(seed)
+    m = SkyReelsV2Transformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
+                                     in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64,
+                                     num_layers=layers, rope_max_seq_len=64).to(device, dtype).eval()
+    if causal_block_size:
+        m._set_ar_attention(causal_block_size)
+    g = torch.Generator().manual_seed(seed + 1)
+    b = dict(hidden_states=torch.randn(batch, 4, frames, 2 * height, 2 * width, generator=g),
+             timestep=torch.tensor([500] * batch), encoder_hidden_states=torch.randn(batch, text, 32, generator=g),
+             return_dict=False)
+    return m, _to(b, device, dtype)
+
+
 def wan_1_3b(frames: int = 21, height: int = 30, width: int = 52, dtype=torch.bfloat16, device="cuda", seed: int = 0):
     """Wan2.1-T2V-1.3B architecture at full size with random weights; 480p/81f = 21×30×52 tokens."""
     _need_diffusers()

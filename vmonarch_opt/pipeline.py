@@ -22,6 +22,7 @@ from .metrics import rel_error
 from .passes.capture import capture as capture_graphs
 from .passes.census import Census, attention_census, uncaptured
 from .passes.detect import DetectedSite, detect, unrecognised_attention
+from .passes.causal import mark_structure
 from .passes.grid import assign_grids, grid_modules, lookup_user_grid
 from .passes.normalize import NormalizeError, normalize_module
 from .passes.regrid import GridTracker
@@ -62,6 +63,7 @@ def analyse(model: torch.nn.Module, batches: list, *, grid=None, capture: str = 
     detected = add_sibling_sites(detect(graphs, model), calls, model)
     assign_grids(detected, graphs, model, batches[0], grid)
     sites = [d.site for d in detected]
+    mark_structure(sites, calls.staircases)
     if not calls.get("") and uncaptured(calls, [s for s in sites if s.module_path]):
         # A graph Dynamo resumed after a graph break inside a function (not a module) carries no
         # module stack: its SDPA looks like the root's own. Routed at the root it would take the
@@ -252,7 +254,8 @@ def validate(model, plans: dict, routing: Routing, batch, reference) -> Validati
                 ref = original()
                 val.errors[plan.site_id] = max(val.errors.get(plan.site_id, 0.0), rel_error(out, ref))
                 if registry.get(plan.method).measured_flops and plan.site_id not in val.executed:
-                    cost = executed_cost(plan, *prepare_qkv(a), mask=a["attn_mask"])
+                    cost = executed_cost(plan, *prepare_qkv(a),
+                                         mask=a["attn_mask"] if plan.args.get("key_padding") else None)
                     if cost is not None:
                         val.executed[plan.site_id] = cost
             return out

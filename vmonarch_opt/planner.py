@@ -7,7 +7,7 @@ import warnings
 from typing import Optional
 
 from . import methods as registry
-from .methods import Shape
+from .methods import Shape, causal
 from .plan import ORIGINAL, SitePlan
 from .site import AttentionSite
 
@@ -27,12 +27,17 @@ def unsupported_reason(site: AttentionSite, min_seq_len: int, forced: bool) -> O
             return f"cross-attention ({site.seq_q} queries × {site.seq_k} keys): few keys, not worth restructuring"
         return (f"cross-attention ({site.seq_q} queries × {site.seq_k} keys of another sequence): our structured "
                 f"kernels are for a token sequence attending to itself")
+    if site.kind == "cached" and not site.cached_frames:
+        return f"KV-cache attention ({site.seq_q} queries × {site.seq_k} keys): {site.structure_note or 'not recognised'}"
     if site.is_causal:
-        return "causal mask (is_causal=True): our structured kernels are bidirectional"
-    if site.has_mask and not key_padding_ok(site):
+        return ("token-causal mask (is_causal=True): our kernels run block-causal masks over whole frame chunks, "
+                "not a causal order of single tokens")
+    if site.has_mask and not site.causal_chunk and not key_padding_ok(site):
         shp = "×".join(map(str, site.mask_shape)) if site.mask_shape else "?"
-        return (f"attention mask ({site.mask_kind or 'mask'} {shp}): only text padding masks of joint attention "
-                f"([B, 1, 1, N] keys, or [B, 1, N, N] = valid queries × valid keys) are supported")
+        extra = f" (it is not block-causal: {site.structure_note})" if site.structure_note else ""
+        return (f"attention mask ({site.mask_kind or 'mask'} {shp}){extra}: supported are text padding masks of joint "
+                f"attention ([B, 1, 1, N] keys, or [B, 1, N, N] = valid queries × valid keys) and block-causal masks "
+                f"over frame chunks")
     if site.dropout_training:
         return (f"attention dropout p={site.dropout_p:g} in training mode: optimize() the model in eval mode "
                 f"(model.eval()) to rewrite it; training-mode calls then run the model's own attention, dropout included")
@@ -112,7 +117,7 @@ def default_config(site: AttentionSite, methods: tuple):
     """The choice without calibration data: the allowed method of best default rank (Monarch,
     then VMoBA, then dense) that can take the site."""
     for m in registry.ranked(methods):
-        if m.unsupported(site) is None:
+        if m.site_unsupported(site) is None:
             return m.config()
     return registry.get(methods[0]).config()
 
@@ -125,7 +130,7 @@ def method_flops(site: AttentionSite, plan: SitePlan) -> Optional[int]:
     """Attention FLOPs of the chosen method (None when it depends on data not yet measured)."""
     if not plan.rewritten:
         return attention_flops(site)
-    return registry.get(plan.method).flops(Shape.of(site), plan.args, plan.density)
+    return registry.get(plan.method).cost(Shape.of(site), plan.args, plan.density)
 
 
 def plan_sites(sites: list[AttentionSite], *, methods=None, overrides: Optional[dict] = None,
@@ -155,18 +160,28 @@ def plan_sites(sites: list[AttentionSite], *, methods=None, overrides: Optional[
                           else "only dense allowed")
             method = registry.of(cfg)
             why = method.unsupported(s)
+            if why is None:
+                try:
+                    args = method.site_args(cfg, s, layer)
+                    why = causal.unsupported(method, args)
+                except ValueError as e:
+                    why = str(e)
             if why is not None and spec is not None:
                 why = f"pinned to {method.name} by overrides=, which cannot run here: {why}"
         if why is not None:
             plans[s.site_id] = base.replace(reason=why, flops_after=base.flops_before)
             continue
-        args = method.resolve_args(cfg, s, layer)
         layer += 1
-        if s.has_mask:
+        if s.has_mask and not s.causal_chunk:
             # dense too: with the padded tokens dropped our dense kernel runs unmasked, where the
             # model's masked SDPA cannot use FlashAttention and runs cuDNN at a third of its speed
             args = {"text_before": s.text_before, "text_after": s.text_after, **args, "key_padding": True}
             reason += "; text padding mask: padded text tokens dropped at run time"
+        if args.get("causal_chunk"):
+            reason += (f"; block-causal mask: chunks of {args['causal_chunk']} frames, each attending to itself and "
+                       f"the earlier ones")
+        elif args.get("cached_frames"):
+            reason += f"; KV cache: {args['cached_frames']} cached frames before the {s.grid[0]} new ones"
         reason += method.plan_note(s, args)
         plan = base.replace(method=method.name, args=args, source=source, reason=reason)
         f = method_flops(s, plan)

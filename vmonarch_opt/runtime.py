@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from . import methods as registry
+from .passes.causal import check_block_causal
 from .passes.keypad import run_key_padded
 from .passes.regrid import adapt_plan, exporting
 from .plan import SitePlan
@@ -39,6 +40,7 @@ FALLBACKS = {
     "value_dim": "value head_dim differs",
     "dtype": "unsupported dtype",
     "not_padding": "the mask is not a padding mask on text tokens",
+    "not_causal": "the mask is not the block-causal mask the site was planned for",
     "handwritten": "hand-written attention called unlike when traced (dtype, device, rank or an argument)",
     "context_parallel": "under context parallelism the method cannot take this call (parallel/)",
 }
@@ -146,15 +148,17 @@ def _to_bhnd(x: torch.Tensor) -> torch.Tensor:
 
 def call_method(plan: SitePlan, q, k, v, scale: float) -> torch.Tensor:
     """Run ``plan``'s op on 4-D q/k/v (GQA already expanded)."""
-    return registry.get(plan.method).run(q, k, v, plan.args, scale)
+    return registry.get(plan.method).apply(q, k, v, plan.args, scale)
 
 
 def mismatch(plan: SitePlan, a: dict) -> Optional[tuple[str, str]]:
     """``(kind, message)`` of why this call cannot take the calibrated path (None if it can);
     ``kind`` is a key of FALLBACKS."""
     q, k, v = a["query"], a["key"], a["value"]
-    if a["attn_mask"] is not None and not plan.args.get("key_padding"):
+    if a["attn_mask"] is not None and not plan.args.get("key_padding") and not plan.args.get("causal_chunk"):
         return "mask", "an attention mask was passed"
+    if plan.args.get("causal_chunk") and a["attn_mask"] is None:
+        return "not_causal", "no mask was passed to a site planned block-causal: its attention is bidirectional now"
     if a["is_causal"]:
         return "causal", "is_causal=True"
     if a["dropout_p"]:  # honoured by the model's own call: never dropped
@@ -169,6 +173,11 @@ def mismatch(plan: SitePlan, a: dict) -> Optional[tuple[str, str]]:
         return "value_dim", "value head_dim differs"
     if not torch.is_floating_point(q) or q.dtype == torch.float64:
         return "dtype", f"dtype {q.dtype}"
+    if plan.args.get("causal_chunk"):
+        T, H, W = plan.args["grid"]
+        if not check_block_causal(a["attn_mask"], T, H * W, plan.args["causal_chunk"]):
+            return "not_causal", (f"the mask is not block-causal over chunks of {plan.args['causal_chunk']} frames of the "
+                                  f"grid {T}×{H}×{W} (what the site was planned for)")
     return None
 
 
@@ -197,7 +206,12 @@ def _follow_grid(rt: SiteRuntime, a: dict) -> Optional[SitePlan]:
     if adapted is None or runtime_mismatch(adapted, a) is not None:
         return None
     method = registry.get(plan.method)
-    if method.uses_grid:
+    if adapted.args.get("cached_frames") or plan.args.get("cached_frames"):
+        _warn_once(rt, "kv cache", f"vmonarch_opt: site {plan.site_id}: keys are a KV cache (cached frames, then the "
+                   f"new ones; now {adapted.args.get('cached_frames', 0)} cached of {adapted.args['grid'][0]} frames); "
+                   f"{plan.method} follows each cache length with its plan re-derived (its error was measured at "
+                   f"the optimize() shape)")
+    elif method.uses_grid:
         g, p = tuple(adapted.args["grid"]), adapted.args
         text = (p["text_before"], p["text_after"])
         params = ", ".join(f"{k} {tuple(p[k])}" for k in method.grid_params)
@@ -268,7 +282,7 @@ def run_site(rt: SiteRuntime, a: dict, original: Callable) -> torch.Tensor:
     plan = adapted or plan
     q, v = a["query"], a["value"]
     q4, k4, v4, scale = prepare_qkv(a)
-    if a["attn_mask"] is not None:  # a text key-padding mask (plan.args["key_padding"])
+    if a["attn_mask"] is not None and plan.args.get("key_padding"):  # a text key-padding mask
         def call(qq, kk, vv, tb, ta):
             return call_method(plan.replace(args={**plan.args, "text_before": tb, "text_after": ta}),
                                qq, kk, vv, scale)

@@ -36,7 +36,7 @@ class AttentionSite:
     dropout_p: float = 0.0
     dropout_training: bool = False
     probs_escape: bool = False  # softmax output used beyond the product with V (hand-written only)
-    kind: str = "self"  # self | cross | joint
+    kind: str = "self"  # self | cross | joint | cached (queries = the newest tokens of the keys: a KV cache)
     grid: Optional[tuple] = None  # (T, H, W) latent video tokens, or None
     text_before: int = 0
     text_after: int = 0
@@ -47,6 +47,9 @@ class AttentionSite:
     node_name: str = ""
     notes: list = field(default_factory=list)
     module_resolved: bool = True  # False: the captured graph did not say which module runs it
+    causal_chunk: int = 0  # frames per chunk of a block-causal mask over the grid (0: none; passes/causal.py)
+    cached_frames: int = 0  # kind "cached": key frames before the queries' first (the KV cache)
+    structure_note: str = ""  # why a mask or a KV cache was not recognised as block-causal / whole frames
 
     @property
     def gqa(self) -> bool:

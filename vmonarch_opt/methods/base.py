@@ -16,6 +16,10 @@ calibration            ``candidates`` (configs tried at a site), ``calibration_r
 running                ``run`` (the op on ``[B, H, N, D]`` q/k/v), ``adapt_args`` (the plan at
                        another token grid), ``executed`` (FLOPs and density measured on a call,
                        for methods whose cost depends on the data)
+causal video           ``cached_unsupported`` / ``run_cached`` / ``cached_flops`` (queries = the last
+                       frames of a KV cache), ``causal_unsupported`` and ``causal_mode`` (a
+                       block-causal mask): ``methods/causal.py``; ``apply`` / ``cost`` run and
+                       count a plan of any structure
 context parallel       ``ring_unsupported`` / ``ring_run`` (the site's sequence split across ranks;
                        ``parallel/ring.py``)
 deployment             ``lower`` (an ONNX-exportable decomposition)
@@ -108,6 +112,10 @@ class Method:
     lowered_as: str = ""
     #: op arguments that ``adapt_args`` re-derives for another grid (named in its warning)
     grid_params: tuple = ()
+    #: how a block-causal plan runs chunk by chunk (``methods/causal.py``): "cached" (each chunk's
+    #: queries against its visible keys, through ``run_cached``) or "prefix" (the method on the
+    #: prefix of visible chunks, keeping the last chunk's rows)
+    causal_mode: str = "prefix"
 
     # ------------------------------------------------------------------------------ configs
     def config(self, **kw):
@@ -177,11 +185,11 @@ class Method:
 
     def calibration_run(self, q, k, v, args: dict, scale: float) -> tuple[torch.Tensor, int, Optional[float]]:
         """``(output, FLOPs, density or None)`` of one candidate on one site's q/k/v."""
-        flops = self.flops(Shape.of_qk(q, k), args)
+        flops = self.cost(Shape.of_qk(q, k), args)
         if flops is None:
             raise NotImplementedError(f"method {self.name!r}: its FLOPs depend on the data; override "
                                       f"calibration_run() to measure them")
-        return self.run(q, k, v, args, scale), int(flops), None
+        return self.apply(q, k, v, args, scale), int(flops), None
 
     def rederive(self, cfg, layout: Optional[str], site):
         """A calibrated choice (``cfg``, made with named ``layout``) for ``site`` at another shape."""
@@ -198,6 +206,59 @@ class Method:
 
     def executed(self, q, k, v, args: dict, scale: float) -> Optional[tuple[int, float]]:
         """``(FLOPs, density)`` of this call, for ``measured_flops`` methods; None otherwise."""
+        return None
+
+    # ------------------------------------------------------------------------------ causal video
+    def site_args(self, cfg, site, layer: int) -> dict:
+        """Op arguments of ``cfg`` at ``site`` with the site's block-causal / KV-cache structure:
+        what planning and calibration use (``resolve_args`` plus ``methods/causal.py``)."""
+        from . import causal
+
+        return causal.structure_args(self, self.resolve_args(cfg, site, layer), site)
+
+    def site_unsupported(self, site) -> Optional[str]:
+        """``unsupported``, and why the site's block-causal / KV-cache structure cannot run with
+        this method's default config (None when it can)."""
+        why = self.unsupported(site)
+        if why is not None or not (getattr(site, "causal_chunk", 0) or getattr(site, "cached_frames", 0)):
+            return why
+        from . import causal
+
+        try:
+            args = self.site_args(self.config(), site, 0)
+        except ValueError as e:
+            return str(e)
+        return causal.unsupported(self, args)
+
+    def apply(self, q, k, v, args: dict, scale: float) -> torch.Tensor:
+        """The plan's output: ``run``, or its block-causal / KV-cache form (``methods/causal.py``).
+        What the runtime and calibration call; methods override the hooks, not this."""
+        from . import causal
+
+        return causal.apply(self, q, k, v, args, scale)
+
+    def cost(self, shape: Shape, args: dict, density: Optional[float] = None) -> Optional[int]:
+        """Attention FLOPs of a plan of any structure (``flops`` summed over what ``apply`` runs)."""
+        from . import causal
+
+        return causal.cost(self, shape, args, density)
+
+    def cached_unsupported(self, args: dict) -> Optional[str]:
+        """Why a KV-cache plan (``args["grid"]`` the key grid, ``args["cached_frames"]`` the frames
+        before the queries) cannot run with this method, or None when ``run_cached`` takes it."""
+        return f"{self.name} has no KV-cache form"
+
+    def run_cached(self, q, k, v, args: dict, scale: float) -> torch.Tensor:
+        """The method with queries ``[B, H, N_q, D]`` = the last frames of the key grid."""
+        raise NotImplementedError(f"method {self.name!r} has no KV-cache form")
+
+    def cached_flops(self, shape: Shape, args: dict, density: Optional[float] = None) -> Optional[int]:
+        """FLOPs of one ``run_cached`` call (``shape.seq_q`` queries, ``shape.seq_k`` keys)."""
+        raise NotImplementedError(f"method {self.name!r} has no KV-cache form")
+
+    def causal_unsupported(self, args: dict) -> Optional[str]:
+        """Why a block-causal plan (``args["causal_chunk"]`` frames per chunk) cannot run with this
+        method, or None (the default: ``causal_mode`` "prefix" runs any method causally)."""
         return None
 
     # ------------------------------------------------------------------------------ context parallel

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..kernels import dispatch
 from ..ops import OP_TAGS, empty_attention_out, in_q_layout, register_autograd
-from .base import Method
+from .base import Method, Shape
 from .registry import register
 
 __all__ = ["DenseConfig", "DenseMethod", "dense_attention", "dense_attention_backward"]
@@ -83,9 +83,19 @@ class DenseMethod(Method):
     structured = False
     uses_grid = False
     lowered_as = "MatMul/Softmax/MatMul"
+    causal_mode = "cached"  # block-causal: each chunk's queries against its visible keys (exact)
 
     def run(self, q, k, v, args: dict, scale: float) -> torch.Tensor:
         return torch.ops.vmonarch.dense_attention(q, k, v, scale)
+
+    def cached_unsupported(self, args: dict):
+        return None
+
+    def run_cached(self, q, k, v, args: dict, scale: float) -> torch.Tensor:
+        return torch.ops.vmonarch.dense_attention(q, k, v, scale)  # fewer queries than keys: exact
+
+    def cached_flops(self, shape: Shape, args: dict, density=None):
+        return shape.dense_flops
 
     def lower(self, q, k, v, args: dict, scale: float, key_valid=None) -> torch.Tensor:
         from ..deploy.lowering import dense_lowered

@@ -203,6 +203,12 @@ class MonarchMethod(Method):
         block = [g_new if b == g_old else min(b, g_new) for b, g_old, g_new in zip(args["block"], old_grid, new_grid)]
         return {**args, "grid": list(new_grid), "block": block}
 
+    def cached_unsupported(self, args: dict) -> Optional[str]:
+        # block-causal masks run in the default "prefix" mode: each chunk's rows of Monarch on the
+        # chunks it sees (its R step reads the queries of every key block, all in that prefix)
+        return ("Monarch's R step needs the queries of every key block, and a KV cache keeps only keys and values: "
+                "MonarchRT (methods=(..., 'monarch_rt')), whose R step uses the new frames' own queries, runs it")
+
     def ring_unsupported(self, args: dict, sizes: tuple) -> Optional[str]:
         from ..kernels.monarch.ring import ring_unsupported
 

@@ -71,12 +71,45 @@ def _projection_inputs(node, gmods: dict, limit: int = 400) -> Optional[frozense
     return frozenset(found) if found else None
 
 
+def _extends_queries(q, k, gmods: dict, limit: int = 400) -> bool:
+    """k is the queries' own key projection joined with tensors from outside the graph (a KV cache:
+    ``cat([cache, k_new])``, or a slice of a cache buffer the new keys were written into): its data
+    path reaches the projection of q's tokens and also a graph input or attribute."""
+    qs = _projection_inputs(q, gmods)
+    if qs is None:
+        return False
+    found, outside, todo, seen = set(), False, [k], set()
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, torch.fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if len(seen) > limit:
+            return False
+        if n.op in ("placeholder", "get_attr"):
+            outside = True
+            for u in n.users:  # new keys written into a cache buffer: cache[..., s:e, :] = k_new
+                if u.op == "call_function" and u.target is operator.setitem and len(u.args) > 2:
+                    todo.append(u.args[2])
+                elif u.op == "call_method" and u.target in ("copy_", "index_copy_") and len(u.args) > 1:
+                    todo.append(u.args[-1])
+        elif n.op == "call_function" and n.target in _LINEAR_FUNCS or (
+                n.op == "call_module" and isinstance(gmods.get(n.target), torch.nn.Linear)):
+            found.add(n.args[0])
+        elif n.op == "call_function" and (n.target in _CAT or n.target is torch.stack):
+            todo.extend(n.args[0] if n.args else n.kwargs.get("tensors", ()))
+        elif n.op in ("call_function", "call_method", "call_module"):
+            todo.extend(a for a in n.args if isinstance(a, torch.fx.Node))
+    return outside and bool(found) and found <= qs
+
+
 def _attention_kind(q, k, seq_q: int, seq_k: int, gmods: dict) -> str:
-    """"self" when q and k are projections of the same tokens, else "cross". Equal lengths alone
-    do not make self-attention (audio↔video, or text as long as the video); where the projections
-    cannot be traced, equal lengths decide."""
+    """"self" when q and k are projections of the same tokens, "cached" when k holds more tokens:
+    the queries' own keys after a KV cache, else "cross". Equal lengths alone do not make
+    self-attention (audio↔video, or text as long as the video); where the projections cannot be
+    traced, equal lengths decide."""
     if seq_q != seq_k:
-        return "cross"
+        return "cached" if seq_k > seq_q and _extends_queries(q, k, gmods) else "cross"
     qs, ks = _projection_inputs(q, gmods), _projection_inputs(k, gmods)
     if qs is None or ks is None:
         return "self"

@@ -38,7 +38,9 @@ from typing import Optional
 import torch
 
 from .. import methods as registry
+from ..methods import causal
 from ..plan import SitePlan
+from .causal import cached_key_frames as causal_key_frames
 from .grid import _batch_candidates, _batch_size, conv_grid
 
 
@@ -141,8 +143,11 @@ def adapt_plan(plan: SitePlan, n_q: int, n_k: int, head_dim: int, grids: list,
     method = registry.find(plan.method)
     if head_dim != plan.head_dim or method is None:
         return None
-    if not method.uses_grid:
+    structured = causal.is_causal_plan(plan.args)
+    if not method.uses_grid and not structured and n_k <= n_q:
         return plan.replace(seq_q=n_q, seq_k=n_k)
+    if n_k > n_q or plan.args.get("cached_frames"):
+        return _adapt_cached(plan, method, n_q, n_k, grids, by_module or {}, grid_module, cache)
     if n_q != n_k or plan.seq_q != plan.seq_k or not plan.args.get("grid"):
         return None
     by_module = by_module or {}
@@ -156,9 +161,49 @@ def adapt_plan(plan: SitePlan, n_q: int, n_k: int, head_dim: int, grids: list,
         if len(match) != 1:
             return None
     grid, (tb, ta) = match[0]
+    if structured and (tb or ta):
+        return None
     cache = {} if cache is None else cache
     key = (n_q, n_k, grid, tb)
     if key not in cache:
         args = {**method.adapt_args(plan.args, tuple(plan.args["grid"]), grid), "text_before": tb, "text_after": ta}
         cache[key] = plan.replace(args=args, seq_q=n_q, seq_k=n_k)
+    return cache[key]
+
+
+def _adapt_cached(plan: SitePlan, method, n_q: int, n_k: int, grids: list, by_module: dict, grid_module: str,
+                  cache: Optional[dict]) -> Optional[SitePlan]:
+    """A KV-cache call (``n_k > n_q``): the keys are the cached frames then the new ones, whole frames
+    of the queries' grid (the plan's own KV-cache form, or a self-attention plan now given a cache:
+    the same module attending to more keys than its queries); or a KV-cache plan called without a
+    cache (``n_k = n_q``, the first chunk). None when the keys are not whole frames of one grid of
+    this forward, the plan has text tokens or a block-causal mask, or the method has no KV-cache
+    form for this shape (the model's own attention runs)."""
+    a = plan.args
+    if a.get("text_before") or a.get("text_after") or a.get("causal_chunk") or (
+            not a.get("grid") and method.uses_grid):
+        return None
+    options = [tuple(by_module[grid_module])] if grid_module in by_module else list(dict.fromkeys(map(tuple, grids)))
+    match = [g for g in options if math.prod(g) == n_q]
+    if len(match) != 1:
+        return None
+    qgrid = match[0]
+    T, H, W = qgrid
+    tk = T if n_k == n_q else causal_key_frames(n_q, n_k, qgrid)
+    if tk is None:
+        return None
+    cache = {} if cache is None else cache
+    key = ("cached", n_q, n_k, qgrid)
+    if key not in cache:
+        base = {k: v for k, v in a.items() if k not in causal.CAUSAL_KEYS}
+        old = tuple(base["grid"]) if base.get("grid") else (tk, H, W)
+        if method.uses_grid:
+            base = method.adapt_args(base, old, (tk, H, W))
+        base = {**base, "grid": [tk, H, W]}
+        if tk > T:
+            base["cached_frames"] = tk - T
+            if causal.unsupported(method, base) is not None:
+                cache[key] = None
+                return None
+        cache[key] = plan.replace(args=base, seq_q=n_q, seq_k=n_k)
     return cache[key]

@@ -29,7 +29,7 @@ from .. import methods as registry
 from .. import pipeline
 from ..errors import VMonarchError
 from ..kernels.tuning import untuned
-from ..methods import Shape
+from ..methods import Shape, causal
 from ..metrics import rel_error_with_heads
 from .allocation import choose_calibrated
 from .budget import Budget, config_to_dict, describe_config
@@ -118,6 +118,29 @@ def masked_dense(q, k, v, scale: float, mask: torch.Tensor) -> tuple[torch.Tenso
     return out, ent, max(1, round(valid.sum(-1).float().mean().item()))
 
 
+def block_causal_dense(q, k, v, scale: float, args: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Exact block-causal attention (the model's masked attention) under a plan's ``causal_chunk``,
+    its row entropy, and the mean number of keys a query sees: one dense pass per chunk over the
+    keys it sees."""
+    T, H, W = args["grid"]
+    hw = H * W
+    outs, ents, seen = [], [], 0
+    for s, e in causal.chunk_calls(T, args["causal_chunk"]):
+        o, _, ent = dense_with_stats(q[:, :, s * hw:e * hw], k[:, :, :e * hw], v[:, :, :e * hw], scale)
+        outs.append(o), ents.append(ent)
+        seen += (e - s) * hw * e * hw
+    return torch.cat(outs, 2), torch.cat(ents, 2), seen / (T * hw)
+
+
+def _block_causal_sdpa(q, k, v, scale: float, args: dict) -> list:
+    """Exact block-causal attention by SDPA, one call per chunk (the dense baseline's time)."""
+    T, H, W = args["grid"]
+    hw = H * W
+    return [torch.nn.functional.scaled_dot_product_attention(q[:, :, s * hw:e * hw], k[:, :, :e * hw],
+                                                             v[:, :, :e * hw], scale=scale)
+            for s, e in causal.chunk_calls(T, args["causal_chunk"])]
+
+
 def _run_candidate(cfg, args: dict, q, k, v, scale: float, timed: bool, mask: Optional[torch.Tensor] = None):
     """(out, flops, density, time_ms) of one candidate on one site's q/k/v."""
     if mask is not None:
@@ -130,7 +153,7 @@ def _run_candidate(cfg, args: dict, q, k, v, scale: float, timed: bool, mask: Op
 def _costlier_than_dense(cand, site, dense_flops: int) -> bool:
     """Candidates whose FLOPs, known before measuring, are not below dense: never chosen."""
     _, cfg, a = cand
-    f = registry.of(cfg).flops(Shape.of(site), a)
+    f = registry.of(cfg).cost(Shape.of(site), a)
     return f is not None and f >= dense_flops
 
 
@@ -154,12 +177,17 @@ class _SiteRecord:
         t_site = time.perf_counter()
         s = self.site
         timed = q.is_cuda and self.batches == 0
-        if mask is None:
+        chunk = self.plan.args.get("causal_chunk")
+        if chunk:  # block-causal: the mask was checked (runtime.mismatch); exact attention chunk by chunk
+            ref, ent, n_keys = block_causal_dense(q, k, v, scale, self.plan.args)
+            mask = None  # the candidates run block-causal from their plan arguments
+        elif mask is None:
             (ref, _, ent), n_keys = dense_with_stats(q, k, v, scale), k.shape[2]
         else:  # what the model computes: its masked dense attention
             ref, ent, n_keys = masked_dense(q, k, v, scale, mask)
         if timed:  # the dense baseline is what the dense op runs: torch SDPA (cuDNN / FlashAttention)
-            _, self.dense_ms = _timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale), True)
+            _, self.dense_ms = _timed(lambda: _block_causal_sdpa(q, k, v, scale, self.plan.args) if chunk
+                                      else torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale), True)
         B, H, N, D = q.shape
         self.dense_flops = 4 * B * H * N * k.shape[2] * D
         st = entropy_stats(ent, n_keys)
@@ -276,8 +304,9 @@ def calibrate_sites(model, batches: list, detected: list, plans: dict, routing, 
             cands = [("pinned", cfg, dict(p.args))] if registry.of(cfg).structured else []
         else:
             pinned = None
-            cands = [(lay, c, registry.of(c).resolve_args(c, s, layer))
+            cands = [(lay, c, registry.of(c).site_args(c, s, layer))
                      for lay, c in candidate_configs(s, budget, methods, layer)]
+            cands = [x for x in cands if causal.unsupported(registry.of(x[1]), x[2]) is None]
             cands = [x for x in cands if not _costlier_than_dense(x, s, p.flops_before)]
         rec = _SiteRecord(s, p, layer, budget, cands, pinned)
         records[s.site_id] = rec

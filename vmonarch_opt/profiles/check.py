@@ -62,10 +62,10 @@ def _entry(entry: dict, site, layer: int, what: str, check: bool = True) -> tupl
     if bad is not None:
         return cfg, None, out + [f"{what}: {bad}"]
     try:
-        args = method.resolve_args(cfg, site, layer)
+        args = method.site_args(cfg, site, layer)
     except (TypeError, ValueError) as e:
         return cfg, None, out + [f"{what}: {e}"]
-    flops = method.flops(Shape.of(site), args, entry.get("density"))
+    flops = method.cost(Shape.of(site), args, entry.get("density"))
     have = entry.get("flops")
     if flops is None:
         out.append(f"{what}: no measured density, so its FLOPs are unknown")

@@ -86,7 +86,7 @@ def allocate_by_output(model, detected: list, plans: dict, routing, batches: lis
                 cfg = config_from_dict(c["config"])
                 method = registry.of(cfg)
                 cand_plans[(sid, i)] = runtime.SiteRuntime(plans[sid].replace(
-                    method=method.name, args=method.resolve_args(cfg, sites[sid], r["layer"])))
+                    method=method.name, args=method.site_args(cfg, sites[sid], r["layer"])))
 
     assignment: dict = {}
     ran: set = set()  # sites that ran a candidate during the last evaluation
