@@ -176,3 +176,30 @@ def test_stream_example_runs(tmp_path):
     lat = load_file(str(tmp_path / "latents.safetensors"))
     assert set(lat) == {"original", "dense_op", "optimized"} and lat["original"].shape == (1, 4, 6, 8, 10)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_streaming_benchmark_smoke(tmp_path, monkeypatch):
+    """``benchmarks/streaming.py --smoke``: the dense generation and one optimized copy per method, the
+    per-chunk errors, the attention-only timing of the site's op and the targets, into JSON and $OUT."""
+    from benchmarks.streaming import main
+
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    assert main(["--smoke", "--methods", "monarch_rt,vmoba", "--json", str(tmp_path / "s.json")]) == 0
+    res = json.loads((tmp_path / "s.json").read_text())
+    assert res["meta"]["chunks"] == 2 and res["meta"]["forwards_per_chunk"] == 2
+    rows = {r["method"]: r for r in res["results"]}
+    assert set(rows) == {"dense SDPA", "monarch_rt", "vmoba"}
+    for r in rows.values():
+        assert r["total_s"] > 0 and r["latent_fps"] > 0 and len(r["chunk_s"]) == len(r["chunk_err"]) == 2
+        assert r["attention"]["op_ms"] > 0 and r["attention"]["kv"][2] == 2 * r["attention"]["q"][2]
+    assert rows["vmoba"]["plan"]["method"] == "original" and "no KV-cache form" in rows["vmoba"]["plan"]["reason"]
+    assert rows["vmoba"]["video_err"] == 0.0  # left dense: the model's own attention
+    rt = rows["monarch_rt"]
+    if rt["plan"]["method"] == "monarch_rt":
+        assert rt["plan"]["args"]["cached_frames"] == 3 and 0 < rt["video_err"] < 1
+        assert rt["attention"]["op_finite"] and 0 < rt["attention"]["op_err"] < 1
+    else:
+        assert "monarch_rt has no KV-cache form" in rt["plan"]["reason"] and rt["video_err"] == 0.0
+    assert {t["what"].split(":")[0] for t in res["targets"]} == {"monarch_rt", "vmoba"}
+    section = (tmp_path / "out" / "streaming_section.md").read_text()
+    assert section.index("Targets") > section.index("| method")
