@@ -141,7 +141,8 @@ def check_rows():
             ref = monarch_attention_reference(q, k, v, **kw)
             out16 = mk.monarch_attention_triton(q.to(DT), k.to(DT), v.to(DT), **kw)
             out32 = mk.monarch_attention_triton(q, k, v, **kw)
-            rows.append(dict(case=name, inputs=kind, **{f"err_{str(DT)[6:]}": rel(out16, ref)}, err_fp32=rel(out32, ref),
+            rows.append(dict(case=name, inputs=kind, **{f"err_{str(DT)[6:]}": rel(out16, ref)},
+                             err_fp32=rel(out32, ref),
                              finite=bool(torch.isfinite(out16).all())))
             del ref, out16, out32
     return rows
@@ -354,7 +355,10 @@ def main(argv=None) -> bool:
             raise SystemExit("bench_monarch.py needs a CUDA GPU (--smoke: the CPU interpreter run)")
         DEV, DT = "cuda", torch.bfloat16
         default_shapes, rt_default, causal_default = DEFAULT, RT_DEFAULT, "wan13b"
-    pick = lambda given, default: [x for x in (given if given is not None else ",".join(default)).split(",") if x]  # noqa: E731
+
+    def pick(given, default):
+        return [x for x in (given if given is not None else ",".join(default)).split(",") if x]
+
     shape_names = pick(args.shapes, default_shapes)
     rt_names = [] if args.no_rt else pick(args.rt_shapes, rt_default)
     causal_shape = "" if args.no_rt else (args.rt_causal_shape if args.rt_causal_shape is not None else causal_default)
@@ -423,8 +427,9 @@ def main(argv=None) -> bool:
         table = tabulate([[r[c] for c in cols] for r in results], headers=cols, tablefmt="github",
                          floatfmt=("", "", "", "", "", "", "", ".3f", ".3f", ".3f", ".2f", ".2f", ".1f", ".0f", ".3f",
                                    ".3f"))
-        ph_table = tabulate([[r["shape"], r["ours_ms"], ", ".join(f"{kk} {vv:.3f}" for kk, vv in r["phases_ms"].items()),
-                              r["r_cfg"]] for r in results],
+        ph_table = tabulate([[r["shape"], r["ours_ms"],
+                              ", ".join(f"{kk} {vv:.3f}" for kk, vv in r["phases_ms"].items()), r["r_cfg"]]
+                             for r in results],
                             headers=["shape", "ours_ms", "phases (ms, timed alone)",
                                      "R-step configs tuned here (BLOCK_M, BLOCK_N, warps, stages)"], tablefmt="github")
         md += f"{table}\n\nPer-phase split:\n\n{ph_table}\n"

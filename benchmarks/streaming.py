@@ -87,7 +87,8 @@ def build(smoke: bool):
         g = torch.Generator().manual_seed(1)
         noise = torch.randn(1, 4, 6, 8, 10, generator=g)
         text = torch.randn(1, 7, 32, generator=g)
-        return model, noise, text, "tiny causal Wan (2 layers, 2 heads × 16), 6 latent frames of 4×5 tokens, fp32, CPU"
+        return model, noise, text, ("tiny causal Wan (2 layers, 2 heads × 16), 6 latent frames of 4×5 tokens, fp32, "
+                                    "CPU")
     model = causal_wan_1_3b()
     g = torch.Generator().manual_seed(1)
     noise = torch.randn(1, 16, 21, 60, 104, generator=g).to("cuda", torch.bfloat16)
@@ -256,7 +257,8 @@ def main(argv=None) -> int:
                     for t in targets], headers=["target (issue 20)", "wanted", "measured", ""], tablefmt="github")
     reasons = "\n".join(f"- {r['method']}: `{SITE}` runs {r['plan']['method']}: {r['plan']['reason']}"
                         for r in results[1:])
-    section = (f"## Streaming generation with a KV cache ({meta['date'][:10]}, {dev_name}, torch {torch.__version__})\n\n"
+    section = (f"## Streaming generation with a KV cache ({meta['date'][:10]}, {dev_name}, "
+               f"torch {torch.__version__})\n\n"
                f"Command: `{meta['command']}`. {what}; {last + 1} chunks of {C} latent frames, {args.steps} denoising "
                f"step(s) + 1 cache forward per chunk; each method a `vmonarch_opt.optimize` copy (`budget=None`: the "
                f"method's default configuration) made from the last chunk's first call. `video s`: the whole "

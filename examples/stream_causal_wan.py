@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     budget = None if args.budget == "none" else vmonarch_opt.Budget(max_rel_error=float(args.budget))
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*keys are a KV cache.*")  # the plan follows the cache: said once below
+        # each site's plan follows the cache length (warned once per site; said once below)
+        warnings.filterwarnings("ignore", message=".*keys are a KV cache.*")
         exact = vmonarch_opt.optimize(model, calib, methods=("dense",), budget=None, min_seq_len=0)
         fast = vmonarch_opt.optimize(model, calib, methods=methods, budget=budget, min_seq_len=0)
 

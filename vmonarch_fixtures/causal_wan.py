@@ -342,7 +342,7 @@ def streaming_batch(model, noise: torch.Tensor, encoder_hidden_states: torch.Ten
 def training_batch(noise: torch.Tensor, encoder_hidden_states: torch.Tensor, timestep=500.0) -> dict:
     """The training-mode call over a whole clip (block-causal mask built by the model): ``timestep``
     a number (every frame) or a ``[B, T]`` tensor of per-frame timesteps."""
-    B, T = noise.shape[0], noise.shape[2]
+    B = noise.shape[0]
     t = timestep if isinstance(timestep, torch.Tensor) else torch.full((B,), float(timestep), dtype=noise.dtype)
     return dict(hidden_states=noise, timestep=t.to(noise.device), encoder_hidden_states=encoder_hidden_states,
                 return_dict=False)
