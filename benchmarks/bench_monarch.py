@@ -111,6 +111,10 @@ def sdpa(backend, q, k, v):
         return F.scaled_dot_product_attention(q, k, v)
 
 
+def short_dtype() -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}[DT]
+
+
 def empty_cache():
     if DEV == "cuda":
         torch.cuda.empty_cache()
@@ -141,7 +145,7 @@ def check_rows():
             ref = monarch_attention_reference(q, k, v, **kw)
             out16 = mk.monarch_attention_triton(q.to(DT), k.to(DT), v.to(DT), **kw)
             out32 = mk.monarch_attention_triton(q, k, v, **kw)
-            rows.append(dict(case=name, inputs=kind, **{f"err_{str(DT)[6:]}": rel(out16, ref)},
+            rows.append(dict(case=name, inputs=kind, **{f"err_{short_dtype()}": rel(out16, ref)},
                              err_fp32=rel(out32, ref),
                              finite=bool(torch.isfinite(out16).all())))
             del ref, out16, out32
@@ -435,7 +439,7 @@ def main(argv=None) -> bool:
         md += f"{table}\n\nPer-phase split:\n\n{ph_table}\n"
     if checks:
         ck_table = tabulate(checks, headers="keys", tablefmt="github", floatfmt=".2e")
-        md += f"\n{str(DT)[6:]} / fp32 kernel vs fp32 reference (reduced heads):\n\n{ck_table}\n"
+        md += f"\n{short_dtype()} / fp32 kernel vs fp32 reference (reduced heads):\n\n{ck_table}\n"
     if rt["rows"]:
         md += "\n" + rt_tables(rt["rows"], rt["targets"])
     publish("bench_monarch", md, payload(results, checks, dev, rt), append=not (args.no_append or SMOKE))

@@ -122,7 +122,7 @@ def calibration_batch(cache: list, noise, text, chunk: int, C: int, hw: int) -> 
     prefix = [dict(key=c["key"][:, :keep], value=c["value"][:, :keep]) for c in cache]
     B = noise.shape[0]
     return dict(hidden_states=noise[:, :, chunk * C:(chunk + 1) * C],
-                timestep=torch.full((B,), 1000.0, device=noise.device, dtype=noise.dtype),
+                timestep=torch.full((B,), 1000.0, device=noise.device),
                 encoder_hidden_states=text, kv_cache=append_kv(None, prefix), return_dict=False)
 
 

@@ -306,10 +306,10 @@ def stream_generate(model, noise: torch.Tensor, encoder_hidden_states: torch.Ten
         t0 = time.perf_counter()
         x = noise[:, :, s:e]
         for sig, nxt in zip(sigmas[:-1], sigmas[1:]):
-            t = torch.full((B,), 1000.0 * sig, device=noise.device, dtype=noise.dtype)
+            t = torch.full((B,), 1000.0 * sig, device=noise.device)  # float32: 750 is not a bfloat16
             v = model(x, t, encoder_hidden_states, kv_cache=cache, return_dict=False)[0]
             x = x + (nxt - sig) * v
-        t = torch.zeros((B,), device=noise.device, dtype=noise.dtype)
+        t = torch.zeros((B,), device=noise.device)
         kv = model(x, t, encoder_hidden_states, kv_cache=cache, return_kv=True, return_dict=False)[1]
         cache = append_kv(cache, kv)
         _sync(noise.device)
@@ -334,7 +334,7 @@ def streaming_batch(model, noise: torch.Tensor, encoder_hidden_states: torch.Ten
         raise ValueError(f"noise has {noise.shape[2]} latent frames; chunk {chunk} needs {(chunk + 1) * C}")
     _, _, cache = stream_generate(model, noise, encoder_hidden_states, steps=steps, chunks=chunk)
     B = noise.shape[0]
-    t = torch.full((B,), 1000.0 * sigma, device=noise.device, dtype=noise.dtype)
+    t = torch.full((B,), 1000.0 * sigma, device=noise.device)
     return dict(hidden_states=noise[:, :, chunk * C:(chunk + 1) * C], timestep=t,
                 encoder_hidden_states=encoder_hidden_states, kv_cache=cache, return_dict=False)
 
@@ -343,6 +343,6 @@ def training_batch(noise: torch.Tensor, encoder_hidden_states: torch.Tensor, tim
     """The training-mode call over a whole clip (block-causal mask built by the model): ``timestep``
     a number (every frame) or a ``[B, T]`` tensor of per-frame timesteps."""
     B = noise.shape[0]
-    t = timestep if isinstance(timestep, torch.Tensor) else torch.full((B,), float(timestep), dtype=noise.dtype)
+    t = timestep if isinstance(timestep, torch.Tensor) else torch.full((B,), float(timestep))
     return dict(hidden_states=noise, timestep=t.to(noise.device), encoder_hidden_states=encoder_hidden_states,
                 return_dict=False)
