@@ -199,7 +199,7 @@ def _follow_grid(rt: SiteRuntime, a: dict) -> Optional[SitePlan]:
     if q.shape[-2] == plan.seq_q and k.shape[-2] == plan.seq_k:
         grids = tracker.grids
         if (not grids or not rt.grid_inferred or not plan.args.get("grid")
-                or tuple(plan.args["grid"]) in {tuple(g) for g in grids}):
+                or _query_grid(plan.args) in {tuple(g) for g in grids}):
             return None
     adapted = adapt_plan(plan, q.shape[-2], k.shape[-2], q.shape[-1], tracker.grids, tracker.by_module,
                          grid_module=rt.grid_module, prefix_modules=rt.prefix_modules, cache=rt.adapted)
@@ -224,6 +224,12 @@ def _follow_grid(rt: SiteRuntime, a: dict) -> Optional[SitePlan]:
                    f"{plan.method} with {params} re-derived from its plan (its error was measured at the "
                    f"optimize() shape: call optimize() with a batch of this shape for a calibrated plan)")
     return adapted
+
+
+def _query_grid(args: dict) -> tuple:
+    """The video grid of the plan's queries: the grid, less the cached frames of a KV cache."""
+    T, H, W = args["grid"]
+    return (T - int(args.get("cached_frames") or 0), H, W)
 
 
 def _warn_once(rt: SiteRuntime, key: str, msg: str) -> None:

@@ -56,6 +56,8 @@ def _grid(args: dict) -> tuple:
 
 def unsupported(method, args: dict) -> Optional[str]:
     """Why ``method`` cannot run a plan with these causal arguments, or None."""
+    if not is_causal_plan(args):
+        return None
     if args.get("causal_chunk") and args.get("cached_frames"):
         return "block-causal attention over a KV cache (both at once) is not supported"
     if args.get("text_before") or args.get("text_after"):

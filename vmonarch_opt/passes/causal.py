@@ -168,8 +168,13 @@ def mark_structure(sites: list, staircases: dict) -> None:
             continue
         if not s.has_mask or s.seq_q != s.seq_k or s.form != "sdpa":
             continue
-        runs = staircases.get((s.module_path, s.ordinal))
+        key = (s.module_path, s.ordinal)
+        if key not in staircases:
+            continue
+        runs = staircases[key]
         if runs is None:
+            s.structure_note = ("some query sees keys that are not a prefix of the sequence (a window, another "
+                                "pattern, a bias, or a mask that differs across batch or heads)")
             continue
         if s.text_before or s.text_after:
             s.structure_note = "a block-causal mask over text tokens as well as the video"

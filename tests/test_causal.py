@@ -1,0 +1,276 @@
+"""Block-causal masks and KV caches: detection, planning, run-time checks and the chunked forms
+(issue 20, items 2 and 3). The methods' own forms are tested in their files; here: the shared
+machinery, with the dense method (exact) and Monarch (causal through its prefix form)."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import vmonarch_opt
+from vmonarch_opt import methods as registry
+from vmonarch_opt.methods import Shape, causal
+from vmonarch_opt.passes.causal import cached_key_frames, check_block_causal, chunk_frames, staircase
+
+from conftest import assert_kernels_ran, rel_err
+
+
+def _mask(T, hw, C, additive=False):
+    m = causal.block_causal_visible(T, hw, C)[None, None]
+    if additive:
+        return torch.zeros(m.shape).masked_fill(~m, float("-inf"))
+    return m
+
+
+# ----------------------------------------------------------------------------- reading masks
+@pytest.mark.parametrize("additive", [False, True])
+@pytest.mark.parametrize("T,C", [(6, 2), (7, 3), (5, 1)])
+def test_staircase_finds_the_chunk(T, C, additive):
+    hw = 6
+    runs = staircase(_mask(T, hw, C, additive))
+    assert runs is not None
+    assert chunk_frames(runs, (T, 2, 3), T * hw) == C
+    assert chunk_frames(runs, (T, 3, 2), T * hw) == C  # only H*W matters
+    assert chunk_frames(runs, (T * 2, 1, 3), T * hw) in (None, 2 * C)  # other frame sizes: other chunks
+
+
+def test_staircase_rejects_what_is_not_block_causal():
+    T, hw = 4, 6
+    n = T * hw
+    i = torch.arange(n)
+    window = (i[None, :] - i[:, None]).abs() <= 3
+    assert staircase(window[None, None]) is None  # a window: rows are not prefixes
+    token_causal = i[None, :] <= i[:, None]
+    runs = staircase(token_causal)
+    assert runs is not None and chunk_frames(runs, (T, 2, 3), n) is None  # prefixes, not whole frames
+    assert chunk_frames(staircase(torch.ones(1, 1, n, n, dtype=torch.bool)), (T, 2, 3), n) is None  # hides nothing
+    bias = torch.zeros(1, 1, n, n).masked_fill(~_mask(T, hw, 2), float("-inf"))
+    bias[..., 0, 0] = 0.5  # a real bias: not a 0/-inf mask
+    assert staircase(bias) is None
+    per_head = torch.cat([_mask(T, hw, 2), _mask(T, hw, 1)], dim=1)  # differs across heads
+    assert staircase(per_head) is None
+    shifted = _mask(T, hw, 2).clone()
+    shifted[..., 0, hw * 2] = True  # one more key for one row
+    assert chunk_frames(staircase(shifted), (T, 2, 3), n) is None
+
+
+def test_check_block_causal_rechecks_a_changed_mask():
+    T, hw, C = 6, 4, 2
+    m = _mask(T, hw, C)
+    assert check_block_causal(m, T, hw, C)
+    assert not check_block_causal(m, T, hw, 3)
+    m[..., 0, T * hw - 1] = True  # changed in place: the remembered verdict must not be reused
+    assert not check_block_causal(m, T, hw, C)
+    assert check_block_causal(_mask(T, hw, C, additive=True), T, hw, C)
+
+
+def test_cached_key_frames():
+    assert cached_key_frames(3 * 20, 9 * 20, (3, 4, 5)) == 9
+    assert cached_key_frames(3 * 20, 9 * 20 + 7, (3, 4, 5)) is None  # not whole frames
+    assert cached_key_frames(3 * 20, 3 * 20, (3, 4, 5)) is None  # no cache
+    assert cached_key_frames(3 * 20, 9 * 20, None) is None
+
+
+# ----------------------------------------------------------------------------- chunked forms
+def _qkv(B=2, H=2, N=60, D=16, Nk=None):
+    Nk = Nk or N
+    return torch.randn(B, H, N, D), torch.randn(B, H, Nk, D), torch.randn(B, H, Nk, D)
+
+
+def test_dense_block_causal_and_cached_are_exact():
+    T, Hg, Wg, C = 5, 3, 4, 2
+    hw = Hg * Wg
+    q, k, v = _qkv(N=T * hw)
+    dense = registry.get("dense")
+    args = {"grid": [T, Hg, Wg], "causal_chunk": C, "text_before": 0, "text_after": 0}
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=_mask(T, hw, C))
+    assert rel_err(dense.apply(q, k, v, args, 0.25 ** 1), F.scaled_dot_product_attention(
+        q, k, v, attn_mask=_mask(T, hw, C), scale=0.25)) < 1e-6
+    assert rel_err(dense.apply(q, k, v, args, 16 ** -0.5), want) < 1e-6
+    # FLOPs: the visible pairs only
+    pairs = int(_mask(T, hw, C).sum())
+    assert dense.cost(Shape(2, 2, T * hw, T * hw, 16), args) == 4 * 2 * 2 * pairs * 16
+    # KV cache: the last 2 frames against all 5
+    qn = q[:, :, 3 * hw:]
+    kv_args = {"grid": [T, Hg, Wg], "cached_frames": 3}
+    assert rel_err(dense.apply(qn, k, v, kv_args, 0.3), F.scaled_dot_product_attention(qn, k, v, scale=0.3)) < 1e-6
+
+
+def test_monarch_prefix_form_is_causal():
+    """Monarch runs a block-causal plan on each chunk's visible prefix: a query's output depends on
+    no token of a later chunk (queries, keys or values)."""
+    T, Hg, Wg, C = 6, 2, 4, 2
+    hw = Hg * Wg
+    q, k, v = _qkv(B=1, N=T * hw)
+    monarch = registry.get("monarch")
+    args = {"grid": [T, Hg, Wg], "block": [1, Hg, Wg], "text_before": 0, "text_after": 0, "steps": 1,
+            "recompute": False, "causal_chunk": C}
+    out = monarch.apply(q, k, v, args, 0.25)
+    assert torch.isfinite(out).all()
+    later = slice(4 * hw, None)  # the last chunk
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    for t in (q2, k2, v2):
+        t[:, :, later] = torch.randn_like(t[:, :, later])
+    out2 = monarch.apply(q2, k2, v2, args, 0.25)
+    torch.testing.assert_close(out2[:, :, :4 * hw], out[:, :, :4 * hw], rtol=0, atol=0)
+    assert not torch.allclose(out2[:, :, later], out[:, :, later])
+    # the unrestricted plan reads the later chunk everywhere
+    full = {k_: v_ for k_, v_ in args.items() if k_ != "causal_chunk"}
+    assert not torch.allclose(monarch.apply(q2, k2, v2, full, 0.25)[:, :, :hw], monarch.apply(q, k, v, full, 0.25)[:, :, :hw])
+    assert monarch.cost(Shape(1, 2, T * hw, T * hw, 16), args) > monarch.cost(Shape(1, 2, T * hw, T * hw, 16), full)
+
+
+def test_causal_unsupported_reasons():
+    dense, monarch = registry.get("dense"), registry.get("monarch")
+    kv = {"grid": [6, 2, 4], "cached_frames": 3, "text_before": 0, "text_after": 0}
+    assert causal.unsupported(dense, kv) is None
+    assert "KV cache" in causal.unsupported(monarch, {**kv, "block": [1, 2, 4], "steps": 1, "recompute": False})
+    assert "text tokens" in causal.unsupported(dense, {**kv, "text_before": 3})
+    assert "both" in causal.unsupported(dense, {**kv, "causal_chunk": 2})
+
+
+# ----------------------------------------------------------------------------- a real block-causal model
+def test_skyreels_v2_block_causal_dense_exact_and_causal():
+    from vmonarch_fixtures.models import skyreels_v2
+
+    model, batch = skyreels_v2(frames=6, causal_block_size=2)
+    with torch.no_grad():
+        ref = model(**batch)[0]
+    opt = vmonarch_opt.optimize(model, batch, methods=("dense",), budget=None, min_seq_len=0)
+    rows = {r["site"]["site_id"]: r for r in opt.report.rows}
+    attn1 = [r for sid, r in rows.items() if sid.endswith("attn1")]
+    assert attn1 and all(r["plan"]["args"].get("causal_chunk") == 2 for r in attn1)
+    assert all("block-causal mask: chunks of 2 frames" in r["plan"]["reason"] for r in attn1)
+    with torch.no_grad():
+        out = opt(**batch)[0]
+    assert rel_err(out, ref) < 1e-5
+    assert_kernels_ran(opt)
+
+
+@pytest.mark.parametrize("method", ["monarch", "monarch_rt"])
+def test_skyreels_v2_structured_methods_stay_causal(method):
+    """The optimized model is as causal as the model: changing the last chunk's input frames leaves
+    the earlier frames' output unchanged."""
+    from vmonarch_fixtures.models import skyreels_v2
+
+    model, batch = skyreels_v2(frames=6, causal_block_size=2)
+    opt = vmonarch_opt.optimize(model, batch, methods=(method,), budget=None, min_seq_len=0)
+    assert any(r["plan"]["method"] == method and r["plan"]["args"].get("causal_chunk") == 2 for r in opt.report.rows)
+    b2 = dict(batch)
+    b2["hidden_states"] = batch["hidden_states"].clone()
+    b2["hidden_states"][:, :, 4:] = torch.randn_like(b2["hidden_states"][:, :, 4:])
+    with torch.no_grad():
+        out, out2, ref = opt(**batch)[0], opt(**b2)[0], model(**batch)[0]
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out2[:, :, :4], out[:, :, :4], rtol=1e-5, atol=1e-6)
+    assert rel_err(out, ref) < 0.5
+    assert_kernels_ran(opt)
+
+
+def test_skyreels_v2_mask_checked_on_every_call():
+    """A site planned block-causal runs the model's own attention, with the reason, when the mask
+    it gets is another one (here: the model's autoregressive mode switched off: no mask)."""
+    from vmonarch_fixtures.models import skyreels_v2
+
+    model, batch = skyreels_v2(frames=6, causal_block_size=2)
+    opt = vmonarch_opt.optimize(model, batch, methods=("dense",), budget=None, min_seq_len=0)
+    opt.register_to_config(num_frame_per_block=1)  # bidirectional now: no mask passed
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = opt(**batch)[0]
+        ref = model.__class__.forward  # noqa: F841
+    assert any("bidirectional" in str(w.message) for w in caught)
+    stats = vmonarch_opt.stats(opt)
+    assert all(c["fell_back"] for sid, c in stats.items() if sid.endswith("attn1"))
+    model.register_to_config(num_frame_per_block=1)
+    with torch.no_grad():
+        assert rel_err(out, model(**batch)[0]) < 1e-6
+
+
+def test_window_mask_stays_original_with_reason():
+    class Windowed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = nn.Conv3d(4, 32, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+            self.qkv = nn.Linear(32, 96)
+
+        def forward(self, x):
+            h = self.patch(x).flatten(2).transpose(1, 2)
+            q, k, v = (t.unflatten(-1, (2, 16)).transpose(1, 2) for t in self.qkv(h).chunk(3, -1))
+            n = q.shape[2]
+            i = torch.arange(n)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=(i[None] - i[:, None]).abs() <= 5)
+
+    m = Windowed().eval()
+    x = torch.randn(1, 4, 4, 4, 6)
+    opt = vmonarch_opt.optimize(m, (x,), budget=None, min_seq_len=0)
+    (row,) = opt.report.rows
+    assert row["plan"]["method"] == "original" and "not block-causal" in row["plan"]["reason"], row["plan"]
+
+
+# ----------------------------------------------------------------------------- KV caches
+class CachedAttention(nn.Module):
+    """Patch embedding, then one self-attention over [cache ‖ new] keys/values (a streaming step)."""
+
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.patch = nn.Conv3d(4, dim, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, cache_k=None, cache_v=None):
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.qkv(h).chunk(3, -1))
+        if cache_k is not None:
+            k, v = torch.cat([cache_k, k], 2), torch.cat([cache_v, v], 2)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(o.transpose(1, 2).flatten(2))
+
+
+def _kv_inputs(new=2, cached=4, H=3, W=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, new, 2 * H, 2 * W, generator=g)
+    ck = torch.randn(1, 2, cached * H * W, 16, generator=g) if cached else None
+    cv = torch.randn(1, 2, cached * H * W, 16, generator=g) if cached else None
+    return (x, ck, cv)
+
+
+def test_kv_cache_site_found_planned_and_followed():
+    model = CachedAttention().eval()
+    batch = _kv_inputs(new=2, cached=4)
+    opt = vmonarch_opt.optimize(model, batch, methods=("dense",), budget=None, min_seq_len=0)
+    (row,) = opt.report.rows
+    assert row["site"]["kind"] == "cached" and row["site"]["cached_frames"] == 4, row["site"]
+    assert row["plan"]["args"]["cached_frames"] == 4 and row["plan"]["args"]["grid"] == [6, 3, 4]
+    assert "KV cache: 4 cached frames" in row["plan"]["reason"]
+    with torch.no_grad():
+        assert rel_err(opt(*batch), model(*batch)) < 1e-6
+        # the cache grows (and is empty for the first chunk): the plan follows each length
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for cached in (0, 6, 8):
+                b = _kv_inputs(new=2, cached=cached, seed=cached + 1)
+                assert rel_err(opt(*b), model(*b)) < 1e-6
+        assert any("KV cache" in str(w.message) for w in caught)
+    assert_kernels_ran(opt)
+    assert vmonarch_opt.stats(opt)[row["site"]["site_id"]]["ran"] == 4
+
+
+def test_kv_cache_not_whole_frames_stays_original():
+    model = CachedAttention().eval()
+    x, ck, cv = _kv_inputs(new=2, cached=4)
+    ck, cv = ck[:, :, :-5], cv[:, :, :-5]  # 5 keys short of whole frames
+    opt = vmonarch_opt.optimize(model, (x, ck, cv), methods=("dense",), budget=None, min_seq_len=0)
+    (row,) = opt.report.rows
+    assert row["site"]["kind"] == "cached" and row["plan"]["method"] == "original"
+    assert "not whole frames" in row["plan"]["reason"]
+
+
+def test_kv_cache_monarch_explains_and_calibration_picks_another():
+    model = CachedAttention().eval()
+    batch = _kv_inputs(new=2, cached=4)
+    opt = vmonarch_opt.optimize(model, batch, methods=("monarch",), budget=None, min_seq_len=0)
+    (row,) = opt.report.rows
+    assert row["plan"]["method"] == "original" and "KV cache keeps only keys" in row["plan"]["reason"]
