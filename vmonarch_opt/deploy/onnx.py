@@ -30,6 +30,7 @@ import torch
 from ..errors import VMonarchError
 from ..passes.keypad import is_key_padding_shape
 from .. import methods as registry
+from ..methods import causal
 from ..metrics import rel_error
 from ..runtime import lowering, prepare_qkv, runtime_mismatch
 
@@ -119,6 +120,9 @@ class _Lowerer:
         return original()
 
     def __call__(self, plan, a: dict, original):
+        if causal.is_causal_plan(plan.args):
+            return self._unsupported(plan, "block-causal and KV-cache plans have no ONNX lowering (they run chunk by "
+                                           "chunk in PyTorch)", original)
         why = runtime_mismatch(plan, a)
         if why is not None:
             return self._unsupported(plan, why, original)
