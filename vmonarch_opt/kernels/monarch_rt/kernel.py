@@ -420,7 +420,7 @@ def monarch_rt_r_pass_triton(q, k, v, *, grid, tiling, text_before=0, text_after
     A, Aq, b1, b2 = lay.n_tiles, lay.n_query_tiles, lay.b1, lay.b2
     sc = _Scratch(q, lay, Aq, lse=False)
     launch_r(pick_r_config(q, k, v, lay, sc, s), q, k, v, lay, sc, lay.n_cached_tiles, Aq, s)
-    bh, D = q.shape[0] * q.shape[1], q.shape[-1]
+    bh = q.shape[0] * q.shape[1]
 
     def tiles(x):  # [bh, Aq, b2(j), (g, k), ...] -> [bh, Aq, g, k, j, ...]
         x = x.reshape(bh, Aq, b2, A, b1, *x.shape[4:])
