@@ -339,6 +339,15 @@ def test_method_kv_cache_hooks():
     assert "text_before=text_after=0" in m.cached_unsupported(_args((6, 4, 5), (1, 1, 1), 3, tb=2))
     assert "exactly dense" in m.cached_unsupported(_args((6, 1, 5), (1, 1, 1), 5))    # one new frame of one row
     assert "no query frame" in m.cached_unsupported(_args((6, 4, 5), (1, 1, 1), 6))
+    # block-causal plans: every chunk's cached form must run (the last chunk may be shorter)
+    causal = dict(_args((7, 4, 5), (1, 1, 1), 0), causal_chunk=3)
+    assert m.causal_unsupported(causal) is None
+    assert "f_tied=2 does not divide T=7" in m.causal_unsupported(
+        {**causal, "grid": [7, 4, 5], "tiling": [2, 1, 1], "causal_chunk": 2})
+    assert m.causal_unsupported({**causal, "grid": [8, 4, 5], "tiling": [2, 1, 1], "causal_chunk": 2}) is None
+    assert "f_tied=2 must divide the chunk" in m.causal_unsupported({**causal, "grid": [6, 4, 5], "tiling": [2, 1, 1]})
+    assert "chunk 1 (frames 3..3 of 4, chunk 3): query grid 1×1×5" in m.causal_unsupported(
+        {**causal, "grid": [4, 1, 5]})       # the last chunk: one frame of one row, exactly dense
     grid, cached = (3, 3, 4), 1
     q, k, v, _ = _qkv(2, 2, grid, cached, 16)
     args = _args(grid, (1, 1, 2), cached, steps=2)
@@ -354,6 +363,33 @@ def test_lowering_matches_the_op(grid, tiling, cached, steps):
     want = torch.ops.vmonarch.monarch_rt_attention(q, k, v, list(grid), list(tiling), 0, 0, steps, 0.3, cached)
     got = monarch_rt_lowered(q, k, v, grid=grid, tiling=tiling, steps=steps, scale=0.3, cached_frames=cached)
     assert got.shape == q.shape and rel_err(got, want) < 1e-5
+
+
+def test_cached_lowering_exports_to_standard_onnx_ops(tmp_path):
+    """The cached lowering (two steps) through torch.onnx.export; onnxruntime computes the op."""
+    import warnings
+
+    import onnx
+    import onnxruntime as ort
+
+    grid, tiling, cached = (4, 2, 3), (2, 1, 1), 2
+    q, k, v, _ = _qkv(1, 2, grid, cached, 8)
+
+    class Lowered(torch.nn.Module):
+        def forward(self, q, k, v):
+            return monarch_rt_lowered(q, k, v, grid=grid, tiling=tiling, steps=2, scale=0.3, cached_frames=cached)
+
+    path = str(tmp_path / "rt_cached.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Lowered(), (q, k, v), dynamo=True, verbose=False).save(path)
+    m = onnx.load(path)
+    onnx.checker.check_model(m, full_check=True)
+    assert all(n.domain in ("", "ai.onnx") for n in m.graph.node)
+    sess = ort.InferenceSession(path)
+    (got,) = sess.run(None, {i.name: x.numpy() for i, x in zip(sess.get_inputs(), (q, k, v))})
+    want = torch.ops.vmonarch.monarch_rt_attention(q, k, v, list(grid), list(tiling), 0, 0, 2, 0.3, cached)
+    assert got.shape == tuple(q.shape) and rel_err(torch.from_numpy(got), want) < 1e-5
 
 
 # ------------------------------------------------------------------------------ block-causal by chunks

@@ -198,6 +198,25 @@ class MonarchRTMethod(Method):
                     f"higher cost")
         return None
 
+    def causal_unsupported(self, args: dict) -> Optional[str]:
+        """A block-causal plan (``causal_chunk = C`` on ``grid``) runs chunk c as ``run_cached`` on
+        key grid (end_c, H, W) with ``cached_frames = c * C``: the first chunk whose KV-cache form
+        cannot run is the reason (f_tied must divide C and T; no text)."""
+        T, H, W = (int(x) for x in args["grid"])
+        C = int(args.get("causal_chunk", 0) or 0)
+        if C < 1:
+            return None
+        f = int(args["tiling"][0])
+        if C % f:
+            return (f"block-causal chunks of {C} frames: f_tied={f} must divide the chunk (a query tile lies in "
+                    f"one chunk); use f_tied in {[d for d in range(1, C + 1) if C % d == 0][:8]}")
+        for c, t0 in enumerate(range(0, T, C)):
+            end = min(T, t0 + C)
+            why = self.cached_unsupported({**args, "grid": [end, H, W], "cached_frames": t0})
+            if why is not None:
+                return f"block-causal chunk {c} (frames {t0}..{end - 1} of {T}, chunk {C}): {why}"
+        return None
+
     def run_cached(self, q, k, v, args: dict, scale: float) -> torch.Tensor:
         """q ``[B, H, N_q, D]`` (the key grid's last ``T - cached_frames`` frames) against k/v
         ``[B, H, N_k, D]`` (every frame of ``args["grid"]``)."""
