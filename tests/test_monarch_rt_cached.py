@@ -413,11 +413,21 @@ def test_block_causal_chunks_through_the_cached_form(grid, tiling, chunk):
     for t0 in range(0, T - chunk, chunk):      # causal: no weight on a later chunk's keys
         assert P[t0 * hw:(t0 + chunk) * hw, (t0 + chunk) * hw:].abs().max() == 0
     assert rel_err(want, monarch_rt_reference(q, k, v, grid=grid, tiling=tiling)[0, 0]) > 1e-3   # not the full one
+    counted = 0
     for c, t0 in enumerate(range(0, T, chunk)):
         end = min(T, t0 + chunk)
         rows = slice(t0 * hw, end * hw)
         kw = dict(grid=(end, H, W), tiling=tiling, cached_frames=c * chunk)
         qc, kc, vc = q[:, :, rows], k[:, :, :end * hw], v[:, :, :end * hw]
-        assert rel_err(monarch_rt_reference(qc, kc, vc, **kw)[0, 0], want[rows]) < 1e-12
+        with FlopCounterMode(display=False) as fc:
+            assert rel_err(monarch_rt_reference(qc, kc, vc, **kw)[0, 0], want[rows]) < 1e-12
+        counted += fc.get_total_flops()
         got = monarch_rt_triton(qc.float(), kc.float(), vc.float(), **kw)
         assert rel_err(got[0, 0], want[rows]) < 2e-5
+    # the method's block-causal plan (Method.apply / cost, "cached" mode) computes and counts the same
+    m = registry.get("monarch_rt")
+    args = dict(_args(grid, tiling, 0), causal_chunk=chunk)
+    del args["cached_frames"]
+    assert m.causal_unsupported(args) is None
+    assert rel_err(m.apply(q, k, v, args, s)[0, 0], want) < 1e-12
+    assert m.cost(Shape(1, 1, T * hw, T * hw, 16), args) == counted
