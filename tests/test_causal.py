@@ -229,6 +229,15 @@ class CachedAttention(nn.Module):
         return self.proj(o.transpose(1, 2).flatten(2))
 
 
+class Wrapped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = CachedAttention()
+
+    def forward(self, x, cache_k=None, cache_v=None):
+        return self.attn(x, cache_k, cache_v)
+
+
 def _kv_inputs(new=2, cached=4, H=3, W=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 4, new, 2 * H, 2 * W, generator=g)
@@ -274,3 +283,42 @@ def test_kv_cache_monarch_explains_and_calibration_picks_another():
     opt = vmonarch_opt.optimize(model, batch, methods=("monarch",), budget=None, min_seq_len=0)
     (row,) = opt.report.rows
     assert row["plan"]["method"] == "original" and "KV cache keeps only keys" in row["plan"]["reason"]
+
+
+# ----------------------------------------------------------------------------- ONNX
+@pytest.mark.parametrize("method", ["dense", "monarch", "monarch_rt"])
+def test_block_causal_onnx_lowering_matches(method, tmp_path):
+    """Block-causal plans export as one decomposition per chunk; onnxruntime gives the optimized
+    model's output."""
+    pytest.importorskip("onnxruntime")
+    from vmonarch_fixtures.models import skyreels_v2
+
+    model, batch = skyreels_v2(frames=4, height=2, width=3, layers=1, causal_block_size=2)
+    opt = vmonarch_opt.optimize(model, batch, methods=(method,), budget=None, min_seq_len=0)
+    from vmonarch_opt.deploy import export_onnx
+
+    res = export_onnx(opt, batch, str(tmp_path / "m.onnx"))
+    lowered = {s["site"]: s["lowered"] for s in res.sites}
+    attn1 = [sid for sid in lowered if sid.endswith("attn1")]
+    assert attn1 and all("block-causal" in lowered[sid] for sid in attn1), lowered
+    assert res.max_rel_error is not None and res.max_rel_error < 1e-4, res
+
+
+def test_kv_cache_monarch_rt_follows_the_cache_and_exports(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from vmonarch_opt.deploy import export_onnx
+
+    model = Wrapped().eval()
+    batch = _kv_inputs(new=2, cached=4)
+    opt = vmonarch_opt.optimize(model, batch, methods=("monarch_rt",), budget=None, min_seq_len=0)
+    (row,) = opt.report.rows
+    assert row["plan"]["method"] == "monarch_rt" and row["plan"]["args"]["cached_frames"] == 4, row["plan"]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for cached in (4, 0, 6, 9):
+            b = _kv_inputs(new=2, cached=cached, seed=cached + 1)
+            out, ref = opt(*b), model(*b)
+            assert torch.isfinite(out).all() and rel_err(out, ref) < 0.5
+    assert_kernels_ran(opt)
+    res = export_onnx(opt, batch, str(tmp_path / "kv.onnx"))
+    assert "KV cache" in res.sites[0]["lowered"] and res.max_rel_error < 1e-4, res

@@ -134,6 +134,7 @@ class MonarchRTMethod(Method):
     default_rank = 1
     opt_in = True
     lowered_as = "tile reshape/transpose + broadcast MatMul/Softmax (per-tile R step, L step over key rows)"
+    lowers_cached = True
     grid_params = ("tiling",)
 
     def describe(self, cfg) -> str:
