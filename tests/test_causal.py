@@ -322,3 +322,17 @@ def test_kv_cache_monarch_rt_follows_the_cache_and_exports(tmp_path):
     assert_kernels_ran(opt)
     res = export_onnx(opt, batch, str(tmp_path / "kv.onnx"))
     assert "KV cache" in res.sites[0]["lowered"] and res.max_rel_error < 1e-4, res
+
+
+def test_anyflow_far_flex_attention_is_named_not_skipped():
+    """AnyFlow-FAR's causal self-attention is flex_attention with a BlockMask over full and
+    FAR-compressed tokens (two token grids): not rewritten, and the report says so by module."""
+    from vmonarch_fixtures.models import anyflow_far
+
+    model, batch = anyflow_far()
+    with pytest.warns(RuntimeWarning, match="flex_attention ran in blocks.0.attn1"):
+        opt = vmonarch_opt.optimize(model, batch, budget=None, min_seq_len=0)
+    assert "not optimized: flex_attention ran in blocks.0.attn1" in str(opt.report)
+    assert all(r["plan"]["method"] == "original" for r in opt.report.rows)
+    with torch.no_grad():
+        assert torch.equal(opt(**batch)[0], model(**batch)[0])
