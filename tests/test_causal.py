@@ -402,3 +402,21 @@ def test_block_causal_training_gradients():
                 torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
         assert ours["blocks.0.attn1.to_q.weight"].grad.abs().sum() > 0
         assert_kernels_ran(opt)
+
+
+def test_block_causal_profile_round_trip(tmp_path):
+    """A calibrated block-causal site saves its structure with the profile and reuses it."""
+    from vmonarch_fixtures.models import skyreels_v2
+    from vmonarch_opt.profiles.budget import Budget
+
+    model, batch = skyreels_v2(frames=4, height=2, width=3, layers=1, causal_block_size=2)
+    opt = vmonarch_opt.optimize(model, batch, methods=("monarch_rt", "dense"), budget=Budget(max_rel_error=0.9),
+                                min_seq_len=0)
+    path = tmp_path / "p.json"
+    opt.vmonarch.profile.save(str(path))
+    again = vmonarch_opt.optimize(model, batch, profile=vmonarch_opt.load_profile(str(path)))
+    for a, b in zip(opt.report.rows, again.report.rows):
+        assert a["plan"]["method"] == b["plan"]["method"] and a["plan"]["args"] == b["plan"]["args"]
+    row = next(r for r in again.report.rows if r["site"]["site_id"] == "blocks.0.attn1")
+    assert row["plan"]["args"]["causal_chunk"] == 2 and "block-causal" in row["plan"]["reason"]
+    assert row["plan"]["reason"].startswith("calibrated")
