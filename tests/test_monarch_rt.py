@@ -290,7 +290,7 @@ def test_op_autograd_runs_the_backward_kernels_where_they_cover(monkeypatch, ste
     grid, tb = (2, 2, 3), 1
     q, do = _qkv(1, 2, _n(grid, tb), 32, count=2)
     k1, v1 = _qkv(1, 1, _n(grid, tb), 32, seed=1, count=2)
-    args = [list(grid), [1, 1, 1], tb, 0, steps, 0.2]
+    args = [list(grid), [1, 1, 1], tb, 0, steps, 0.2, 0]
 
     def run(q, k1, v1):
         return torch.ops.vmonarch.monarch_rt_attention(q, k1.repeat_interleave(2, 1), v1.repeat_interleave(2, 1),
@@ -311,7 +311,7 @@ def test_opcheck_forward_and_backward_ops(monkeypatch):
     """Schema, fake implementation and autograd registration of the op (reference path), and the
     backward op's schema and fake implementation against the kernels' real outputs."""
     q, k, v = (t.requires_grad_(True) for t in _qkv(1, 2, _n((2, 2, 3), 1), 16))
-    args = [[2, 2, 3], [1, 1, 1], 1, 0, 1, 0.25]
+    args = [[2, 2, 3], [1, 1, 1], 1, 0, 1, 0.25, 0]
     torch.library.opcheck(torch.ops.vmonarch.monarch_rt_attention.default, (q, k, v, *args))
     monkeypatch.setenv("VMONARCH_INTERPRET_KERNELS", "1")
     q, k, v, do = (t.detach() for t in _qkv(1, 1, _n((2, 2, 3), 1), 16, count=4))
@@ -421,7 +421,7 @@ def test_optimize_wan_calibrates_and_reports_monarch_rt_and_its_profile_round_tr
 ])
 def test_lowering_matches_the_op(grid, tiling, tb, ta, steps):
     q, k, v = _qkv(2, 3, _n(grid, tb, ta), 16, scale=2.0)
-    args = [list(grid), list(tiling), tb, ta, steps, 0.3]
+    args = [list(grid), list(tiling), tb, ta, steps, 0.3, 0]
     want = torch.ops.vmonarch.monarch_rt_attention(q, k, v, *args)
     got = monarch_rt_lowered(q, k, v, grid=grid, tiling=tiling, text_before=tb, text_after=ta, steps=steps, scale=0.3)
     assert rel_err(got, want) < 1e-5
@@ -467,5 +467,5 @@ def test_lowering_exports_to_standard_onnx_ops(tmp_path):
     assert {"MatMul", "Exp", "Log", "Transpose"} <= {n.op_type for n in m.graph.node}
     sess = ort.InferenceSession(path)
     (got,) = sess.run(None, {i.name: x.numpy() for i, x in zip(sess.get_inputs(), (q, k, v))})
-    want = torch.ops.vmonarch.monarch_rt_attention(q, k, v, list(grid), list(tiling), tb, ta, 2, 0.3)
+    want = torch.ops.vmonarch.monarch_rt_attention(q, k, v, list(grid), list(tiling), tb, ta, 2, 0.3, 0)
     assert rel_err(torch.from_numpy(got), want) < 1e-5

@@ -258,6 +258,27 @@ def skyreels_v2(frames: int = 6, height: int = 4, width: int = 5, layers: int = 
     return m, _to(b, device, dtype)
 
 
+def anyflow_far(chunk_partition=(1, 2, 2), height: int = 4, width: int = 4, layers: int = 1, heads: int = 2,
+                head_dim: int = 16, text: int = 7, seed: int = 0, dtype=torch.float32, device="cpu"):
+    """AnyFlowFARTransformer3DModel (frame-autoregressive, causal training rollout): its self-attention
+    runs flex_attention with a BlockMask over full and FAR-compressed tokens. Latent frames =
+    ``sum(chunk_partition)``."""
+    _need_diffusers()
+    from diffusers import AnyFlowFARTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = AnyFlowFARTransformer3DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
+                                     out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=layers,
+                                     rope_max_seq_len=64, chunk_partition=tuple(chunk_partition)).to(device, dtype).eval()
+    f = sum(chunk_partition)
+    g = torch.Generator().manual_seed(seed + 1)
+    b = dict(hidden_states=torch.randn(1, f, 4, 2 * height, 2 * width, generator=g),
+             timestep=torch.full((1, f), 500.0), r_timestep=torch.full((1, f), 200.0),
+             encoder_hidden_states=torch.randn(1, text, 32, generator=g), chunk_partition=list(chunk_partition),
+             return_dict=False)
+    return m, _to(b, device, dtype)
+
+
 def wan_1_3b(frames: int = 21, height: int = 30, width: int = 52, dtype=torch.bfloat16, device="cuda", seed: int = 0):
     """Wan2.1-T2V-1.3B architecture at full size with random weights; 480p/81f = 21×30×52 tokens."""
     _need_diffusers()

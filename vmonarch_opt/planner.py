@@ -56,6 +56,17 @@ def unsupported_reason(site: AttentionSite, min_seq_len: int, forced: bool) -> O
     return None
 
 
+def structure_note(args: dict) -> str:
+    """What the plan's reason says of a block-causal or KV-cache structure ("" without one)."""
+    if args.get("causal_chunk"):
+        return (f"; block-causal mask: chunks of {args['causal_chunk']} frames, each attending to itself and the "
+                f"earlier ones")
+    if args.get("cached_frames"):
+        return (f"; KV cache: {args['cached_frames']} cached frames before the "
+                f"{args['grid'][0] - args['cached_frames']} new ones")
+    return ""
+
+
 def key_padding_ok(site: AttentionSite) -> bool:
     """A mask shaped like a padding mask over the text tokens of joint attention (what it holds is
     checked on every call: ``passes/keypad.py``)."""
@@ -177,12 +188,7 @@ def plan_sites(sites: list[AttentionSite], *, methods=None, overrides: Optional[
             # model's masked SDPA cannot use FlashAttention and runs cuDNN at a third of its speed
             args = {"text_before": s.text_before, "text_after": s.text_after, **args, "key_padding": True}
             reason += "; text padding mask: padded text tokens dropped at run time"
-        if args.get("causal_chunk"):
-            reason += (f"; block-causal mask: chunks of {args['causal_chunk']} frames, each attending to itself and "
-                       f"the earlier ones")
-        elif args.get("cached_frames"):
-            reason += f"; KV cache: {args['cached_frames']} cached frames before the {s.grid[0]} new ones"
-        reason += method.plan_note(s, args)
+        reason += structure_note(args) + method.plan_note(s, args)
         plan = base.replace(method=method.name, args=args, source=source, reason=reason)
         f = method_flops(s, plan)
         plans[s.site_id] = plan.replace(flops_after=f)

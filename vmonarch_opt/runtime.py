@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from . import methods as registry
-from .passes.causal import check_block_causal
+from .passes.causal import block_causal_ok, check_block_causal
 from .passes.keypad import run_key_padded
 from .passes.regrid import adapt_plan, exporting
 from .plan import SitePlan
@@ -109,6 +109,16 @@ class SiteRuntime:
         if t is not None and t.device == like.device:
             t[_SLOT[outcome]] += 1
 
+    def record_split(self, ok: torch.Tensor, like: torch.Tensor, kind: str) -> None:
+        """In compiled code: count RAN where the 0-d bool ``ok`` holds, ``kind`` where it does not
+        (the outcome is a tensor, decided in the graph)."""
+        if not torch.compiler.is_compiling() or exporting():
+            return
+        t = self.tally
+        if t is not None and t.device == like.device:
+            t[_SLOT[RAN]] += ok.to(t.dtype)
+            t[_SLOT[kind]] += (~ok).to(t.dtype)
+
     def fall_back(self, kind: str, like, message: str) -> None:
         """This site's call runs the model's own attention for ``message``: warn once, count it."""
         _warn_once(self, message, f"vmonarch_opt: site {self.site_id} ran the model's own attention: {message}")
@@ -151,9 +161,10 @@ def call_method(plan: SitePlan, q, k, v, scale: float) -> torch.Tensor:
     return registry.get(plan.method).apply(q, k, v, plan.args, scale)
 
 
-def mismatch(plan: SitePlan, a: dict) -> Optional[tuple[str, str]]:
+def mismatch(plan: SitePlan, a: dict, read_mask: bool = True) -> Optional[tuple[str, str]]:
     """``(kind, message)`` of why this call cannot take the calibrated path (None if it can);
-    ``kind`` is a key of FALLBACKS."""
+    ``kind`` is a key of FALLBACKS. ``read_mask=False``: a block-causal plan's mask values are not
+    read (compiled code decides in the graph: ``run_site``)."""
     q, k, v = a["query"], a["key"], a["value"]
     if a["attn_mask"] is not None and not plan.args.get("key_padding") and not plan.args.get("causal_chunk"):
         return "mask", "an attention mask was passed"
@@ -173,7 +184,7 @@ def mismatch(plan: SitePlan, a: dict) -> Optional[tuple[str, str]]:
         return "value_dim", "value head_dim differs"
     if not torch.is_floating_point(q) or q.dtype == torch.float64:
         return "dtype", f"dtype {q.dtype}"
-    if plan.args.get("causal_chunk"):
+    if plan.args.get("causal_chunk") and read_mask:
         T, H, W = plan.args["grid"]
         if not check_block_causal(a["attn_mask"], T, H * W, plan.args["causal_chunk"]):
             return "not_causal", (f"the mask is not block-causal over chunks of {plan.args['causal_chunk']} frames of the "
@@ -181,9 +192,9 @@ def mismatch(plan: SitePlan, a: dict) -> Optional[tuple[str, str]]:
     return None
 
 
-def runtime_mismatch(plan: SitePlan, a: dict) -> Optional[str]:
+def runtime_mismatch(plan: SitePlan, a: dict, read_mask: bool = True) -> Optional[str]:
     """Why this call cannot take the calibrated path (None if it can)."""
-    m = mismatch(plan, a)
+    m = mismatch(plan, a, read_mask)
     return None if m is None else m[1]
 
 
@@ -199,11 +210,11 @@ def _follow_grid(rt: SiteRuntime, a: dict) -> Optional[SitePlan]:
     if q.shape[-2] == plan.seq_q and k.shape[-2] == plan.seq_k:
         grids = tracker.grids
         if (not grids or not rt.grid_inferred or not plan.args.get("grid")
-                or tuple(plan.args["grid"]) in {tuple(g) for g in grids}):
+                or _query_grid(plan.args) in {tuple(g) for g in grids}):
             return None
     adapted = adapt_plan(plan, q.shape[-2], k.shape[-2], q.shape[-1], tracker.grids, tracker.by_module,
                          grid_module=rt.grid_module, prefix_modules=rt.prefix_modules, cache=rt.adapted)
-    if adapted is None or runtime_mismatch(adapted, a) is not None:
+    if adapted is None or runtime_mismatch(adapted, a, read_mask=not torch.compiler.is_compiling()) is not None:
         return None
     method = registry.get(plan.method)
     if adapted.args.get("cached_frames") or plan.args.get("cached_frames"):
@@ -224,6 +235,12 @@ def _follow_grid(rt: SiteRuntime, a: dict) -> Optional[SitePlan]:
                    f"{plan.method} with {params} re-derived from its plan (its error was measured at the "
                    f"optimize() shape: call optimize() with a batch of this shape for a calibrated plan)")
     return adapted
+
+
+def _query_grid(args: dict) -> tuple:
+    """The video grid of the plan's queries: the grid, less the cached frames of a KV cache."""
+    T, H, W = args["grid"]
+    return (T - int(args.get("cached_frames") or 0), H, W)
 
 
 def _warn_once(rt: SiteRuntime, key: str, msg: str) -> None:
@@ -273,7 +290,8 @@ def run_site(rt: SiteRuntime, a: dict, original: Callable) -> torch.Tensor:
         return original()
     if _lowering is not None:
         return _lowering(plan, a, original)
-    why = mismatch(plan, a)
+    compiling = torch.compiler.is_compiling()
+    why = mismatch(plan, a, read_mask=not compiling)
     # only another shape (or another grid at this one) can be followed; masks, dtype, ... cannot
     adapted = _follow_grid(rt, a) if why is None or why[0] == "shape" else None
     if why is not None and adapted is None:
@@ -292,10 +310,40 @@ def run_site(rt: SiteRuntime, a: dict, original: Callable) -> torch.Tensor:
         if out is None:
             rt.fall_back("not_padding", q, "its mask is not a padding mask on text tokens")
             return original()
+    elif compiling and plan.args.get("causal_chunk"):
+        return _block_causal_in_graph(rt, plan, a, scale)
     else:
         out = call_method(plan, q4, k4, v4, scale)
     rt.record(RAN, q)
     return out.reshape(q.shape[:-1] + (v.shape[-1],))
+
+
+def _block_causal_in_graph(rt: SiteRuntime, plan: SitePlan, a: dict, scale: float) -> torch.Tensor:
+    """A block-causal site inside a compiled graph: the mask check is a tensor, and ``torch.cond``
+    runs our op when it holds, the model's masked SDPA otherwise (no graph break, fullgraph works;
+    the counters add the outcome in the graph)."""
+    q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
+    T, H, W = plan.args["grid"]
+    ok = block_causal_ok(mask, T, H * W, plan.args["causal_chunk"])
+    extra = {"enable_gqa": True} if a.get("enable_gqa") else {}
+    if ok is None:  # the mask's shape rules it out (static): the model's own attention
+        rt.record("not_causal", q)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=a["scale"], **extra)
+    shape = q.shape[:-1] + (v.shape[-1],)
+
+    def ours(q, k, v, mask):
+        q4, k4, v4, _ = prepare_qkv({**a, "query": q, "key": k, "value": v})
+        return call_method(plan, q4, k4, v4, scale).reshape(shape).contiguous()
+
+    def model_own(q, k, v, mask):  # (both branches must agree on strides)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=a["scale"],
+                                                                **extra).contiguous()
+
+    # cond refuses operands that alias each other, and q/k/v are often views of one projection:
+    # k and v are copied (a few MB against the attention itself)
+    out = torch.cond(ok, ours, model_own, (q, k.clone(), v.clone(), mask))
+    rt.record_split(ok, q, "not_causal")
+    return out
 
 
 def executed_cost(plan: SitePlan, q, k, v, scale: float, mask=None) -> Optional[tuple[int, float]]:

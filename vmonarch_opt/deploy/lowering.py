@@ -451,29 +451,36 @@ def _from_tiles(x: torch.Tensor, lay) -> torch.Tensor:
 
 def monarch_rt_lowered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, tiling,
                        text_before: int = 0, text_after: int = 0, steps: int = 1,
-                       scale: Optional[float] = None, key_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       scale: Optional[float] = None, key_valid: Optional[torch.Tensor] = None,
+                       cached_frames: int = 0) -> torch.Tensor:
     """MonarchRT attention (same function as ``monarch_rt_reference``) in ONNX-friendly ops.
 
     ``key_valid`` ([batch, N] bool, True everywhere on the video tokens) drops text keys: the
-    result equals the reference run on the sequence without them.
+    result equals the reference run on the sequence without them. ``cached_frames``: the KV-cache
+    form (``grid`` the key grid, q its last frames; the query tiles are then the tiles of the query
+    grid ``(T - cached_frames, H, W)``, which are the key grid's last tiles in the same order).
     """
-    from ..kernels.monarch_rt.layout import check_qkv, check_steps, make_rt_layout, resolve_scale
+    from ..kernels.monarch_rt.layout import check_q_rows, check_qkv, check_steps, make_rt_layout, resolve_scale
     from ..kernels.monarch_rt.reference import CBAR_EPS
 
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, cached_frames)
     with _real_tensors():
-        lay = make_rt_layout(q.shape[2], grid, tiling, text_before, text_after)
+        lay = make_rt_layout(k.shape[2], grid, tiling, text_before, text_after, cached_frames)
+        check_q_rows(q, lay)
+        # the query tiles' layout: the query grid, tiled like the key grid
+        qlay = make_rt_layout(lay.Nq, lay.query_grid, tiling, text_before, text_after) if lay.cached_frames else lay
     steps = check_steps(steps)
     scale = resolve_scale(scale, q.shape[-1])
     cdt = _cdt(q)
-    b, h, N, D = q.shape
+    b, h, _, D = q.shape
+    N = k.shape[2]
     tb, nv, nt = lay.text_before, lay.Nv, lay.n_text
-    A, b1, b2 = lay.n_tiles, lay.b1, lay.b2
+    A, Aq, b1, b2 = lay.n_tiles, lay.n_query_tiles, lay.b1, lay.b2
     gk = A * b1
     dev = q.device
     qf, kf, vf = q.to(cdt), k.to(cdt), v.to(cdt)
     vid = slice(tb, tb + nv)
-    qt = _to_tiles(qf[:, :, vid], lay)                                        # [b, h, A, b1, b2, D]
+    qt = _to_tiles(qf[:, :, tb:tb + qlay.Nv], qlay)                           # [b, h, Aq, b1, b2, D]
     kt = _to_tiles(kf[:, :, vid], lay)[:, :, None]                            # [b, h, 1, Ag, b1, b2, D]
     vt = _to_tiles(vf[:, :, vid], lay)[:, :, None]
     qj = qt.transpose(3, 4)                                                   # [b, h, A, b2(j), b1(i), D]
@@ -482,19 +489,19 @@ def monarch_rt_lowered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gri
         kx = kf[:, :, tidx][:, :, None, None]                                 # [b, h, 1, 1, nt, D]
         vx = vf[:, :, tidx][:, :, None, None]
         tbias = _key_bias(key_valid, tidx, cdt)                               # [b, 1, 1, nt] or None
-    qbar = qt[:, :, :, None]                                                  # [b, h, A, 1, b1(k), b2(j), D]
+    qbar = qt[:, :, :, None]                                                  # [b, h, Aq, 1, b1(k), b2(j), D]
     video_out = None
     for step in range(steps):
         final = step == steps - 1
         # R-step of every (query tile, key tile, row, column): softmax over the row's columns
-        s = torch.matmul(qbar, kt.transpose(-1, -2)) * scale                  # [b, h, A, Ag, b1, b2(j), b2(l)]
+        s = torch.matmul(qbar, kt.transpose(-1, -2)) * scale                  # [b, h, Aq, Ag, b1, b2(j), b2(l)]
         lse = _lse(s, -1)
         r = torch.exp(s - lse[..., None])
         a_l = torch.matmul(r, kt) * scale                                     # [b, h, A, Ag, b1, b2, D]
         c_l = (r * s).sum(-1) - lse                                           # [b, h, A, Ag, b1, b2]
         # L-step logits z[b, h, a, j, i, (g, k)] = q[a, i, j] . A_L[a, g, k, j] - cL[a, g, k, j]
-        akj = a_l.permute(0, 1, 2, 5, 3, 4, 6).reshape(b, h, A, b2, gk, D)
-        z = torch.matmul(qj, akj.transpose(-1, -2)) - c_l.permute(0, 1, 2, 5, 3, 4).reshape(b, h, A, b2, 1, gk)
+        akj = a_l.permute(0, 1, 2, 5, 3, 4, 6).reshape(b, h, Aq, b2, gk, D)
+        z = torch.matmul(qj, akj.transpose(-1, -2)) - c_l.permute(0, 1, 2, 5, 3, 4).reshape(b, h, Aq, b2, 1, gk)
         if nt:
             zt = torch.matmul(qj, kx.transpose(-1, -2)) * scale               # [b, h, A, b2, b1, nt]
             if tbias is not None:
@@ -504,15 +511,15 @@ def monarch_rt_lowered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gri
             lse_row = _lse(z, -1)                                             # [b, h, A, b2, b1]
         w = torch.exp(z - lse_row[..., None])
         if final:
-            y = torch.matmul(r, vt).permute(0, 1, 2, 5, 3, 4, 6).reshape(b, h, A, b2, gk, D)
+            y = torch.matmul(r, vt).permute(0, 1, 2, 5, 3, 4, 6).reshape(b, h, Aq, b2, gk, D)
             o = torch.matmul(w, y)                                            # [b, h, A, b2(j), b1(i), D]
             if nt:
                 o = o + torch.matmul(torch.exp(zt - lse_row[..., None]), vx)
-            video_out = _from_tiles(o.transpose(3, 4), lay)
+            video_out = _from_tiles(o.transpose(3, 4), qlay)
             break
         cbar = w.sum(-2)                                                      # [b, h, A, b2, gk]
         abar = torch.matmul(w.transpose(-1, -2), qj)                          # [b, h, A, b2, gk, D]
-        qbar = (abar / cbar.clamp_min(CBAR_EPS)[..., None]).reshape(b, h, A, b2, A, b1, D)
+        qbar = (abar / cbar.clamp_min(CBAR_EPS)[..., None]).reshape(b, h, Aq, b2, A, b1, D)
         qbar = qbar.permute(0, 1, 2, 4, 5, 3, 6)                              # [b, h, A, Ag, b1, b2, D]
     if not nt:
         return video_out.to(q.dtype)

@@ -30,6 +30,7 @@ import torch
 from ..errors import VMonarchError
 from ..passes.keypad import is_key_padding_shape
 from .. import methods as registry
+from ..methods import causal
 from ..metrics import rel_error
 from ..runtime import lowering, prepare_qkv, runtime_mismatch
 
@@ -119,12 +120,24 @@ class _Lowerer:
         return original()
 
     def __call__(self, plan, a: dict, original):
-        why = runtime_mismatch(plan, a)
+        structured = causal.is_causal_plan(plan.args)
+        why = _structured_mismatch(plan, a) if structured else runtime_mismatch(plan, a)
         if why is not None:
             return self._unsupported(plan, why, original)
         q, v = a["query"], a["value"]
         q4, k4, v4, scale = prepare_qkv(a)
         ok = key_valid = None
+        if structured:
+            method = registry.get(plan.method)
+            try:
+                out = causal.apply(method, q4, k4, v4, plan.args, scale, lowering=True)
+            except NotImplementedError as e:
+                return self._unsupported(plan, str(e), original)
+            how = (f"{method.lowered_as}; " + ("KV cache" if plan.args.get("cached_frames") else
+                                               f"block-causal, one decomposition per chunk of "
+                                               f"{plan.args['causal_chunk']} frames (the mask is not read)"))
+            self.done.setdefault(plan.site_id, dict(site=plan.site_id, method=plan.method, lowered=how))
+            return out.reshape(q.shape[:-1] + (v.shape[-1],))
         if a["attn_mask"] is not None:
             tb, ta = plan.args.get("text_before", 0), plan.args.get("text_after", 0)
             pm = _padding_mask(a["attn_mask"], q4.shape[0], k4.shape[-2],
@@ -144,6 +157,23 @@ class _Lowerer:
             how += "; text key-padding mask in-graph"
         self.done.setdefault(plan.site_id, dict(site=plan.site_id, method=plan.method, lowered=how))
         return out
+
+
+def _structured_mismatch(plan, a: dict) -> Optional[str]:
+    """``runtime_mismatch`` for a block-causal / KV-cache plan while exporting: the shapes must be
+    the planned ones; the mask's values cannot be read in a traced graph, so the exported graph
+    assumes the block-causal mask it was planned for (export says so in its table)."""
+    q, k = a["query"], a["key"]
+    if q.shape[-2] != plan.seq_q or k.shape[-2] != plan.seq_k or q.shape[-1] != plan.head_dim:
+        return (f"shape (N_q={q.shape[-2]}, N_k={k.shape[-2]}) differs from the planned "
+                f"(N_q={plan.seq_q}, N_k={plan.seq_k})")
+    if plan.args.get("causal_chunk") and a["attn_mask"] is None:
+        return "no mask was passed to a site planned block-causal"
+    if plan.args.get("cached_frames") and a["attn_mask"] is not None:
+        return "a mask was passed to a KV-cache site"
+    if a["is_causal"] or a["dropout_p"]:
+        return "is_causal or dropout"
+    return None
 
 
 def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:

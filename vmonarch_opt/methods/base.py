@@ -116,6 +116,9 @@ class Method:
     #: queries against its visible keys, through ``run_cached``) or "prefix" (the method on the
     #: prefix of visible chunks, keeping the last chunk's rows)
     causal_mode: str = "prefix"
+    #: ``lower`` also takes a KV-cache plan (``args["cached_frames"]``): ONNX export of KV-cache
+    #: sites and of block-causal plans in "cached" mode
+    lowers_cached: bool = False
 
     # ------------------------------------------------------------------------------ configs
     def config(self, **kw):

@@ -56,6 +56,8 @@ def _grid(args: dict) -> tuple:
 
 def unsupported(method, args: dict) -> Optional[str]:
     """Why ``method`` cannot run a plan with these causal arguments, or None."""
+    if not is_causal_plan(args):
+        return None
     if args.get("causal_chunk") and args.get("cached_frames"):
         return "block-causal attention over a KV cache (both at once) is not supported"
     if args.get("text_before") or args.get("text_after"):
@@ -104,14 +106,23 @@ def _prefix_args(method, args: dict, end: int) -> dict:
     return method.adapt_args(out, (T, H, W), (end, H, W))
 
 
-def apply(method, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: dict, scale: float) -> torch.Tensor:
+def apply(method, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: dict, scale: float,
+          lowering: bool = False) -> torch.Tensor:
     """``method``'s output under ``args`` (``Method.apply``): ``run`` without causal arguments,
-    ``run_cached`` with a KV cache, chunk by chunk under a block-causal mask."""
+    ``run_cached`` with a KV cache, chunk by chunk under a block-causal mask. ``lowering``: the
+    same calls through the method's ONNX decomposition (``lower``; a KV-cache call only for methods
+    with ``lowers_cached``)."""
+    if lowering:
+        run_cached = run = method.lower
+        if (args.get("cached_frames") or method.causal_mode == "cached") and not method.lowers_cached:
+            raise NotImplementedError(f"{method.name} has no ONNX lowering of its KV-cache form")
+    else:
+        run, run_cached = method.run, method.run_cached
     if args.get("cached_frames"):
-        return method.run_cached(q, k, v, args, scale)
+        return run_cached(q, k, v, args, scale)
     C = int(args.get("causal_chunk") or 0)
     if not C:
-        return method.run(q, k, v, args, scale)
+        return run(q, k, v, args, scale)
     T, H, W = _grid(args)
     hw = H * W
     if q.shape[-2] != T * hw or k.shape[-2] != T * hw:
@@ -122,10 +133,10 @@ def apply(method, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: dict,
         ks, vs = k[..., :e * hw, :], v[..., :e * hw, :]
         if method.causal_mode == "cached":
             a = _cached_args(args, e, s) if s else _prefix_args(method, args, e)
-            part = (method.run_cached(q[..., s * hw:e * hw, :], ks, vs, a, scale) if s
-                    else method.run(q[..., :e * hw, :], ks, vs, a, scale))
+            part = (run_cached(q[..., s * hw:e * hw, :], ks, vs, a, scale) if s
+                    else run(q[..., :e * hw, :], ks, vs, a, scale))
         else:
-            part = method.run(q[..., :e * hw, :], ks, vs, _prefix_args(method, args, e), scale)[..., s * hw:, :]
+            part = run(q[..., :e * hw, :], ks, vs, _prefix_args(method, args, e), scale)[..., s * hw:, :]
         parts.append(part)
     return torch.cat(parts, dim=-2)
 

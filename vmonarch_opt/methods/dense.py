@@ -83,6 +83,7 @@ class DenseMethod(Method):
     structured = False
     uses_grid = False
     lowered_as = "MatMul/Softmax/MatMul"
+    lowers_cached = True  # fewer queries than keys: the same decomposition
     causal_mode = "cached"  # block-causal: each chunk's queries against its visible keys (exact)
 
     def run(self, q, k, v, args: dict, scale: float) -> torch.Tensor:

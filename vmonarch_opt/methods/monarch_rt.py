@@ -9,6 +9,12 @@ With the default ``(1, 1, 1)`` each frame is a query tile and each frame row a b
 Self-Forcing setting). Kernels: ``kernels/monarch_rt/`` (Triton forward and backward at one step;
 more steps run the reference).
 
+KV cache (MonarchRT's streaming form, ``run_cached``): the plan's grid is the key grid (cached
+frames, then the new ones) and q holds the new frames; query tiles are the new frames' tiles, key
+tiles every tile (``f_tied`` must divide the cached and new frame counts; no text tokens).
+Block-causal plans run chunk by chunk in that form (``causal_mode = "cached"``): chunk c's queries
+against the keys of chunks <= c with ``cached_frames = c * chunk``, no recomputed prefix.
+
 Opt-in: ``monarch_rt`` is calibrated and planned only when ``methods=`` names it (``opt_in``).
 Added to the defaults, every calibration would measure its candidates too (a slower calibration
 of every existing model, and choices that could change under the same budget) before it has been
@@ -54,44 +60,47 @@ class MonarchRTConfig:
 
 @torch.library.custom_op("vmonarch::monarch_rt_attention", mutates_args=(), tags=OP_TAGS)
 def monarch_rt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: list[int], tiling: list[int],
-                         text_before: int, text_after: int, steps: int, scale: float) -> torch.Tensor:
+                         text_before: int, text_after: int, steps: int, scale: float,
+                         cached_frames: int) -> torch.Tensor:
+    """MonarchRT attention; ``cached_frames > 0``: KV cache (``grid`` the key grid, q its last
+    ``T - cached_frames`` frames), 0: self-attention on ``grid``."""
     return in_q_layout(q, dispatch.monarch_rt_attention(q, k, v, grid=tuple(grid), tiling=tuple(tiling),
                                                         text_before=text_before, text_after=text_after,
-                                                        steps=steps, scale=scale))
+                                                        steps=steps, scale=scale, cached_frames=cached_frames))
 
 
 @monarch_rt_attention.register_fake
-def _(q, k, v, grid, tiling, text_before, text_after, steps, scale):
-    return empty_attention_out(q)  # the layout of every real path (in_q_layout)
+def _(q, k, v, grid, tiling, text_before, text_after, steps, scale, cached_frames):
+    return empty_attention_out(q)  # the layout of every real path (in_q_layout): q's shape
 
 
-def _reference(q, k, v, grid, tiling, text_before, text_after, steps, scale):
+def _reference(q, k, v, grid, tiling, text_before, text_after, steps, scale, cached_frames):
     from ..kernels.monarch_rt.reference import monarch_rt_reference
 
     return monarch_rt_reference(q, k, v, grid=tuple(grid), tiling=tuple(tiling), text_before=text_before,
-                                text_after=text_after, steps=steps, scale=scale)
+                                text_after=text_after, steps=steps, scale=scale, cached_frames=cached_frames)
 
 
 @torch.library.custom_op("vmonarch::monarch_rt_attention_backward", mutates_args=())
 def monarch_rt_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                                   grad_out: torch.Tensor, grid: list[int], tiling: list[int], text_before: int,
-                                  text_after: int, steps: int,
-                                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                  text_after: int, steps: int, scale: float,
+                                  cached_frames: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) by the Triton backward kernels (``kernels/monarch_rt/backward.py``, steps = 1)."""
     if not dispatch.use_triton(q):
         raise RuntimeError("vmonarch::monarch_rt_attention_backward runs the Triton kernels (CUDA tensors); on "
                            "other devices monarch_rt_attention's autograd differentiates the reference")
     return dispatch.monarch_rt_attention_backward(q, k, v, out, grad_out, grid=tuple(grid), tiling=tuple(tiling),
                                                   text_before=text_before, text_after=text_after, steps=steps,
-                                                  scale=scale)
+                                                  scale=scale, cached_frames=cached_frames)
 
 
 @monarch_rt_attention_backward.register_fake
-def _(q, k, v, out, grad_out, grid, tiling, text_before, text_after, steps, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+def _(q, k, v, out, grad_out, grid, tiling, text_before, text_after, steps, scale, cached_frames):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _kernel_backward_covers(q, grid, tiling, text_before, text_after, steps, scale) -> bool:
+def _kernel_backward_covers(q, grid, tiling, text_before, text_after, steps, scale, cached_frames) -> bool:
     """The backward kernels cover one step, fp16/bf16/fp32 and head_dim <= 256 (as the forward's)."""
     return steps == 1 and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 256
 
@@ -108,6 +117,10 @@ def _fit(tiling, grid) -> tuple:
     return tuple(int(p) if g % p == 0 else 1 for p, g in zip(tiling, grid))
 
 
+def _cached(args: dict) -> int:
+    return int(args.get("cached_frames", 0) or 0)
+
+
 def _always_exact(grid) -> bool:
     """Every tiling of ``grid`` is exactly dense: one column per row (W = 1), or a single frame of
     a single row (every row of a tile is then the query's own row)."""
@@ -121,6 +134,7 @@ class MonarchRTMethod(Method):
     default_rank = 1
     opt_in = True
     lowered_as = "tile reshape/transpose + broadcast MatMul/Softmax (per-tile R step, L step over key rows)"
+    lowers_cached = True
     grid_params = ("tiling",)
 
     def describe(self, cfg) -> str:
@@ -163,6 +177,68 @@ class MonarchRTMethod(Method):
                                     tiling=tuple(args["tiling"]), text_before=args["text_before"],
                                     text_after=args["text_after"], steps=args["steps"]))
 
+    # ------------------------------------------------------------------------------ KV cache
+    #: block-causal plans run chunk by chunk through ``run_cached`` (no recomputed prefix)
+    causal_mode = "cached"
+
+    def cached_unsupported(self, args: dict) -> Optional[str]:
+        """Why the KV-cache form cannot run these args (``grid`` = key grid, ``cached_frames`` = F),
+        or None: the tiling must divide the key grid and f_tied the F cached and T - F new frames;
+        no text tokens; a query grid where every tiling is exactly dense is left to dense."""
+        from ..kernels.monarch_rt.layout import cached_problem, tiling_problem
+
+        grid, tiling, F = tuple(args["grid"]), tuple(args["tiling"]), _cached(args)
+        why = tiling_problem(grid, tiling) or cached_problem(grid, tiling, F, args.get("text_before", 0),
+                                                             args.get("text_after", 0))
+        if why is not None:
+            return why
+        qgrid = (grid[0] - F, grid[1], grid[2])
+        if _always_exact(qgrid):
+            return (f"query grid {'×'.join(map(str, qgrid))} (cached_frames={F} of key grid "
+                    f"{'×'.join(map(str, grid))}): every MonarchRT tiling of it is exactly dense attention at a "
+                    f"higher cost")
+        return None
+
+    def causal_unsupported(self, args: dict) -> Optional[str]:
+        """A block-causal plan (``causal_chunk = C`` on ``grid``) runs chunk c as ``run_cached`` on
+        key grid (end_c, H, W) with ``cached_frames = c * C``: the first chunk whose KV-cache form
+        cannot run is the reason (f_tied must divide C and T; no text)."""
+        T, H, W = (int(x) for x in args["grid"])
+        C = int(args.get("causal_chunk", 0) or 0)
+        if C < 1:
+            return None
+        f = int(args["tiling"][0])
+        if C % f:
+            return (f"block-causal chunks of {C} frames: f_tied={f} must divide the chunk (a query tile lies in "
+                    f"one chunk); use f_tied in {[d for d in range(1, C + 1) if C % d == 0][:8]}")
+        for c, t0 in enumerate(range(0, T, C)):
+            end = min(T, t0 + C)
+            why = self.cached_unsupported({**args, "grid": [end, H, W], "cached_frames": t0})
+            if why is not None:
+                return f"block-causal chunk {c} (frames {t0}..{end - 1} of {T}, chunk {C}): {why}"
+        return None
+
+    def run_cached(self, q, k, v, args: dict, scale: float) -> torch.Tensor:
+        """q ``[B, H, N_q, D]`` (the key grid's last ``T - cached_frames`` frames) against k/v
+        ``[B, H, N_k, D]`` (every frame of ``args["grid"]``)."""
+        return torch.ops.vmonarch.monarch_rt_attention(q, k, v, args["grid"], args["tiling"], args["text_before"],
+                                                       args["text_after"], args["steps"], scale, _cached(args))
+
+    def cached_flops(self, shape: Shape, args: dict, density: Optional[float] = None) -> Optional[int]:
+        """FLOPs of one ``run_cached`` call (``shape.seq_q`` = N_q, ``shape.seq_k`` = N_k): the new
+        frames' query tiles against every key tile."""
+        from ..kernels.monarch_rt.reference import monarch_rt_flops
+
+        F = _cached(args)
+        n = monarch_rt_flops(shape.batch, shape.heads, shape.seq_k, shape.head_dim, grid=tuple(args["grid"]),
+                             tiling=tuple(args["tiling"]), text_before=args["text_before"],
+                             text_after=args["text_after"], steps=args["steps"], cached_frames=F)
+        T, H, W = args["grid"]
+        if shape.seq_q != (T - F) * H * W:
+            raise ValueError(f"MonarchRT KV cache: seq_q {shape.seq_q} != the {T - F} new frames' "
+                             f"{(T - F) * H * W} tokens of key grid {tuple(args['grid'])} (cached_frames={F})")
+        return int(n)
+
     def params(self, args: dict) -> str:
         f, h, w = args["tiling"]
         return f"f_tied={f} h_reduce={h} w_reduce={w} steps={args['steps']}"
@@ -193,7 +269,7 @@ class MonarchRTMethod(Method):
 
     def run(self, q, k, v, args: dict, scale: float) -> torch.Tensor:
         return torch.ops.vmonarch.monarch_rt_attention(q, k, v, args["grid"], args["tiling"], args["text_before"],
-                                                       args["text_after"], args["steps"], scale)
+                                                       args["text_after"], args["steps"], scale, 0)
 
     def adapt_args(self, args: dict, old_grid: tuple, new_grid: tuple) -> dict:
         # the parameters that divide the new grid are kept, the others fall back to 1; the runtime's
@@ -205,7 +281,7 @@ class MonarchRTMethod(Method):
 
         return monarch_rt_lowered(q, k, v, grid=args["grid"], tiling=args["tiling"], text_before=args["text_before"],
                                   text_after=args["text_after"], steps=args["steps"], scale=scale,
-                                  key_valid=key_valid)
+                                  key_valid=key_valid, cached_frames=_cached(args))
 
 
 register(MonarchRTMethod())

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["staircase", "chunk_frames", "check_block_causal", "cached_key_frames", "mark_structure",
+__all__ = ["staircase", "chunk_frames", "check_block_causal", "block_causal_ok", "cached_key_frames", "mark_structure",
            "STAIRCASE_ROWS"]
 
 STAIRCASE_ROWS = 2048  # query rows read per step when reading a mask's staircase (bounds the temporary)
@@ -121,19 +121,31 @@ def check_block_causal(mask: torch.Tensor, frames: int, hw: int, chunk: int) -> 
 
 
 def _check(mask: torch.Tensor, frames: int, hw: int, chunk: int) -> bool:
+    ok = block_causal_ok(mask, frames, hw, chunk)
+    return ok is not None and bool(ok)
+
+
+def block_causal_ok(mask: torch.Tensor, frames: int, hw: int, chunk: int) -> Optional[torch.Tensor]:
+    """A 0-d bool tensor: ``mask`` (bool, or additive 0 / −∞) is the block-causal mask of chunks of
+    ``chunk`` frames; None when its shape alone rules it out. No data-dependent Python: compiled
+    code (``torch.cond`` in the runtime) decides with it in the graph."""
     n = frames * hw
     m = _square(mask)
     if m is None or tuple(m.shape) != (n, n):
-        return False
-    if m.dtype != torch.bool:
-        m = _visible(m)
-        if m is None:
-            return False
+        return None
+    if m.dtype == torch.bool:
+        vis, ok = m, torch.ones((), dtype=torch.bool, device=m.device)
+    elif torch.is_floating_point(m):
+        vis = torch.isfinite(m) & (m > -1e4)
+        ok = ~(vis & (m != 0)).any()  # a visible entry must add 0: not a bias
+    else:
+        return None
     for s in range(0, frames, chunk):
         r0, e = s * hw, min(frames, s + chunk) * hw
-        if not bool(m[r0:e, :e].all()) or bool(m[r0:e, e:].any()):
-            return False
-    return True
+        ok = ok & vis[r0:e, :e].all()
+        if e < n:
+            ok = ok & ~vis[r0:e, e:].any()
+    return ok
 
 
 def cached_key_frames(n_q: int, n_k: int, grid: Optional[tuple]) -> Optional[int]:
@@ -168,8 +180,13 @@ def mark_structure(sites: list, staircases: dict) -> None:
             continue
         if not s.has_mask or s.seq_q != s.seq_k or s.form != "sdpa":
             continue
-        runs = staircases.get((s.module_path, s.ordinal))
+        key = (s.module_path, s.ordinal)
+        if key not in staircases:
+            continue
+        runs = staircases[key]
         if runs is None:
+            s.structure_note = ("some query sees keys that are not a prefix of the sequence (a window, another "
+                                "pattern, a bias, or a mask that differs across batch or heads)")
             continue
         if s.text_before or s.text_after:
             s.structure_note = "a block-causal mask over text tokens as well as the video"

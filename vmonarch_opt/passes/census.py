@@ -30,7 +30,7 @@ class Census(Counter):
     """SDPA calls per module path (see ``attention_census``); ``flex`` counts flex_attention calls;
     ``shapes[path]``: ``(N_q, N_k, head_dim)`` of each SDPA call of the invocation counted;
     ``staircases[(path, i)]``: the staircase of the mask of that invocation's i-th SDPA call
-    (``passes.causal.staircase``; absent without a mask or when it is not prefix-shaped)."""
+    (``passes.causal.staircase``: None when some row does not see a prefix; absent without a mask)."""
 
     def __init__(self):
         super().__init__()
@@ -71,7 +71,7 @@ class _CountSDPA(TorchFunctionMode):
             if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor):
                 self.stack[-1][2].append((int(q.shape[-2]), int(k.shape[-2]), int(q.shape[-1])))
             mask = _sdpa_mask(args, kwargs)
-            self.stack[-1][3].append(self._staircase(mask) if mask is not None else None)
+            self.stack[-1][3].append(self._staircase(mask) if mask is not None else False)
         elif _is_flex_attention(func):
             self.flex[self.stack[-1][0] if self.stack else ""] += 1
         return func(*args, **(kwargs or {}))
@@ -99,7 +99,7 @@ def attention_census(model: torch.nn.Module) -> Iterator[Census]:
                 counts[name] = calls
                 counts.shapes[name] = shapes
                 for i, runs in enumerate(stairs):
-                    if runs is not None:
+                    if runs is not False:
                         counts.staircases[(name, i)] = runs
 
     from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook

@@ -23,7 +23,15 @@ from .output_budget import output_why
 __all__ = ["STATUSES", "profile_problems"]
 
 STATUSES = ("calibrated", "pinned", "original", "not observed")
-SHAPE_KEYS = ("kind", "heads", "seq_q", "seq_k", "head_dim", "grid", "text_before", "text_after")
+SHAPE_KEYS = ("kind", "heads", "seq_q", "seq_k", "head_dim", "grid", "text_before", "text_after", "causal_chunk",
+              "cached_frames")
+#: shape keys that profiles written before they existed lack: read as their value then
+_SHAPE_DEFAULTS = {"causal_chunk": 0, "cached_frames": 0}
+
+
+def shape_value(d: dict, key: str):
+    """A site's shape entry ``key`` in a saved profile (its default where an older profile lacks it)."""
+    return d.get(key, _SHAPE_DEFAULTS.get(key))
 
 
 def _norm(x):
@@ -93,7 +101,7 @@ def _row_problems(sid: str, row: dict, fp_site: Optional[dict], budget: Optional
     if fp_site is None:
         out.append("not among the sites of the profile's fingerprint")
     else:
-        differ = [k for k in SHAPE_KEYS if _norm(row["site"].get(k)) != _norm(fp_site.get(k))]
+        differ = [k for k in SHAPE_KEYS if _norm(shape_value(row["site"], k)) != _norm(shape_value(fp_site, k))]
         if differ:
             out.append(f"its site record differs from the fingerprint in {differ}")
     try:

@@ -27,6 +27,7 @@ from ..errors import ProfileError
 from ..io import atomic_write_text
 from .budget import config_from_dict
 from .check import SHAPE_KEYS as _SHAPE_KEYS
+from .check import shape_value
 from .check import _norm, profile_problems
 
 __all__ = ["PROFILE_FORMAT", "Profile", "load_profile", "apply_profile", "annotate_plans", "as_profile", "fingerprint"]
@@ -353,8 +354,8 @@ def _compare(profile: Profile, sites: list, model) -> tuple[list, list]:
         fatal.append(f"attention sites differ: in the profile only {missing[:5]}, in the model only {extra[:5]}")
     for sid, d in now_sites.items():
         if sid in have:
-            diffs = [f"{k} {have[sid].get(k)}→{d.get(k)}" for k in _SHAPE_KEYS
-                     if _norm(have[sid].get(k)) != _norm(d.get(k))]
+            diffs = [f"{k} {shape_value(have[sid], k)}→{d.get(k)}" for k in _SHAPE_KEYS
+                     if _norm(shape_value(have[sid], k)) != _norm(d.get(k))]
             if diffs:
                 shape.append(f"{sid}: " + ", ".join(diffs))
     return fatal, shape
@@ -403,7 +404,7 @@ def apply_profile(profile: Profile, sites: list, *, model=None, allow_shape_chan
         ch = r.get("choice")
         if ch is None or sid not in by_id:
             continue
-        same = all(_norm(r["site"].get(k)) == _norm(getattr(by_id[sid], k)) for k in _SHAPE_KEYS)
+        same = all(_norm(shape_value(r["site"], k)) == _norm(getattr(by_id[sid], k)) for k in _SHAPE_KEYS)
         out[sid] = config_from_dict(ch["config"]) if same else _rederive(ch, by_id[sid])
     return out
 
@@ -412,7 +413,7 @@ def annotate_plans(plans: dict, sites: list, profile: Profile) -> dict:
     """The plans with the profile's calibrated error (and measured density, for methods whose cost
     depends on the data) on those it chose, for the report."""
     from .. import methods as registry
-    from ..planner import method_flops
+    from ..planner import method_flops, structure_note
 
     by_id = {s.site_id: s for s in sites}
     out = dict(plans)
@@ -421,7 +422,7 @@ def annotate_plans(plans: dict, sites: list, profile: Profile) -> dict:
         if r is None or not r.get("choice") or plan.source not in ("profile", "override") or sid not in by_id:
             continue
         ch, site = r["choice"], by_id[sid]
-        same = all(_norm(r["site"].get(k)) == _norm(getattr(site, k)) for k in _SHAPE_KEYS)
+        same = all(_norm(shape_value(r["site"], k)) == _norm(getattr(site, k)) for k in _SHAPE_KEYS)
         if not same:
             out[sid] = plan.replace(reason="chosen by calibration at another shape (allow_shape_change=True); "
                                            "error not calibrated here")
@@ -434,6 +435,6 @@ def annotate_plans(plans: dict, sites: list, profile: Profile) -> dict:
                 if f is not None:
                     plan = plan.replace(flops_after=f)
         if plan.source == "profile":
-            plan = plan.replace(reason=f"calibrated: {ch['why']}")
+            plan = plan.replace(reason=f"calibrated: {ch['why']}{structure_note(plan.args)}")
         out[sid] = plan
     return out

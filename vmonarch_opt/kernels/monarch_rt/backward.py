@@ -33,6 +33,11 @@ log-sum-exp), then
    over the chunk's query tiles and columns j: adds ``dK``, ``dV`` (each program owns its keys;
    chunks run one after another, so no atomics).
 
+KV cache (``cached_frames = F > 0``): as in the forward, the chunks run over the query tiles (the
+new frames' tiles, numbered among the key tiles), q / dO / dq rows are the key-sequence index minus
+``QOFF = F*H*W``, and the dK / dV pass runs one program per key row of the whole key grid: ``dq``
+has q's rows, ``dk`` / ``dv`` k's (a cached key gets its share from every new query tile).
+
 No N x N tensor: the extra memory is the forward's chunk scratch plus fp32 ``[b*h, chunk, b2, key
 rows]`` statistics and fp32 gradient accumulators.
 """
@@ -56,7 +61,8 @@ __all__ = ["monarch_rt_backward_triton"]
 @triton.jit
 def _rt_l_bwd_dq_kernel(Q, DO, DELTA, AK, CL, Y, TL, LSEL, DQ,
                         sqb, sqh, sqn, sdb, sdh, sdn, sgb, sgh, sgn,
-                        H, a0, NA, AG, B1, B2, n_it, N, Hg, Wg, f, hc, wc, nH, nW, tb, NT, D, qk_scale, sm_scale,
+                        H, a0, NA, AG, B1, B2, n_it, N, Hg, Wg, f, hc, wc, nH, nW, tb, QOFF, NT, D, qk_scale,
+                        sm_scale,
                         HEAD_DIM: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_G: tl.constexpr,
                         DOT_PREC: tl.constexpr):
     pid = tl.program_id(0)
@@ -71,7 +77,7 @@ def _rt_l_bwd_dq_kernel(Q, DO, DELTA, AK, CL, Y, TL, LSEL, DQ,
     i_ok = offs_i < B1
     offs_d = tl.arange(0, HEAD_DIM)
     d_ok = offs_d < D
-    qrow = _row_start(a, offs_i, Hg, Wg, f, hc, wc, nH, nW, tb) + j
+    qrow = _row_start(a, offs_i, Hg, Wg, f, hc, wc, nH, nW, tb) - QOFF + j       # rows of q (N of them)
     ld = i_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + qrow[:, None] * sqn + offs_d[None, :],
                 mask=ld, other=0.0).to(AK.dtype.element_ty)
@@ -124,7 +130,7 @@ def _rt_l_bwd_dq_kernel(Q, DO, DELTA, AK, CL, Y, TL, LSEL, DQ,
 @triton.jit
 def _rt_l_bwd_dr_kernel(Q, DO, DELTA, AK, CL, Y, LSEL, LSER, DT,
                         sqb, sqh, sqn, sdb, sdh, sdn,
-                        H, a0, NA, AG, B1, B2, n_gt, N, Hg, Wg, f, hc, wc, nH, nW, tb, D, qk_scale, sm_scale,
+                        H, a0, NA, AG, B1, B2, n_gt, N, Hg, Wg, f, hc, wc, nH, nW, tb, QOFF, D, qk_scale, sm_scale,
                         HEAD_DIM: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_G: tl.constexpr,
                         DOT_PREC: tl.constexpr):
     pid = tl.program_id(0)
@@ -159,7 +165,7 @@ def _rt_l_bwd_dr_kernel(Q, DO, DELTA, AK, CL, Y, LSEL, LSER, DT,
     for i0 in range(0, B1, BLOCK_I):
         offs_i = i0 + tl.arange(0, BLOCK_I)
         i_ok = offs_i < B1
-        qrow = _row_start(a, offs_i, Hg, Wg, f, hc, wc, nH, nW, tb) + j
+        qrow = _row_start(a, offs_i, Hg, Wg, f, hc, wc, nH, nW, tb) - QOFF + j
         ld = i_ok[:, None] & d_ok[None, :]
         q = tl.load(qbase + qrow[:, None] * sqn + offs_d[None, :], mask=ld, other=0.0).to(AK.dtype.element_ty)
         do = tl.load(dbase + qrow[:, None] * sdn + offs_d[None, :], mask=ld, other=0.0).to(AK.dtype.element_ty)
@@ -187,7 +193,7 @@ def _rt_l_bwd_dr_kernel(Q, DO, DELTA, AK, CL, Y, LSEL, LSER, DT,
 @triton.jit
 def _rt_r_bwd_dq_kernel(Q, K, V, DAK, DY, DCL, DT, LSER, DQ,
                         sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sgb, sgh, sgn,
-                        H, a0, NA, AG, B1, B2, n_jt, Hg, Wg, f, hc, wc, nH, nW, tb, D, qk_scale, sm_scale,
+                        H, a0, NA, AG, B1, B2, n_jt, Hg, Wg, f, hc, wc, nH, nW, tb, QOFF, D, qk_scale, sm_scale,
                         HEAD_DIM: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_L: tl.constexpr,
                         DOT_PREC: tl.constexpr):
     pid = tl.program_id(0)
@@ -203,7 +209,7 @@ def _rt_r_bwd_dq_kernel(Q, K, V, DAK, DY, DCL, DT, LSER, DQ,
     offs_l = tl.arange(0, BLOCK_L)
     offs_d = tl.arange(0, HEAD_DIM)
     d_ok = offs_d < D
-    qrow = _row_start(a, kr, Hg, Wg, f, hc, wc, nH, nW, tb) + offs_j
+    qrow = _row_start(a, kr, Hg, Wg, f, hc, wc, nH, nW, tb) - QOFF + offs_j
     qld = j_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + qrow[:, None] * sqn + offs_d[None, :],
                 mask=qld, other=0.0).to(K.dtype.element_ty)
@@ -241,7 +247,8 @@ def _rt_r_bwd_dq_kernel(Q, K, V, DAK, DY, DCL, DT, LSER, DQ,
 @triton.jit
 def _rt_r_bwd_dkv_kernel(Q, K, V, DAK, DY, DCL, DT, LSER, DK, DV,
                          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sgb, sgh, sgn,
-                         H, a0, NA, n_a, AG, B1, B2, n_lt, Hg, Wg, f, hc, wc, nH, nW, tb, D, qk_scale, sm_scale,
+                         H, a0, NA, n_a, AG, B1, B2, n_lt, Hg, Wg, f, hc, wc, nH, nW, tb, QOFF, D, qk_scale,
+                         sm_scale,
                          HEAD_DIM: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_L: tl.constexpr,
                          DOT_PREC: tl.constexpr):
     pid = tl.program_id(0)
@@ -269,7 +276,7 @@ def _rt_r_bwd_dkv_kernel(Q, K, V, DAK, DY, DCL, DT, LSER, DK, DV,
     acc_k = tl.zeros([BLOCK_L, HEAD_DIM], dtype=tl.float32)
     acc_v = tl.zeros([BLOCK_L, HEAD_DIM], dtype=tl.float32)
     for al in range(0, n_a):          # every query tile of the chunk
-        qrow0 = _row_start(a0 + al, kr, Hg, Wg, f, hc, wc, nH, nW, tb)
+        qrow0 = _row_start(a0 + al, kr, Hg, Wg, f, hc, wc, nH, nW, tb) - QOFF
         for j0 in range(0, B2, BLOCK_J):
             offs_j = j0 + offs_jb
             j_ok = offs_j < B2
@@ -292,7 +299,7 @@ def _rt_r_bwd_dkv_kernel(Q, K, V, DAK, DY, DCL, DT, LSER, DK, DV,
             rc = tl.trans(r).to(dak.dtype)
             acc_k = tl.dot(rc, dak, acc_k, input_precision=DOT_PREC)
             acc_v = tl.dot(rc, dy, acc_v, input_precision=DOT_PREC)
-    # earlier chunks' shares are already there: add (this program owns these keys)
+    # earlier chunks' shares are already there: add (this program owns these keys; sg*: dk's strides)
     dk_ptr = DK + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + krow[:, None] * sgn + offs_d[None, :]
     dv_ptr = DV + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + krow[:, None] * sgn + offs_d[None, :]
     tl.store(dk_ptr, tl.load(dk_ptr, mask=kld, other=0.0) + acc_k, mask=kld)
@@ -315,28 +322,30 @@ def _bwd_cfg(q, D: int):
 
 def monarch_rt_backward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                                grad_out: torch.Tensor, *, grid, tiling, text_before: int = 0, text_after: int = 0,
-                               steps: int = 1, scale: Optional[float] = None, chunk_tiles: Optional[int] = None):
+                               steps: int = 1, scale: Optional[float] = None, chunk_tiles: Optional[int] = None,
+                               cached_frames: int = 0):
     """``(dq, dk, dv)`` of MonarchRT attention at ``steps=1`` (``out`` is the forward's output).
 
-    Same contract as ``monarch_rt_triton``; the gradients come back contiguous
-    ``[batch, heads, N, head_dim]`` in q's dtype.
+    Same contract as ``monarch_rt_triton`` (``cached_frames``: KV cache); the gradients come back
+    contiguous ``[batch, heads, seq, head_dim]`` in q's dtype, dq with q's rows, dk / dv with k's.
     """
     who = "monarch_rt_backward_triton"
-    q, k, v, lay, s = prepare(q, k, v, grid, tiling, text_before, text_after, steps, scale, who)
+    q, k, v, lay, s = prepare(q, k, v, grid, tiling, text_before, text_after, steps, scale, who, cached_frames)
     if grad_out.shape != q.shape or out.shape != q.shape:
         raise ValueError(f"{who}: out {tuple(out.shape)} and grad_out {tuple(grad_out.shape)} must have q's shape "
                          f"{tuple(q.shape)}")
     do = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     do = do.to(q.dtype)
-    b, h, N, D = q.shape
-    A, B1, B2, NT = lay.n_tiles, lay.b1, lay.b2, lay.n_text
-    na = chunk_tiles or tiles_per_chunk(lay, A)
+    b, h, N, D = q.shape                 # N: q's rows (the new frames' tokens with a KV cache)
+    A, A0, B1, B2, NT = lay.n_tiles, lay.n_cached_tiles, lay.b1, lay.b2, lay.n_text
+    QOFF = lay.q_offset
+    na = chunk_tiles or tiles_per_chunk(lay, A - A0)
     check_scratch(lay, na, D, who)
     dev = q.device
     delta = (do.float() * out.float()).sum(-1).reshape(b * h, N).contiguous()
     dq = torch.zeros(b, h, N, D, dtype=torch.float32, device=dev)
-    dk = torch.zeros_like(dq)
-    dv = torch.zeros_like(dq)
+    dk = torch.zeros(b, h, k.shape[2], D, dtype=torch.float32, device=dev)
+    dv = torch.zeros_like(dk)
     sc = _Scratch(q, lay, na, lse=True)
     cfg = pick_r_config(q, k, v, lay, sc, s)
     lse_l = torch.empty(b * h, na, B2, B1, dtype=torch.float32, device=dev)
@@ -353,9 +362,9 @@ def monarch_rt_backward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     n_jt = triton.cdiv(B2, BJ)
     n_lt = triton.cdiv(B2, BL)
     geo = _geom(lay)
-    rstrides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2), dq.stride(0), dq.stride(1), dq.stride(2))
-    for a0 in range(0, A, na):
+    qkv_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                   v.stride(0), v.stride(1), v.stride(2))
+    for a0 in range(A0, A, na):     # query tiles only (numbered among the key tiles)
         n = min(na, A - a0)
         # 1. recompute the R pass: AK, CL, Y, its log2-sum-exp (+ the text statistics)
         launch_r(cfg, q, k, v, lay, sc, a0, n, s)
@@ -364,23 +373,23 @@ def monarch_rt_backward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             q, do, delta, sc.ak, sc.cl, sc.y, sc.tl if NT else sc.cl, lse_l, dq,
             q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            h, a0, na, A, B1, B2, n_it, N, *geo, lay.text_before, NT, D, qk_scale, s,
+            h, a0, na, A, B1, B2, n_it, N, *geo, lay.text_before, QOFF, NT, D, qk_scale, s,
             HEAD_DIM=HD, BLOCK_I=BI, BLOCK_G=BG, DOT_PREC=prec, num_warps=lw, num_stages=1)
         _rt_l_bwd_dr_kernel[(B2 * n_gt, n, b * h)](
             q, do, delta, sc.ak, sc.cl, sc.y, lse_l, sc.lse, dt,
             q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            h, a0, na, A, B1, B2, n_gt, N, *geo, lay.text_before, D, qk_scale, s,
+            h, a0, na, A, B1, B2, n_gt, N, *geo, lay.text_before, QOFF, D, qk_scale, s,
             HEAD_DIM=HD, BLOCK_I=BI, BLOCK_G=BG, DOT_PREC=prec, num_warps=lw, num_stages=1)
         # 3. R-step: dq of the chunk's query rows, then dK / dV of every key row
         _rt_r_bwd_dq_kernel[(n_jt * B1, n, b * h)](
-            q, k, v, sc.ak, sc.y, sc.cl, dt, sc.lse, dq, *rstrides,
-            h, a0, na, A, B1, B2, n_jt, *geo, lay.text_before, D, qk_scale, s,
+            q, k, v, sc.ak, sc.y, sc.cl, dt, sc.lse, dq, *qkv_strides, dq.stride(0), dq.stride(1), dq.stride(2),
+            h, a0, na, A, B1, B2, n_jt, *geo, lay.text_before, QOFF, D, qk_scale, s,
             HEAD_DIM=HD, BLOCK_J=BJ, BLOCK_L=BL, DOT_PREC=prec, num_warps=warps, num_stages=stages)
         _rt_r_bwd_dkv_kernel[(n_lt * B1 * A, b * h)](
-            q, k, v, sc.ak, sc.y, sc.cl, dt, sc.lse, dk, dv, *rstrides,
-            h, a0, na, n, A, B1, B2, n_lt, *geo, lay.text_before, D, qk_scale, s,
+            q, k, v, sc.ak, sc.y, sc.cl, dt, sc.lse, dk, dv, *qkv_strides, dk.stride(0), dk.stride(1), dk.stride(2),
+            h, a0, na, n, A, B1, B2, n_lt, *geo, lay.text_before, QOFF, D, qk_scale, s,
             HEAD_DIM=HD, BLOCK_J=BJ, BLOCK_L=BL, DOT_PREC=prec, num_warps=warps, num_stages=stages)
-        if NT:  # the chunk's video rows' natural L-step LSE, in sequence order
+        if NT:  # the chunk's video rows' natural L-step LSE, in sequence order (no text with a cache)
             rows = idx[a0:a0 + n].permute(0, 2, 1).reshape(-1)                 # (tile, column, row) order
             lse_seq[:, rows] = lse_l[:, :n].reshape(b * h, -1) * _LN2
     if NT:

@@ -21,6 +21,13 @@ chunk), two launches per chunk:
   plus the text part as one more term of the same softmax; writes the output rows in the caller's
   token order.
 
+KV cache (``cached_frames = F > 0``): ``grid`` is the key grid and q (and the output) hold its
+last ``T - F`` frames. The query tiles are the key tiles from ``n_cached_tiles`` on; the kernels
+take global tile numbers (``a0`` counts from the first key tile) and address q / out rows as the
+key-sequence index minus ``QOFF = F*H*W``, while the key rows span the whole key grid. The chunks
+run over the query tiles only (no work on the cached frames' tiles), and the R pass of a chunk is
+(query tiles x every key tile) as without a cache.
+
 Text query rows are exact dense attention over all keys (torch SDPA on CUDA in fp16/bf16, our
 flash kernel elsewhere, as for VMoBA). Inputs in the caller's ``[batch, heads, N, head_dim]``
 layout (unit last stride); fp16/bf16 use tensor-core dots with fp32 accumulation, fp32 IEEE dots.
@@ -38,7 +45,7 @@ import triton.language as tl
 from ..flash.kernel import _flash_into, sdpa_text_rows, text_rows_sdpa_into
 from ..out_layout import empty_attention_out
 from ..tuning import interpreting, tuning_cache, tuning_enabled
-from .layout import check_qkv, check_steps, make_rt_layout, resolve_scale
+from .layout import check_q_rows, check_qkv, check_steps, make_rt_layout, resolve_scale
 
 __all__ = ["monarch_rt_triton", "monarch_rt_r_pass_triton"]
 
@@ -81,7 +88,7 @@ def _online(z, val, acc, m_i, l_i, DOT_PREC: tl.constexpr):
 @triton.jit
 def _rt_r_kernel(Q, K, V, AK, CL, Y, TX, TL, LSE,
                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-                 H, a0, NA, AG, B1, B2, n_jt, Nv, tb, NT, Hg, Wg, f, hc, wc, nH, nW, D, qk_scale,
+                 H, a0, NA, AG, B1, B2, n_jt, Nv, tb, QOFF, NT, Hg, Wg, f, hc, wc, nH, nW, D, qk_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_L: tl.constexpr,
                  EVEN_L: tl.constexpr, TEXT: tl.constexpr, DOT_PREC: tl.constexpr, STORE_LSE: tl.constexpr):
     pid = tl.program_id(0)
@@ -91,7 +98,7 @@ def _rt_r_kernel(Q, K, V, AK, CL, Y, TX, TL, LSE,
     rest = pid // n_jt
     kr = rest % B1                   # the key row's row inside its tile (= the query row used)
     g = rest // B1                   # key tile
-    a = a0 + al                      # query tile
+    a = a0 + al                      # query tile (its number among the key tiles)
     b = pbh // H
     h = pbh % H
     offs_j = jt * BLOCK_J + tl.arange(0, BLOCK_J)
@@ -99,7 +106,7 @@ def _rt_r_kernel(Q, K, V, AK, CL, Y, TX, TL, LSE,
     offs_l = tl.arange(0, BLOCK_L)
     offs_d = tl.arange(0, HEAD_DIM)
     d_ok = offs_d < D
-    qrow = _row_start(a, kr, Hg, Wg, f, hc, wc, nH, nW, tb) + offs_j
+    qrow = _row_start(a, kr, Hg, Wg, f, hc, wc, nH, nW, tb) - QOFF + offs_j     # a row of q
     q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + qrow[:, None] * sqn + offs_d[None, :],
                 mask=j_ok[:, None] & d_ok[None, :], other=0.0)
     kbase = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
@@ -167,7 +174,7 @@ def _rt_r_kernel(Q, K, V, AK, CL, Y, TX, TL, LSE,
 @triton.jit
 def _rt_l_kernel(Q, O, AK, CL, Y, TX, TL,
                  sqb, sqh, sqn, sob, soh, son,
-                 H, a0, NA, AG, B1, B2, n_it, Hg, Wg, f, hc, wc, nH, nW, tb, NT, D, qk_scale,
+                 H, a0, NA, AG, B1, B2, n_it, Hg, Wg, f, hc, wc, nH, nW, tb, QOFF, NT, D, qk_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_G: tl.constexpr, DOT_PREC: tl.constexpr):
     pid = tl.program_id(0)
     al = tl.program_id(1)
@@ -181,7 +188,7 @@ def _rt_l_kernel(Q, O, AK, CL, Y, TX, TL,
     i_ok = offs_i < B1
     offs_d = tl.arange(0, HEAD_DIM)
     d_ok = offs_d < D
-    qrow = _row_start(a, offs_i, Hg, Wg, f, hc, wc, nH, nW, tb) + j
+    qrow = _row_start(a, offs_i, Hg, Wg, f, hc, wc, nH, nW, tb) - QOFF + j
     ld = i_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + qrow[:, None] * sqn + offs_d[None, :],
                 mask=ld, other=0.0).to(AK.dtype.element_ty)
@@ -237,9 +244,9 @@ def _prec(q) -> str:
 
 
 def tiles_per_chunk(lay, n_tiles_q: int, ratio: float = _SCRATCH_RATIO) -> int:
-    """Query tiles per chunk: the R-step scratch of a query tile is ``Nv x D`` per head, so a chunk
-    of ``n`` tiles holds ``n * Nv / N`` times q's elements; at least one tile."""
-    return max(1, min(n_tiles_q, int(ratio * lay.N) // lay.Nv))
+    """Query tiles per chunk: the R-step scratch of a query tile is ``Nv x D`` per head (every key
+    tile), so a chunk of ``n`` tiles holds ``n * Nv / Nq`` times q's elements; at least one tile."""
+    return max(1, min(n_tiles_q, int(ratio * lay.Nq) // lay.Nv))
 
 
 class _Scratch:
@@ -260,7 +267,8 @@ class _Scratch:
 
 
 def launch_r(cfg, q, k, v, lay, sc: _Scratch, a0: int, na: int, scale: float) -> None:
-    """The R pass of query tiles ``[a0, a0 + na)`` against every key tile, into ``sc``."""
+    """The R pass of query tiles ``[a0, a0 + na)`` (numbered among the key tiles: ``a0 >=
+    lay.n_cached_tiles``) against every key tile, into ``sc``."""
     BJ, BL, warps, stages = cfg
     b, h, N, D = q.shape
     HD = _head_pad(D)
@@ -272,7 +280,7 @@ def launch_r(cfg, q, k, v, lay, sc: _Scratch, a0: int, na: int, scale: float) ->
                        sc.lse if sc.lse is not None else sc.cl,
                        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                        v.stride(0), v.stride(1), v.stride(2),
-                       h, a0, sc.na, ag, lay.b1, lay.b2, n_jt, lay.Nv, lay.text_before, lay.n_text,
+                       h, a0, sc.na, ag, lay.b1, lay.b2, n_jt, lay.Nv, lay.text_before, lay.q_offset, lay.n_text,
                        *_geom(lay), D, scale * _LOG2E,
                        HEAD_DIM=HD, BLOCK_J=BJ, BLOCK_L=BL, EVEN_L=(lay.b2 % BL == 0), TEXT=text,
                        DOT_PREC=_prec(q), STORE_LSE=sc.lse is not None, num_warps=warps, num_stages=stages)
@@ -301,11 +309,12 @@ def pick_r_config(q, k, v, lay, sc: _Scratch, scale: float):
     if not tuning_enabled():
         return _DEFAULT_R if D <= 128 else _DEFAULT_R_WIDE
     cands = _R_CANDIDATES if D <= 128 else [(32, 32, 4, 2), (16, 32, 4, 2)]
+    n_bench = min(sc.na, lay.n_query_tiles)
     best, best_t = None, float("inf")
     for cfg in cands:
         try:
-            t = triton.testing.do_bench(lambda: launch_r(cfg, q, k, v, lay, sc, 0, sc.na, scale), warmup=3, rep=15,
-                                        return_mode="median")
+            t = triton.testing.do_bench(lambda: launch_r(cfg, q, k, v, lay, sc, lay.n_cached_tiles, n_bench, scale),
+                                        warmup=3, rep=15, return_mode="median")
         except Exception as e:  # a config that does not compile / fit shared memory is skipped
             if os.environ.get("VMONARCH_TUNE_VERBOSE") == "1":
                 print(f"monarch_rt R pass {key} {cfg}: failed {type(e).__name__}: {str(e)[:200]}")
@@ -328,10 +337,11 @@ def l_config(q, lay):
     return bi, bg, 4
 
 
-def prepare(q, k, v, grid, tiling, text_before, text_after, steps, scale, who: str):
+def prepare(q, k, v, grid, tiling, text_before, text_after, steps, scale, who: str, cached_frames: int = 0):
     """Checked inputs (unit last stride), layout, steps and scale of a kernel call."""
-    check_qkv(q, k, v)
-    lay = make_rt_layout(q.shape[2], grid, tiling, text_before, text_after)
+    check_qkv(q, k, v, cached_frames)
+    lay = make_rt_layout(k.shape[2], grid, tiling, text_before, text_after, cached_frames)
+    check_q_rows(q, lay)
     steps = check_steps(steps)
     s = resolve_scale(scale, q.shape[-1])
     if steps != 1:
@@ -344,8 +354,8 @@ def prepare(q, k, v, grid, tiling, text_before, text_after, steps, scale, who: s
         raise ValueError(f"{who}: head_dim {q.shape[-1]} > 256 is unsupported; use the reference "
                          f"(VMONARCH_FORCE_REFERENCE=1)")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if max(q.stride(2), k.stride(2), v.stride(2)) * q.shape[2] >= 2 ** 31:
-        raise ValueError(f"{who}: sequence {q.shape[2]} x row stride {max(q.stride(2), k.stride(2), v.stride(2))} "
+    if max(q.stride(2), k.stride(2), v.stride(2)) * k.shape[2] >= 2 ** 31:
+        raise ValueError(f"{who}: sequence {k.shape[2]} x row stride {max(q.stride(2), k.stride(2), v.stride(2))} "
                          f"does not fit int32 offsets; make q/k/v contiguous in [batch, heads, seq, head_dim]")
     return q, k, v, lay, s
 
@@ -353,20 +363,20 @@ def prepare(q, k, v, grid, tiling, text_before, text_after, steps, scale, who: s
 def check_scratch(lay, na: int, D: int, who: str) -> None:
     if na * lay.Nv * D >= 2 ** 31:
         raise ValueError(f"{who}: {na} query tiles x {lay.Nv} video tokens x head_dim {D} does not fit int32 "
-                         f"offsets in one head's scratch; pass tiles_per_chunk=1")
+                         f"offsets in one head's scratch; pass chunk_tiles=1")
 
 
 def monarch_rt_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, tiling, text_before: int = 0,
                       text_after: int = 0, steps: int = 1, scale: Optional[float] = None,
-                      chunk_tiles: Optional[int] = None) -> torch.Tensor:
+                      chunk_tiles: Optional[int] = None, cached_frames: int = 0) -> torch.Tensor:
     """MonarchRT attention with the Triton kernels (``steps = 1``); same contract as
-    ``monarch_rt_reference``. ``chunk_tiles`` overrides the number of query tiles per
-    chunk (tests)."""
+    ``monarch_rt_reference`` (``cached_frames``: KV cache, q = the key grid's last frames).
+    ``chunk_tiles`` overrides the number of query tiles per chunk (tests)."""
     who = "monarch_rt_triton"
-    q, k, v, lay, s = prepare(q, k, v, grid, tiling, text_before, text_after, steps, scale, who)
+    q, k, v, lay, s = prepare(q, k, v, grid, tiling, text_before, text_after, steps, scale, who, cached_frames)
     b, h, N, D = q.shape
-    A = lay.n_tiles
-    na = chunk_tiles or tiles_per_chunk(lay, A)
+    A, A0 = lay.n_tiles, lay.n_cached_tiles
+    na = chunk_tiles or tiles_per_chunk(lay, A - A0)
     check_scratch(lay, na, D, who)
     out = empty_attention_out(q)  # q's layout, like torch's SDPA (out_layout.py)
     sc = _Scratch(q, lay, na, lse=False)
@@ -375,13 +385,14 @@ def monarch_rt_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid
     n_it = triton.cdiv(lay.b1, BI)
     HD = _head_pad(D)
     text = lay.n_text > 0
-    for a0 in range(0, A, na):
+    for a0 in range(A0, A, na):     # query tiles only (numbered among the key tiles)
         n = min(na, A - a0)
         launch_r(cfg, q, k, v, lay, sc, a0, n, s)
         _rt_l_kernel[(lay.b2 * n_it, n, b * h)](
             q, out, sc.ak, sc.cl, sc.y, sc.tx if text else sc.ak, sc.tl if text else sc.cl,
             q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            h, a0, na, A, lay.b1, lay.b2, n_it, *_geom(lay), lay.text_before, lay.n_text, D, s * _LOG2E,
+            h, a0, na, A, lay.b1, lay.b2, n_it, *_geom(lay), lay.text_before, lay.q_offset, lay.n_text, D,
+            s * _LOG2E,
             HEAD_DIM=HD, BLOCK_I=BI, BLOCK_G=BG, DOT_PREC=_prec(q), num_warps=lw, num_stages=1)
     if text:
         text_query_rows(q, k, v, out, lay, s)
@@ -400,18 +411,19 @@ def text_query_rows(q, k, v, out, lay, scale: float) -> None:
         _flash_into(q[:, :, tb + nv:], k, v, out[:, :, tb + nv:], scale)
 
 
-def monarch_rt_r_pass_triton(q, k, v, *, grid, tiling, text_before=0, text_after=0, scale=None):
+def monarch_rt_r_pass_triton(q, k, v, *, grid, tiling, text_before=0, text_after=0, scale=None, cached_frames=0):
     """The R pass alone over every query tile (tests / diagnostics): ``(ak, cl, y)`` in the
     reference's shapes ``[b*h, Aq, Ag, b1, b2, D]`` / ``[b*h, Aq, Ag, b1, b2]``, with ``ak = s R K``
     and ``cl = sum R log R`` (natural log), as ``monarch_rt_reference_details`` returns them."""
-    q, k, v, lay, s = prepare(q, k, v, grid, tiling, text_before, text_after, 1, scale, "monarch_rt_r_pass_triton")
-    A, b1, b2 = lay.n_tiles, lay.b1, lay.b2
-    sc = _Scratch(q, lay, A, lse=False)
-    launch_r(pick_r_config(q, k, v, lay, sc, s), q, k, v, lay, sc, 0, A, s)
-    bh, D = q.shape[0] * q.shape[1], q.shape[-1]
+    q, k, v, lay, s = prepare(q, k, v, grid, tiling, text_before, text_after, 1, scale, "monarch_rt_r_pass_triton",
+                              cached_frames)
+    A, Aq, b1, b2 = lay.n_tiles, lay.n_query_tiles, lay.b1, lay.b2
+    sc = _Scratch(q, lay, Aq, lse=False)
+    launch_r(pick_r_config(q, k, v, lay, sc, s), q, k, v, lay, sc, lay.n_cached_tiles, Aq, s)
+    bh = q.shape[0] * q.shape[1]
 
     def tiles(x):  # [bh, Aq, b2(j), (g, k), ...] -> [bh, Aq, g, k, j, ...]
-        x = x.reshape(bh, A, b2, A, b1, *x.shape[4:])
+        x = x.reshape(bh, Aq, b2, A, b1, *x.shape[4:])
         return x.permute(0, 1, 3, 4, 2, *range(5, x.dim()))
 
     return s * tiles(sc.ak).float(), tiles(sc.cl) * _LN2, tiles(sc.y)

@@ -27,8 +27,11 @@ tile has one row (b1 = 1: the R-step query is the query itself, and the L-step l
 then its exact log-sum-exp) or a row has one column (b2 = 1: every block is one key).
 
 Query tiles and key tiles are separate index ranges in :func:`rt_tile_attention` (``qt`` and
-``kt`` may hold different tiles), so that later a KV cache (queries = the newest frames) or
-block-causal attention can pass a subset of query tiles.
+``kt`` may hold different tiles). KV cache (``cached_frames = F > 0``, MonarchRT's streaming form):
+``grid`` is the key grid, q holds its last ``T - F`` frames and k/v all of them; the query tiles
+are the new frames' tiles, the key tiles every tile, and the R-step query of key row (g, k) is the
+query tile's own token at row k as above. No text tokens then. Block-causal attention is this form
+per chunk: chunk c's queries against the keys of chunks <= c, with ``F = c * chunk``.
 
 Cost per video query at one step: ``(key tiles * b2 + key rows) * D`` multiply-adds per matmul
 (scores, R K, R V over the key tiles' b2 columns; L logits and L Y over the key rows):
@@ -40,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from .layout import RTLayout, check_qkv, check_steps, make_rt_layout, resolve_scale
+from .layout import RTLayout, check_q_rows, check_qkv, check_steps, make_rt_layout, resolve_scale
 
 __all__ = ["monarch_rt_reference", "monarch_rt_flops", "rt_tile_attention", "monarch_rt_reference_details",
            "CBAR_EPS"]
@@ -50,21 +53,23 @@ _CHUNK_ELEMS = 1 << 26    # bound on the largest temporary (elements) per chunk 
 
 
 def monarch_rt_flops(batch: int, heads: int, seq: int, head_dim: int, *, grid, tiling, text_before: int = 0,
-                     text_after: int = 0, steps: int = 1) -> int:
+                     text_after: int = 0, steps: int = 1, cached_frames: int = 0) -> int:
     """Matmul FLOPs of MonarchRT attention (2 per multiply-add), as the reference computes them.
 
-    With Aq query tiles, Ag key tiles, b1 rows, b2 columns, D = head_dim, per head:
+    ``seq`` is the key sequence length (q's too without a KV cache); with ``cached_frames`` only
+    the new frames' tiles are query tiles. With Aq query tiles, Ag key tiles, b1 rows, b2
+    columns, D = head_dim, per head:
     R-step ``Aq*Ag*b1*b2*b2*D`` multiply-adds each for the scores and ``R K`` (+ ``R V`` in the
     final pass); L-step ``Aq*b2*b1*(Ag*b1)*D`` each for the logits and ``L Y`` (or, between
     steps, the L-weighted query sum). Text: video queries x text keys (logits each pass, + ``L V``
     at the end), text queries x all keys densely.
     """
-    lay = make_rt_layout(seq, grid, tiling, text_before, text_after)
+    lay = make_rt_layout(seq, grid, tiling, text_before, text_after, cached_frames)
     st = check_steps(steps)
-    A, b1, b2, D, nt = lay.n_tiles, lay.b1, lay.b2, int(head_dim), lay.n_text
-    r_mm = A * A * b1 * b2 * b2 * D          # one R-step matmul (query tiles x key tiles)
-    l_mm = A * b2 * b1 * (A * b1) * D        # one L-step matmul
-    t_mm = lay.Nv * nt * D                   # video queries x text keys
+    Aq, Ag, b1, b2, D, nt = lay.n_query_tiles, lay.n_tiles, lay.b1, lay.b2, int(head_dim), lay.n_text
+    r_mm = Aq * Ag * b1 * b2 * b2 * D        # one R-step matmul (query tiles x key tiles)
+    l_mm = Aq * b2 * b1 * (Ag * b1) * D      # one L-step matmul
+    t_mm = lay.Nv * nt * D                   # video queries x text keys (no text with a cache)
     per_head = (st - 1) * (2 * r_mm + 2 * l_mm + t_mm) + (3 * r_mm + 2 * l_mm + 2 * t_mm)
     per_head = 2 * per_head + 4 * nt * lay.N * D
     return int(batch) * int(heads) * per_head
@@ -128,14 +133,17 @@ def _text_rows(q, k, v, text_idx, scale):
 
 
 def _run(q, k, v, lay: RTLayout, steps: int, scale: float, want: Optional[dict] = None) -> torch.Tensor:
-    b, h, N, D = q.shape
+    b, h, Nq, D = q.shape
+    N = k.shape[2]
     cdt = _compute_dtype(q.dtype)
     bh = b * h
-    qf, kf, vf = (x.reshape(bh, N, D).to(cdt) for x in (q, k, v))
-    idx = lay.token_index(q.device)                                              # [A, b1, b2]
+    qf = q.reshape(bh, Nq, D).to(cdt)
+    kf, vf = (x.reshape(bh, N, D).to(cdt) for x in (k, v))
+    idx = lay.token_index(q.device)                                              # [A, b1, b2] rows of k
+    q_idx = lay.query_token_index(q.device)                                      # [Aq, b1, b2] rows of q
     t_idx = lay.text_index(q.device)
-    A, b1, b2, nt = lay.n_tiles, lay.b1, lay.b2, lay.n_text
-    out = torch.empty(bh, N, D, dtype=cdt, device=q.device)
+    A, Aq, b1, b2, nt = lay.n_tiles, lay.n_query_tiles, lay.b1, lay.b2, lay.n_text
+    out = torch.empty(bh, Nq, D, dtype=cdt, device=q.device)
     kt_all, vt_all = kf[:, idx], vf[:, idx]                                      # [bh, A, b1, b2, D] key tiles
     # per head and query tile: R-step scores/probabilities, AK, Y, L logits and weights
     per_tile = A * b1 * b2 * (2 * b2 + 3 * D) + 2 * b2 * b1 * (A * b1 + nt)
@@ -145,40 +153,50 @@ def _run(q, k, v, lay: RTLayout, steps: int, scale: float, want: Optional[dict] 
         kx = kf[hs][:, t_idx] if nt else None
         vx = vf[hs][:, t_idx] if nt else None
         n_heads = hs.stop - hs.start
-        tiles = A if want is not None else max(1, min(A, _CHUNK_ELEMS // (per_tile * n_heads)))
-        for a0 in range(0, A, tiles):
-            qs = slice(a0, min(A, a0 + tiles))                                   # query tiles of this chunk
-            qt = qf[hs][:, idx[qs]]
+        tiles = Aq if want is not None else max(1, min(Aq, _CHUNK_ELEMS // (per_tile * n_heads)))
+        for a0 in range(0, Aq, tiles):
+            qs = slice(a0, min(Aq, a0 + tiles))                                  # query tiles of this chunk
+            qt = qf[hs][:, q_idx[qs]]
             o = rt_tile_attention(qt, kt_all[hs], vt_all[hs], kx, vx, scale, steps, want)
-            out[hs, idx[qs].reshape(-1)] = o.reshape(n_heads, -1, D)
+            out[hs, q_idx[qs].reshape(-1)] = o.reshape(n_heads, -1, D)
         if nt:
             out[hs, t_idx] = _text_rows(qf[hs], kf[hs], vf[hs], t_idx, scale)
-    return out.reshape(b, h, N, D)
+    return out.reshape(b, h, Nq, D)
+
+
+def _layout(q, k, v, grid, tiling, text_before, text_after, cached_frames) -> RTLayout:
+    check_qkv(q, k, v, cached_frames)
+    lay = make_rt_layout(k.shape[2], grid, tiling, text_before, text_after, cached_frames)
+    check_q_rows(q, lay)
+    return lay
 
 
 def monarch_rt_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, tiling,
                          text_before: int = 0, text_after: int = 0, steps: int = 1,
-                         scale: Optional[float] = None) -> torch.Tensor:
+                         scale: Optional[float] = None, cached_frames: int = 0) -> torch.Tensor:
     """MonarchRT attention, pure PyTorch. q, k, v: ``[batch, heads, N, head_dim]``, any float dtype.
 
     ``N = text_before + T*H*W + text_after`` with ``grid = (T, H, W)``; ``tiling = (f_tied,
-    h_reduce, w_reduce)`` must divide the grid (ValueError otherwise). Computes in float32
-    (float64 for float64 inputs) and returns ``q.dtype``. See the module docstring.
+    h_reduce, w_reduce)`` must divide the grid (ValueError otherwise). KV cache:
+    ``cached_frames = F > 0``: ``grid`` is the key grid (k, v: ``T*H*W`` rows), q holds its last
+    ``T - F`` frames (``(T - F)*H*W`` rows); f_tied must divide F; no text tokens. Computes in
+    float32 (float64 for float64 inputs) and returns ``q.dtype``. See the module docstring.
     """
-    check_qkv(q, k, v)
-    lay = make_rt_layout(q.shape[2], grid, tiling, text_before, text_after)
+    lay = _layout(q, k, v, grid, tiling, text_before, text_after, cached_frames)
     st = check_steps(steps)
     sc = resolve_scale(scale, q.shape[-1])
     return _run(q, k, v, lay, st, sc).to(q.dtype)
 
 
-def monarch_rt_reference_details(q, k, v, *, grid, tiling, text_before=0, text_after=0, steps=1, scale=None):
+def monarch_rt_reference_details(q, k, v, *, grid, tiling, text_before=0, text_after=0, steps=1, scale=None,
+                                 cached_frames=0):
     """Output plus the final pass's factors, for tests and diagnostics (small inputs only): the
-    dict of :func:`rt_tile_attention`'s ``want`` plus ``out``, ``layout``, ``idx``, ``scale``."""
-    check_qkv(q, k, v)
-    lay = make_rt_layout(q.shape[2], grid, tiling, text_before, text_after)
+    dict of :func:`rt_tile_attention`'s ``want`` plus ``out``, ``layout``, ``idx`` (key tiles'
+    rows of k), ``q_idx`` (query tiles' rows of q), ``scale``."""
+    lay = _layout(q, k, v, grid, tiling, text_before, text_after, cached_frames)
     sc = resolve_scale(scale, q.shape[-1])
     want: dict = {}
     out = _run(q, k, v, lay, check_steps(steps), sc, want)
-    want.update(out=out.to(q.dtype), layout=lay, idx=lay.token_index(q.device), scale=sc)
+    want.update(out=out.to(q.dtype), layout=lay, idx=lay.token_index(q.device),
+                q_idx=lay.query_token_index(q.device), scale=sc)
     return want
