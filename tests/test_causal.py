@@ -290,7 +290,6 @@ def test_kv_cache_monarch_explains_and_calibration_picks_another():
 def test_block_causal_onnx_lowering_matches(method, tmp_path):
     """Block-causal plans export as one decomposition per chunk; onnxruntime gives the optimized
     model's output."""
-    pytest.importorskip("onnxruntime")
     from vmonarch_fixtures.models import skyreels_v2
 
     model, batch = skyreels_v2(frames=4, height=2, width=3, layers=1, causal_block_size=2)
@@ -305,7 +304,6 @@ def test_block_causal_onnx_lowering_matches(method, tmp_path):
 
 
 def test_kv_cache_monarch_rt_follows_the_cache_and_exports(tmp_path):
-    pytest.importorskip("onnxruntime")
     from vmonarch_opt.deploy import export_onnx
 
     model = Wrapped().eval()
@@ -420,3 +418,16 @@ def test_block_causal_profile_round_trip(tmp_path):
     row = next(r for r in again.report.rows if r["site"]["site_id"] == "blocks.0.attn1")
     assert row["plan"]["args"]["causal_chunk"] == 2 and "block-causal" in row["plan"]["reason"]
     assert row["plan"]["reason"].startswith("calibrated")
+
+
+def test_kv_cache_dense_reason_names_the_refusing_method():
+    model = CachedAttention().eval()
+    batch = _kv_inputs(new=2, cached=4)
+    opt = vmonarch_opt.optimize(model, batch, methods=("monarch", "dense"), budget=None, min_seq_len=0)
+    (row,) = opt.report.rows
+    assert row["plan"]["method"] == "dense"
+    assert row["plan"]["reason"].startswith("dense: monarch: Monarch's R step"), row["plan"]["reason"]
+    cal = vmonarch_opt.optimize(model, batch, methods=("monarch", "dense"), min_seq_len=0)
+    (row,) = cal.report.rows
+    assert "no structured candidate applies" in row["plan"]["reason"] and "monarch: Monarch's R step" in row["plan"]["reason"]
+    assert "24→72" in str(cal.report)  # the shape column shows queries → keys

@@ -133,6 +133,18 @@ def default_config(site: AttentionSite, methods: tuple):
     return registry.get(methods[0]).config()
 
 
+def structured_refusals(site: AttentionSite, methods: tuple) -> str:
+    """Why each allowed structured method cannot take ``site`` ("" when none is allowed or none
+    refuses): what the report says when only dense is left."""
+    out = []
+    for m in registry.ranked(methods):
+        if m.structured:
+            why = m.site_unsupported(site)
+            if why is not None:
+                out.append(f"{m.name}: {why}")
+    return "; ".join(out)
+
+
 def attention_flops(site: AttentionSite) -> int:
     return Shape.of(site).dense_flops
 
@@ -167,8 +179,9 @@ def plan_sites(sites: list[AttentionSite], *, methods=None, overrides: Optional[
                 cfg, source, reason = chosen[s.site_id], "profile", "chosen by calibration"
             else:
                 cfg, source = default_config(s, methods), "default"
+                refused = structured_refusals(s, methods)
                 reason = ("default (no calibration profile)" if registry.of(cfg).structured
-                          else "only dense allowed")
+                          else "only dense allowed" if not refused else "dense: " + refused)
             method = registry.of(cfg)
             why = method.unsupported(s)
             if why is None:

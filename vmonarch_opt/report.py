@@ -17,6 +17,11 @@ REPORT_FORMAT = "vmonarch_opt.report/1"
 LAUNCH_BOUND_BUSY = 0.5  # measured GPU-busy fraction of a forward below which launches dominate it
 WHY_WIDTH = 56  # characters per line of the printed "why" column
 
+def _tokens(s: dict) -> str:
+    """N of the shape column: queries, and "→keys" where they differ (a KV cache, cross-attention)."""
+    return str(s["seq_q"]) if s["seq_q"] == s["seq_k"] else f"{s['seq_q']}→{s['seq_k']}"
+
+
 _HEADERS = ["site", "kind", "B×H×N×D", "grid (T×H×W +text)", "method", "params",
             "GFLOP dense→ours", "cut", "error", "ran/fell back", "why"]
 
@@ -138,7 +143,7 @@ class Report:
             method = "dense (model's own)" if p["method"] == ORIGINAL else p["method"]
             calls = r.get("calls")
             runs = "" if not calls else f"{calls['ran']}/{sum(calls['fell_back'].values())}"
-            out.append([s["site_id"], s["kind"], "×".join(map(str, (s["batch"], s["heads"], s["seq_q"], s["head_dim"]))),
+            out.append([s["site_id"], s["kind"], "×".join(map(str, (s["batch"], s["heads"], _tokens(s), s["head_dim"]))),
                         _grid(s), method, _params(p), f"{_gflop(b)}→{_gflop(a)}", cut, err, runs, self._why(r)])
         return out
 

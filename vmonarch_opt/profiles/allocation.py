@@ -83,7 +83,8 @@ def _choice_entry(row: dict, i: Optional[int], budget: Budget) -> dict:
     if i is None:
         ok = [c for c in cands if c["meets_budget"]]
         if not cands:
-            why = "no structured candidate applies to this site (methods= or grid) or is cheaper than dense"
+            why = "no structured candidate applies to this site (methods= or grid) or is cheaper than dense" + (
+                f" ({row['not_applicable']})" if row.get("not_applicable") else "")
         elif not ok:
             b = min(cands, key=lambda c: c["error"])
             why = f"no candidate meets the error budget {limit:.2g} (best: {b['label']} at {b['error']:.2e})"

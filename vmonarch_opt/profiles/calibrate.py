@@ -31,6 +31,7 @@ from ..errors import VMonarchError
 from ..kernels.tuning import untuned
 from ..methods import Shape, causal
 from ..metrics import rel_error_with_heads
+from ..planner import structured_refusals
 from .allocation import choose_calibrated
 from .budget import Budget, config_to_dict, describe_config
 from .profile import PROFILE_FORMAT, Profile, fingerprint
@@ -352,6 +353,10 @@ def calibrate_sites(model, batches: list, detected: list, plans: dict, routing, 
                        batches=rec.batches, seconds=round(rec.seconds, 4))
             if rec.failed_json():
                 row["failed_candidates"] = rec.failed_json()
+            if not rec.cands:
+                refused = structured_refusals(s, registry.check_methods(methods))
+                if refused:
+                    row["not_applicable"] = refused
             if rec.batches == 0:
                 row.update(status="not observed",
                            reason="the calibration batch never reached this site with the calibrated shape; left dense")
