@@ -431,3 +431,23 @@ def test_kv_cache_dense_reason_names_the_refusing_method():
     (row,) = cal.report.rows
     assert "no structured candidate applies" in row["plan"]["reason"] and "monarch: Monarch's R step" in row["plan"]["reason"]
     assert "24→72" in str(cal.report)  # the shape column shows queries → keys
+
+
+@pytest.mark.parametrize("method", ["dense", "monarch_rt"])
+def test_self_attention_plan_takes_a_cache_later(method):
+    """Optimized on the first chunk (no cache: plain self-attention), the site runs its method's
+    KV-cache form when later calls bring a cache of whole frames."""
+    model = CachedAttention().eval()
+    first = _kv_inputs(new=2, cached=0)[:1]
+    opt = vmonarch_opt.optimize(model, first, methods=(method,), budget=None, min_seq_len=0)
+    (row,) = opt.report.rows
+    assert row["site"]["kind"] == "self" and row["plan"]["method"] == method
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for cached in (2, 4):
+            b = _kv_inputs(new=2, cached=cached, seed=cached)
+            out, ref = opt(*b), model(*b)
+            assert rel_err(out, ref) < (1e-6 if method == "dense" else 0.5)
+    assert any("KV cache" in str(w.message) for w in caught)
+    stats = vmonarch_opt.stats(opt)[row["site"]["site_id"]]
+    assert stats["ran"] == 2 and not stats["fell_back"], stats
