@@ -131,6 +131,13 @@ class RoutedForward:
     def __name__(self) -> str:
         return getattr(self.__wrapped__, "__name__", "forward")
 
+    @property
+    def __code__(self):
+        """The wrapped forward's code object (``torch.export`` reads the root module's
+        ``forward.__code__``: a model whose own forward computes attention is routed at its root)."""
+        return getattr(self.__wrapped__, "__code__", None) or getattr(
+            getattr(self.__wrapped__, "__func__", None), "__code__", None)
+
     def __repr__(self) -> str:
         return f"<routed forward of {type(self.module).__name__}: {len(self.handlers)} site handler(s)>"
 
