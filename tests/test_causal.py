@@ -442,3 +442,18 @@ def test_self_attention_plan_takes_a_cache_later(method):
     assert any("KV cache" in str(w.message) for w in caught)
     stats = vmonarch_opt.stats(opt)[row["site"]["site_id"]]
     assert stats["ran"] == 2 and not stats["fell_back"], stats
+
+
+def test_kv_cache_compiled_follows_the_cache():
+    """Under torch.compile the growing cache re-derives the plan per length as in eager mode."""
+    model = CachedAttention().eval()
+    opt = vmonarch_opt.optimize(model, _kv_inputs(new=2, cached=4), methods=("monarch_rt",), budget=None,
+                                min_seq_len=0)
+    compiled = torch.compile(opt)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for cached in (4, 6, 8):
+            b = _kv_inputs(new=2, cached=cached, seed=cached)
+            torch.testing.assert_close(compiled(*b), opt(*b), rtol=1e-5, atol=1e-6)
+    stats = vmonarch_opt.stats(opt)["<root>"]
+    assert stats["ran"] == 6 and not stats["fell_back"], stats
