@@ -70,8 +70,21 @@ class VMoBALayout:
     * ``perm[p]``: video-token index (0-based within the video tokens) of block-order position p.
     * ``block_off[c]``, ``block_len[c]``: block c occupies ``perm[block_off[c] : +block_len[c]]``.
     * ``group_block[g]``: the block ("own block") of query group g; ``group_start[g]`` its first
-      position *inside* that block; ``group_len[g]`` its token count (<= QUERY_GROUP).
+      position *inside* that block's queries; ``group_len[g]`` its token count (<= QUERY_GROUP).
       Groups of one block are consecutive.
+
+    KV-cache form (``cached_frames = F > 0``): ``grid`` is the *key* grid ``(T_k, H, W)`` and the
+    queries are its last ``T_k - F`` frames. ``perm`` / ``block_off`` / ``block_len`` describe the
+    key blocks of the whole key grid; the queries have their own block order:
+
+    * ``q_perm[p]``: query video-token index (0-based within the queries' video tokens) of query
+      position p; the queries of key block c (its tokens in frames >= F, in block order) occupy
+      positions ``[q_block_off[c], +q_block_len[c])`` (a block entirely in the cache has none);
+    * groups cut each block's *queries* into runs of <= QUERY_GROUP: a group never holds a cached
+      token (there are no cached queries) and never spans two blocks.
+
+    Without a cache ``q_perm is perm`` and ``q_block_off is block_off``: one geometry. ``keys`` is
+    the layout whose groups cover every key (the KV form's key summaries are summed over it).
     """
 
     grid: tuple
@@ -85,10 +98,32 @@ class VMoBALayout:
     group_block: torch.Tensor
     group_start: torch.Tensor
     group_len: torch.Tensor
+    cached_frames: int = 0
+    q_perm: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+    q_block_off: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+    q_block_len: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+    key_layout: Optional["VMoBALayout"] = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.q_perm is None:  # no cache: the queries are the keys
+            object.__setattr__(self, "q_perm", self.perm)
+            object.__setattr__(self, "q_block_off", self.block_off)
+            object.__setattr__(self, "q_block_len", self.block_len)
+
+    @property
+    def keys(self) -> "VMoBALayout":
+        """The layout whose query groups cover every key token (``self`` without a cache)."""
+        return self if self.key_layout is None else self.key_layout
 
     @property
     def n_video(self) -> int:
+        """Video tokens of the (key) grid."""
         return self.grid[0] * self.grid[1] * self.grid[2]
+
+    @property
+    def n_query_video(self) -> int:
+        """Video query tokens: ``n_video`` without a cache, the last ``T_k - F`` frames with one."""
+        return (self.grid[0] - self.cached_frames) * self.grid[1] * self.grid[2]
 
     @property
     def n_text(self) -> int:
@@ -96,7 +131,12 @@ class VMoBALayout:
 
     @property
     def n_tokens(self) -> int:
+        """Key sequence length."""
         return self.n_video + self.n_text
+
+    @property
+    def n_query_tokens(self) -> int:
+        return self.n_query_video + self.n_text
 
     @property
     def num_blocks(self) -> int:
@@ -136,16 +176,36 @@ def _faking() -> bool:
     return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
 
 
+def _groups(lens) -> tuple:
+    """Query groups of blocks holding ``lens`` queries each: runs of <= QUERY_GROUP."""
+    gb, gs, gl = [], [], []
+    for c, n in enumerate(lens):
+        for s in range(0, n, QUERY_GROUP):
+            gb.append(c)
+            gs.append(s)
+            gl.append(min(QUERY_GROUP, n - s))
+    i64 = dict(dtype=torch.int64)
+    return torch.tensor(gb, **i64), torch.tensor(gs, **i64), torch.tensor(gl, **i64)
+
+
 def vmoba_layout(grid: Sequence[int], chunk: Sequence[int], partition: str = "3d",
-                 text_before: int = 0, text_after: int = 0) -> VMoBALayout:
-    """Block / query-group geometry (pure index arithmetic, cached on CPU)."""
+                 text_before: int = 0, text_after: int = 0, cached_frames: int = 0) -> VMoBALayout:
+    """Block / query-group geometry (pure index arithmetic, cached on CPU). ``cached_frames = F``:
+    the KV-cache form, ``grid`` the key grid and the queries its last frames (``VMoBALayout``)."""
     grid = _triple(grid, "grid")
     chunk = _triple(chunk, "chunk")
-    for name, val in (("text_before", text_before), ("text_after", text_after)):
+    for name, val in (("text_before", text_before), ("text_after", text_after), ("cached_frames", cached_frames)):
         if isinstance(val, bool) or int(val) != val or val < 0:
             raise ValueError(f"{name} must be a non-negative int, got {val!r}")
+    F = int(cached_frames)
+    if F:
+        if F >= grid[0]:
+            raise ValueError(f"cached_frames={F} leaves no query frame of the key grid {grid}: the queries are the "
+                             f"last grid[0] - cached_frames frames")
+        if text_before or text_after:
+            raise ValueError("the KV-cache form of VMoBA has no text tokens (text_before = text_after = 0)")
     eff = _effective_chunk(grid, chunk, partition)
-    key = (grid, eff, partition, int(text_before), int(text_after))
+    key = (grid, eff, partition, int(text_before), int(text_after), F)
     faking = _faking()
     hit = None if faking else _LAYOUT_CACHE.get(key)
     if hit is not None:
@@ -163,17 +223,21 @@ def vmoba_layout(grid: Sequence[int], chunk: Sequence[int], partition: str = "3d
                 lens.append(blk.numel())
     block_len = torch.tensor(lens, dtype=torch.int64)
     block_off = torch.cumsum(block_len, 0) - block_len
-    gb, gs, gl = [], [], []
-    for c, n in enumerate(lens):
-        for s in range(0, n, QUERY_GROUP):
-            gb.append(c)
-            gs.append(s)
-            gl.append(min(QUERY_GROUP, n - s))
+    perm = torch.cat(perm)
+    extra = {}
+    if F:  # the queries: each block's tokens in frames >= F, in block order
+        keys = vmoba_layout(grid, chunk, partition)
+        first = F * H * W
+        is_q = perm >= first
+        q_perm = perm[is_q] - first
+        q_len = torch.stack([is_q[o:o + n].sum() for o, n in zip(block_off.tolist(), lens)]).to(torch.int64)
+        extra = dict(cached_frames=F, q_perm=q_perm, q_block_off=torch.cumsum(q_len, 0) - q_len,
+                     q_block_len=q_len, key_layout=keys)
+        lens = q_len.tolist()
+    gb, gs, gl = _groups(lens)
     lay = VMoBALayout(grid=grid, chunk=eff, partition=partition, text_before=int(text_before),
-                      text_after=int(text_after), perm=torch.cat(perm), block_off=block_off,
-                      block_len=block_len, group_block=torch.tensor(gb, dtype=torch.int64),
-                      group_start=torch.tensor(gs, dtype=torch.int64),
-                      group_len=torch.tensor(gl, dtype=torch.int64))
+                      text_after=int(text_after), perm=perm, block_off=block_off,
+                      block_len=block_len, group_block=gb, group_start=gs, group_len=gl, **extra)
     if faking:
         return lay
     if len(_LAYOUT_CACHE) > 64:
@@ -254,7 +318,7 @@ class VMoBASelection:
         """Bool [B, H, rows, C]: the key blocks of the video tokens at block-order positions
         ``[start, stop)`` (token rule: their own; group rule: their group's)."""
         lay = self.layout
-        stop = lay.n_video if stop is None else stop
+        stop = lay.n_query_video if stop is None else stop
         if self.row_sel is not None:
             return self.row_sel[:, :, start:stop]
         pos_group = torch.repeat_interleave(torch.arange(lay.num_groups), lay.group_len)[start:stop]
@@ -273,20 +337,28 @@ class VMoBASelection:
 
     @property
     def density(self) -> float:
-        """Fraction of the video x video token pairs that are computed (1.0 = dense): the
-        kernels of both rules compute exactly the selected pairs."""
-        nv = self.layout.n_video
-        return float(self.video_pairs().double().mean()) / float(nv * nv)
+        """Fraction of the video query x video key token pairs that are computed (1.0 = dense):
+        the kernels of both rules compute exactly the selected pairs."""
+        lay = self.layout
+        return float(self.video_pairs().double().mean()) / float(lay.n_query_video * lay.n_video)
 
 
 def _check_args(q, k, v, grid, chunk, text_before, text_after, partition, threshold, topk,
-                scale, who):
+                scale, who, cached_frames: int = 0):
     s = check_attention_inputs(q, k, v, scale, who)
-    if q.shape[2] != k.shape[2]:
+    if cached_frames:  # KV cache: the queries are the last frames of the key grid
+        lay = vmoba_layout(grid, chunk, partition, text_before, text_after, cached_frames)
+        if k.shape[2] != lay.n_tokens or q.shape[2] != lay.n_query_tokens:
+            raise ValueError(f"{who}: KV-cache VMoBA over the key grid {'x'.join(map(str, lay.grid))} with "
+                             f"cached_frames={lay.cached_frames} takes {lay.n_tokens} keys and the last "
+                             f"{lay.n_query_tokens} of them as queries; got {k.shape[2]} keys and {q.shape[2]} "
+                             f"queries (pass the key grid and the number of cached frames)")
+    elif q.shape[2] != k.shape[2]:
         raise ValueError(f"{who}: VMoBA is self-attention over one token sequence; q has "
-                         f"{q.shape[2]} tokens and k has {k.shape[2]}")
-    lay = vmoba_layout(grid, chunk, partition, text_before, text_after)
-    if q.shape[2] != lay.n_tokens:
+                         f"{q.shape[2]} tokens and k has {k.shape[2]} (a KV cache: pass cached_frames)")
+    else:
+        lay = vmoba_layout(grid, chunk, partition, text_before, text_after)
+    if k.shape[2] != lay.n_tokens:
         raise ValueError(f"{who}: sequence length {q.shape[2]} != text_before + T*H*W + text_after "
                          f"= {lay.text_before} + {lay.n_video} + {lay.text_after} = {lay.n_tokens}; "
                          f"pass the grid and text token counts of this attention site")

@@ -87,6 +87,28 @@ Text tokens (joint attention)
     ``text_before`` tokens precede and ``text_after`` tokens follow the video tokens. Every query
     attends to all text keys; text queries attend to all keys. Only video x video is sparse.
 
+KV cache (``cached_frames = F > 0``)
+    The keys are the whole key grid ``grid = (T_k, H, W)`` (the cached frames, then the new ones)
+    and the queries are its last ``T_q = T_k - F`` frames (``N_q = T_q H W`` rows, no text).
+    The key blocks partition the whole key grid exactly as above; a query's own block is the block
+    holding its token; every query (token rule) or query group (group rule) selects among *all*
+    ``C`` key blocks by the rule above, with the pooled rest over all of them. Query groups cut
+    each block's new-frame tokens (block order) into runs of <= 128: there are no cached queries,
+    so no group holds one, and the group rule's target is ``threshold * N_q``. Nothing is computed
+    for the cached rows.
+
+    When a KV-cache row equals the row of the same query in a full-grid run (``grid``, no
+    cache, all ``T_k`` frames as queries, same chunk and partition): under the token rule with
+    ``scope="query_head"`` (the default) always, for threshold and top-k selection, with or
+    without the pooled rest, up to float summation order: a token's selection depends only on its
+    own query and the blocks' mean keys, which are the same keys. Under ``scope="head_global"``
+    and under the group rule the selection ranks every (query or group, block) entry of a head
+    together (min-max range, running share, global cut), so it ranges over the queries present:
+    the KV-cache rows are that rule applied to the new queries, and equal the full-grid rows when
+    every block is selected (``threshold >= 1``, or ``topk >= C``) -- then both are dense attention.
+    (The group rule's group summaries are means of the queries present, so even a query group
+    that does not straddle the cache boundary would change the full run's cut through the others.)
+
 The output is the exact softmax attention of each query over its selected keys, computed in
 float32 (float64 for float64 inputs) and returned in ``q.dtype``.
 """
@@ -135,9 +157,8 @@ def vmoba_select_reference(q: torch.Tensor, k: torch.Tensor, *, layout: VMoBALay
         sel = torch.ones(B, Hh, G, C, dtype=torch.bool, device=dev)
     else:
         tb = lay.text_before
-        perm = lay.perm.to(dev)
-        qv = q[:, :, tb:tb + lay.n_video].to(cdt)[:, :, perm]  # block order
-        kv = k[:, :, tb:tb + lay.n_video].to(cdt)[:, :, perm]
+        qv = q[:, :, tb:tb + lay.n_query_video].to(cdt)[:, :, lay.q_perm.to(dev)]  # block order
+        kv = k[:, :, tb:tb + lay.n_video].to(cdt)[:, :, lay.perm.to(dev)]
         pos_block = torch.repeat_interleave(torch.arange(C), lay.block_len).to(dev)
         pos_group = torch.repeat_interleave(torch.arange(G), lay.group_len).to(dev)
         kbar = torch.zeros(B, Hh, C, D, dtype=cdt, device=dev).index_add_(2, pos_block, kv)
@@ -156,7 +177,7 @@ def vmoba_select_reference(q: torch.Tensor, k: torch.Tensor, *, layout: VMoBALay
         else:
             w = P * n_g[:, None]
             own_mass = torch.where(own, w, torch.zeros_like(w)).sum(dim=(2, 3))
-            target = threshold * lay.n_video - own_mass
+            target = threshold * lay.n_query_video - own_mass
         cut = _cut_value(P.reshape(B * Hh, G * C), w.reshape(B * Hh, G * C),
                          own.reshape(B * Hh, G * C), target.reshape(B * Hh))
         sel = own | (P >= cut.view(B, Hh, 1, 1))
@@ -182,7 +203,7 @@ def token_gate(q: torch.Tensor, k: torch.Tensor, layout: VMoBALayout) -> torch.T
     the mean key of every block, in float32 (float64 for float64 inputs), without the softmax scale."""
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     tb = layout.text_before
-    qv = q[:, :, tb + layout.perm.to(q.device)].to(cdt)
+    qv = q[:, :, tb + layout.q_perm.to(q.device)].to(cdt)
     return torch.matmul(qv, block_means(k, layout, cdt).transpose(-1, -2))
 
 
@@ -250,7 +271,7 @@ def vmoba_select_token_reference(q: torch.Tensor, k: torch.Tensor, *, layout: VM
     (rows in block order) its key blocks, as ``row_sel``."""
     lay = layout
     C = lay.num_blocks
-    pos_block = torch.repeat_interleave(torch.arange(C), lay.block_len).to(q.device)
+    pos_block = torch.repeat_interleave(torch.arange(C), lay.q_block_len).to(q.device)
     own = torch.nn.functional.one_hot(pos_block, C).bool()  # [Nv, C], rows in block order
     if topk == 0 and threshold >= 1.0:
         keep = own.expand(q.shape[0], q.shape[1], -1, -1) | True
@@ -266,11 +287,12 @@ def vmoba_attention_from_selection(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     """Exact softmax attention restricted to the selected blocks (plus dense text); with
     ``pooled_rest`` the unselected blocks join as pooled keys (module docstring)."""
     lay = selection.layout
-    B, Hh, N, D = q.shape
+    B, Hh, Nq, D = q.shape
+    N = k.shape[2]  # keys (more than the queries with a KV cache)
     dev = q.device
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    tb, nv = lay.text_before, lay.n_video
-    perm = lay.perm.to(dev)
+    tb, nv, nq = lay.text_before, lay.n_video, lay.n_query_video
+    perm, qperm = lay.perm.to(dev), lay.q_perm.to(dev)
     out = torch.empty_like(q)
     kf, vf = k.to(cdt), v.to(cdt)
     # keys in the order [text_before, video in block order, text_after]
@@ -286,10 +308,10 @@ def vmoba_attention_from_selection(q: torch.Tensor, k: torch.Tensor, v: torch.Te
         kp = torch.cat([kp, block_means(k, lay, cdt)], dim=2)
         vp = torch.cat([vp, block_means(v, lay, cdt)], dim=2)
         log_n = torch.log(lay.block_len.to(dev, cdt))
-    rows = max(1, min(nv, _CHUNK_BYTES // max(1, 3 * B * Hh * N * 4)))
-    for r0 in range(0, nv, rows):
-        r1 = min(nv, r0 + rows)
-        qr = q[:, :, tb + perm[r0:r1]].to(cdt)
+    rows = max(1, min(nq, _CHUNK_BYTES // max(1, 3 * B * Hh * N * 4)))
+    for r0 in range(0, nq, rows):
+        r1 = min(nq, r0 + rows)
+        qr = q[:, :, tb + qperm[r0:r1]].to(cdt)
         if selection.row_sel is not None:  # token rule: each token's own blocks
             group_sel = selection.row_mask(r0, r1).to(dev)  # [B, H, r, C]
         else:
@@ -304,10 +326,10 @@ def vmoba_attention_from_selection(q: torch.Tensor, k: torch.Tensor, v: torch.Te
             logits[..., N:] += log_n
         logits = logits.masked_fill(~mask, float("-inf"))
         p = torch.softmax(logits, dim=-1)
-        out[:, :, tb + perm[r0:r1]] = torch.matmul(p, vp).to(q.dtype)
+        out[:, :, tb + qperm[r0:r1]] = torch.matmul(p, vp).to(q.dtype)
         del logits, p, mask, group_sel
     # text queries: dense over all keys (no pooled keys)
-    text_rows = torch.cat([torch.arange(tb, device=dev), torch.arange(tb + nv, N, device=dev)])
+    text_rows = torch.cat([torch.arange(tb, device=dev), torch.arange(tb + nq, Nq, device=dev)])
     if text_rows.numel():
         logits = torch.matmul(q[:, :, text_rows].to(cdt), kf.transpose(-1, -2)) * scale
         out[:, :, text_rows] = torch.matmul(torch.softmax(logits, -1), vf).to(q.dtype)
@@ -318,11 +340,13 @@ def vmoba_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               text_before: int = 0, text_after: int = 0, partition: str = "3d",
                               threshold: float = 0.25, topk: int = 0,
                               scale: Optional[float] = None, pooled_rest: bool = False,
-                              selection: str = "group", scope: Optional[str] = None) -> torch.Tensor:
-    """VMoBA attention output [B, H, N, D] in ``q.dtype`` (see module docstring)."""
+                              selection: str = "group", scope: Optional[str] = None,
+                              cached_frames: int = 0) -> torch.Tensor:
+    """VMoBA attention output [B, H, N_q, D] in ``q.dtype`` (see module docstring; ``cached_frames``:
+    the KV-cache form, "KV cache" there)."""
     s, lay, threshold, topk = _check_args(q, k, v, grid, chunk, text_before, text_after,
                                           partition, threshold, topk, scale,
-                                          "vmoba_attention_reference")
+                                          "vmoba_attention_reference", cached_frames)
     selection, scope = check_rule(selection, scope, "vmoba_attention_reference")
     if selection == "token":
         sel = vmoba_select_token_reference(q, k, layout=lay, threshold=threshold, topk=topk, scope=scope)
@@ -341,9 +365,9 @@ def vmoba_flops(selection: VMoBASelection, head_dim: int, pooled_rest: bool = Fa
     them all and masks the selected ones).
     """
     lay = selection.layout
-    N, nt, nv = lay.n_tokens, lay.n_text, lay.n_video
+    N, nt, nq = lay.n_tokens, lay.n_text, lay.n_query_video
     video = int(selection.video_pairs().sum())
     bh = selection.batch * selection.heads
-    text = bh * (nv * nt + nt * N)
-    pooled = bh * nv * lay.num_blocks if pooled_rest else 0
+    text = bh * (nq * nt + nt * N)
+    pooled = bh * nq * lay.num_blocks if pooled_rest else 0
     return int(4 * int(head_dim) * (video + text + pooled))
