@@ -83,12 +83,13 @@ def vmoba_attention_backward(q, k, v, out, grad_out, **kw):
 def vmoba_select(q: torch.Tensor, k: torch.Tensor, *, grid, chunk, text_before: int = 0,
                  text_after: int = 0, partition: str = "3d", threshold: float = 0.25,
                  topk: int = 0, scale: Optional[float] = None, selection: str = "group",
-                 scope: Optional[str] = None):
-    """VMoBA's block selection alone (a ``VMoBASelection``) under rule ``selection``."""
+                 scope: Optional[str] = None, cached_frames: int = 0):
+    """VMoBA's block selection alone (a ``VMoBASelection``) under rule ``selection``
+    (``cached_frames``: the KV-cache form, q = the last frames of the key grid)."""
     from .vmoba.layout import _check_args, check_rule
 
     s, lay, threshold, topk = _check_args(q, k, k, grid, chunk, text_before, text_after,
-                                          partition, threshold, topk, scale, "vmoba_select")
+                                          partition, threshold, topk, scale, "vmoba_select", cached_frames)
     selection, scope = check_rule(selection, scope, "vmoba_select")
     if selection == "token":
         if use_triton(q):

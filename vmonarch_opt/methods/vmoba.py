@@ -118,30 +118,31 @@ def vmoba_config(site, threshold: float, layer: int, pooled_rest: bool = False,
 def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: list[int], chunk: list[int],
                     text_before: int, text_after: int, partition: str, threshold: float, topk: int,
                     scale: float, pooled_rest: bool = False, selection: str = "group",
-                    scope: str = "") -> torch.Tensor:
+                    scope: str = "", cached_frames: int = 0) -> torch.Tensor:
     """``selection``: ``"group"`` | ``"token"`` (``VMoBAConfig``); ``scope``: ``"query_head"`` |
-    ``"head_global"`` | ``""`` (the rule's default)."""
+    ``"head_global"`` | ``""`` (the rule's default). ``cached_frames = F > 0``: the KV-cache form,
+    ``grid`` the key grid and q its last ``grid[0] - F`` frames (``kernels/vmoba/reference.py``)."""
     return in_q_layout(q, dispatch.vmoba_attention(q, k, v, grid=tuple(grid), chunk=tuple(chunk),
                                                    text_before=text_before, text_after=text_after,
                                                    partition=partition, threshold=threshold, topk=topk,
                                                    scale=scale, pooled_rest=pooled_rest, selection=selection,
-                                                   scope=scope or None))
+                                                   scope=scope or None, cached_frames=cached_frames))
 
 
 @vmoba_attention.register_fake
 def _(q, k, v, grid, chunk, text_before, text_after, partition, threshold, topk, scale, pooled_rest=False,
-      selection="group", scope=""):
+      selection="group", scope="", cached_frames=0):
     return empty_attention_out(q)  # the layout of every real path (in_q_layout)
 
 
 def _reference(q, k, v, grid, chunk, text_before, text_after, partition, threshold, topk, scale,
-               pooled_rest=False, selection="group", scope=""):
+               pooled_rest=False, selection="group", scope="", cached_frames=0):
     from ..kernels.vmoba.reference import vmoba_attention_reference
 
     return vmoba_attention_reference(q, k, v, grid=tuple(grid), chunk=tuple(chunk), text_before=text_before,
                                      text_after=text_after, partition=partition, threshold=threshold,
                                      topk=topk, scale=scale, pooled_rest=bool(pooled_rest), selection=selection,
-                                     scope=scope or None)
+                                     scope=scope or None, cached_frames=cached_frames)
 
 
 @torch.library.custom_op("vmonarch::vmoba_attention_backward", mutates_args=(), tags=OP_TAGS)
@@ -149,7 +150,8 @@ def vmoba_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              grad_out: torch.Tensor, grid: list[int], chunk: list[int], text_before: int,
                              text_after: int, partition: str, threshold: float, topk: int, scale: float,
                              pooled_rest: bool = False, selection: str = "group",
-                             scope: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             scope: str = "", cached_frames: int = 0
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of ``vmoba_attention`` (selection constant) by the Triton backward kernels.
     The op's autograd calls it only where the kernels run; elsewhere it differentiates the reference."""
     if not dispatch.use_triton(q):
@@ -160,13 +162,13 @@ def vmoba_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     dq, dk, dv = dispatch.vmoba_attention_backward(
         q, k, v, out, grad_out, grid=tuple(grid), chunk=tuple(chunk), text_before=text_before,
         text_after=text_after, partition=partition, threshold=threshold, topk=topk, scale=scale,
-        pooled_rest=bool(pooled_rest), selection=selection, scope=scope or None)
+        pooled_rest=bool(pooled_rest), selection=selection, scope=scope or None, cached_frames=cached_frames)
     return in_q_layout(q, dq), in_q_layout(k, dk), in_q_layout(v, dv)
 
 
 @vmoba_attention_backward.register_fake
 def _(q, k, v, out, grad_out, grid, chunk, text_before, text_after, partition, threshold, topk, scale,
-      pooled_rest=False, selection="group", scope=""):
+      pooled_rest=False, selection="group", scope="", cached_frames=0):
     return empty_attention_out(q), empty_attention_out(k), empty_attention_out(v)
 
 
@@ -179,11 +181,31 @@ register_autograd(vmoba_attention, _reference, vmoba_attention_backward, _kernel
 
 
 def _select(q, k, args: dict, scale: float):
+    """The selection of one op call with ``args`` (no ``causal_chunk``: see ``_calls``)."""
     return dispatch.vmoba_select(q, k, grid=tuple(args["grid"]), chunk=tuple(args["chunk"]),
                                  text_before=args["text_before"], text_after=args["text_after"],
                                  partition=args["partition"], threshold=args["threshold"], topk=args["topk"],
                                  scale=scale, selection=args.get("selection", "group"),
-                                 scope=args.get("scope") or None)
+                                 scope=args.get("scope") or None, cached_frames=int(args.get("cached_frames") or 0))
+
+
+def _calls(method, args: dict, n_q: int) -> list:
+    """``[(query rows [r0, r1), keys [0, k1), op args)]``: the op calls ``Method.apply`` makes for a
+    plan (one without causal arguments or with a KV cache; one per chunk of a block-causal plan,
+    as ``methods/causal.py`` runs them in "cached" mode: chunk 0 the full form on its prefix grid,
+    chunk c its queries against the visible prefix as a KV-cache call)."""
+    from . import causal
+
+    if args.get("cached_frames"):
+        T, H, W = (int(x) for x in args["grid"])
+        return [(0, n_q, T * H * W, args)]
+    C = int(args.get("causal_chunk") or 0)
+    if not C:
+        return [(0, n_q, n_q, args)]
+    T, H, W = (int(x) for x in args["grid"])
+    hw = H * W
+    return [(s * hw, e * hw, e * hw, causal._cached_args(args, e, s) if s else causal._prefix_args(method, args, e))
+            for s, e in causal.chunk_calls(T, C)]
 
 
 def _rule(args: dict) -> tuple:
@@ -303,19 +325,32 @@ class VMoBAMethod(Method):
                     out.append(("vmoba", cfg))
         return out
 
-    def calibration_run(self, q, k, v, args: dict, scale: float):
+    def _measure(self, q, k, v, args: dict, scale: float, want_out: bool):
+        """``(output or None, FLOPs, density)`` of a plan of any structure: the selection of every
+        op call ``apply`` makes (``_calls``), FLOPs summed over them, and the density over the video
+        (query, key) pairs the calls can see (a block-causal plan's visible pairs)."""
         from ..kernels.vmoba.reference import vmoba_flops
 
         pooled = args.get("pooled_rest", False)
-        sel = _select(q, k, args, scale)
-        out = dispatch.vmoba_attention_with_selection(q, k, v, sel, scale, pooled_rest=pooled)
-        return out, int(vmoba_flops(sel, q.shape[-1], pooled)), float(sel.density)
+        outs, flops, pairs, seen = [], 0, 0, 0
+        for r0, r1, k1, a in _calls(self, args, q.shape[-2]):
+            qq, kk, vv = q[..., r0:r1, :], k[..., :k1, :], v[..., :k1, :]
+            sel = _select(qq, kk, a, scale)
+            if want_out:
+                outs.append(dispatch.vmoba_attention_with_selection(qq, kk, vv, sel, scale, pooled_rest=pooled))
+            flops += int(vmoba_flops(sel, q.shape[-1], pooled))
+            lay = sel.layout
+            pairs += float(sel.video_pairs().double().sum())
+            seen += sel.batch * sel.heads * lay.n_query_video * lay.n_video
+        out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)) if want_out else None
+        return out, flops, pairs / seen
+
+    def calibration_run(self, q, k, v, args: dict, scale: float):
+        return self._measure(q, k, v, args, scale, True)
 
     def executed(self, q, k, v, args: dict, scale: float):
-        from ..kernels.vmoba.reference import vmoba_flops
-
-        sel = _select(q, k, args, scale)
-        return int(vmoba_flops(sel, q.shape[-1], args.get("pooled_rest", False))), float(sel.density)
+        _, flops, density = self._measure(q, k, v, args, scale, False)
+        return flops, density
 
     def rederive(self, cfg, layout: Optional[str], site):
         if layout == "vmoba":  # chunks re-derived for the new grid
@@ -328,6 +363,47 @@ class VMoBAMethod(Method):
         return torch.ops.vmonarch.vmoba_attention(q, k, v, args["grid"], args["chunk"], args["text_before"],
                                                   args["text_after"], args["partition"], args["threshold"],
                                                   args["topk"], scale, args.get("pooled_rest", False), sel, scope)
+
+    # ------------------------------------------------------------------ KV cache and block-causal
+    # The KV-cache form: the key blocks partition the whole key grid, each new query (token rule) or
+    # query group (group rule) selects among all of them; kernels/vmoba/reference.py ("KV cache")
+    # says when its rows equal those of a full-grid run. Block-causal plans run in "cached" mode:
+    # chunk c's queries against the key blocks of its visible prefix grid (methods/causal.py), so a
+    # query's selection ranges exactly over the key blocks of the frames it sees.
+    causal_mode = "cached"
+
+    def cached_unsupported(self, args: dict) -> Optional[str]:
+        from ..kernels.vmoba.layout import MAX_TOKEN_BLOCKS, vmoba_layout
+
+        if args.get("text_before") or args.get("text_after"):
+            return "VMoBA's KV-cache form has no text tokens"
+        try:
+            lay = vmoba_layout(args["grid"], args["chunk"], args["partition"], cached_frames=args["cached_frames"])
+        except ValueError as e:
+            return str(e)
+        if _rule(args)[0] == "token" and lay.num_blocks > MAX_TOKEN_BLOCKS:
+            return (f"the key grid {'×'.join(map(str, lay.grid))} makes {lay.num_blocks} key blocks; the token "
+                    f"rule's kernels rank at most {MAX_TOKEN_BLOCKS} per query")
+        return None
+
+    def run_cached(self, q, k, v, args: dict, scale: float) -> torch.Tensor:
+        sel, scope = _rule(args)
+        return torch.ops.vmonarch.vmoba_attention(q, k, v, args["grid"], args["chunk"], 0, 0, args["partition"],
+                                                  args["threshold"], args["topk"], scale,
+                                                  args.get("pooled_rest", False), sel, scope,
+                                                  int(args["cached_frames"]))
+
+    def cached_flops(self, shape: Shape, args: dict, density: Optional[float] = None) -> Optional[int]:
+        if density is None:
+            return None  # depends on the selection: measured on real q/k
+        from ..kernels.vmoba.layout import vmoba_layout
+
+        # every (query, key) pair is video: selected pairs at the measured density, plus with the
+        # pooled rest every query against one pooled key per key block (vmoba_flops)
+        pairs = density * shape.seq_q * shape.seq_k
+        if args.get("pooled_rest"):
+            pairs += shape.seq_q * vmoba_layout(args["grid"], args["chunk"], args["partition"]).num_blocks
+        return round(4 * shape.batch * shape.heads * pairs * shape.head_dim)
 
     def adapt_args(self, args: dict, old_grid: tuple, new_grid: tuple) -> dict:
         # the number of chunks per dimension is kept: block count, top-k and threshold mean the same

@@ -58,13 +58,13 @@ __all__ = ["vmoba_attention_backward_triton", "vmoba_backward_with_selection", "
 # ----------------------------------------------------------------------------- dQ (video rows)
 # Row loads are written out inline: under TRITON_INTERPRET=1 every call of a jitted helper costs
 # about a millisecond, which the CPU test suite pays per tile.
-@triton.jit(do_not_specialize=["H", "G", "C", "D", "tb", "nv", "N"])
+@triton.jit(do_not_specialize=["H", "G", "C", "D", "tb", "nv", "N", "NQ"])
 def _vmoba_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA,
-                  perm, group_block, group_start, group_len, block_off, block_len,
+                  perm, group_block, group_start, group_len, block_off, block_len, QPERM, QBOFF,
                   ORDER, KV_IDX, KV_CNT, KBAR, VBAR, SELM, LOG2N,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdb, sdh, sdn,
                   sgb, sgh, sgn,
-                  H, G, C, D, tb, nv, N, qk_scale, sm_scale,
+                  H, G, C, D, tb, nv, N, NQ, qk_scale, sm_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   TPG: tl.constexpr, DOT_PREC: tl.constexpr, POOLED: tl.constexpr):
     pid = tl.program_id(0)
@@ -82,8 +82,8 @@ def _vmoba_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA,
         d_ok = offs_d < D
         row_ok = r0 + offs_m < glen
         rm = row_ok[:, None] & d_ok[None, :]
-        qpos = tl.load(block_off + tl.load(group_block + g)) + tl.load(group_start + g) + r0
-        qtok = (tl.load(perm + qpos + offs_m, mask=row_ok, other=0) + tb).to(tl.int64)
+        qpos = tl.load(QBOFF + tl.load(group_block + g)) + tl.load(group_start + g) + r0
+        qtok = (tl.load(QPERM + qpos + offs_m, mask=row_ok, other=0) + tb).to(tl.int64)
         q = tl.load(Q + b * sqb + h * sqh + qtok[:, None] * sqn + offs_d[None, :], mask=rm, other=0.0)
         do = tl.load(DO + b * sdb + h * sdh + qtok[:, None] * sdn + offs_d[None, :], mask=rm, other=0.0)
         o = tl.load(O + b * sob + h * soh + qtok[:, None] * son + offs_d[None, :], mask=rm, other=0.0)
@@ -133,7 +133,7 @@ def _vmoba_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA,
                 l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
                 m_i = m_new
         lse2 = m_i + tl.math.log2(l_i)
-        st = bh.to(tl.int64) * N + qtok
+        st = bh.to(tl.int64) * NQ + qtok
         tl.store(LSE + st, lse2, mask=row_ok)
         tl.store(DELTA + st, delta, mask=row_ok)
         # ---- pass 2: dQ
@@ -239,13 +239,14 @@ def _vmoba_bwd_pooled(Q, DO, LSE, DELTA, KBAR, VBAR, SELM, LOG2N, PART_K, PART_V
 # ----------------------------------------------------------------------------- dK/dV (video keys)
 @triton.jit(do_not_specialize=["H", "G", "C", "D", "tb", "nv", "N"])
 def _vmoba_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
-                    perm, group_block, group_start, group_len, block_off, block_len,
+                    perm, group_block, group_start, group_len, block_off, block_len, QPERM, QBOFF,
                     ORDER, Q_IDX, Q_CNT, DKBAR, DVBAR,
                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
                     skgb, skgh, skgn, svgb, svgh, svgn,
                     H, G, C, D, tb, nv, N, qk_scale, sm_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     TPB: tl.constexpr, DOT_PREC: tl.constexpr, POOLED: tl.constexpr):
+    # nv, N: the video and all query rows (LSE/DELTA rows, text query ranges); keys via perm
     pid = tl.program_id(0)
     rowc = tl.load(ORDER + pid // TPB)  # batch*head*C + block, most selecting groups first
     bh = rowc // C
@@ -274,12 +275,12 @@ def _vmoba_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
         qrow = Q_IDX + rowc.to(tl.int64) * G
         for i in range(0, qn):  # the query groups that selected this block
             g = tl.load(qrow + i)
-            gpos = tl.load(block_off + tl.load(group_block + g)) + tl.load(group_start + g)
+            gpos = tl.load(QBOFF + tl.load(group_block + g)) + tl.load(group_start + g)
             glen = tl.load(group_len + g)
             for r0 in range(0, glen, BLOCK_M):
                 row_ok = r0 + offs_m < glen
                 rm = row_ok[:, None] & d_ok[None, :]
-                qtok = (tl.load(perm + gpos + r0 + offs_m, mask=row_ok, other=0) + tb).to(tl.int64)
+                qtok = (tl.load(QPERM + gpos + r0 + offs_m, mask=row_ok, other=0) + tb).to(tl.int64)
                 q = tl.load(qb + qtok[:, None] * sqn + offs_d[None, :], mask=rm, other=0.0)
                 do = tl.load(dob + qtok[:, None] * sdn + offs_d[None, :], mask=rm, other=0.0)
                 lse2 = tl.load(stb + qtok, mask=row_ok, other=0.0)
@@ -410,13 +411,14 @@ def vmoba_backward_with_selection(q, k, v, out, grad_out, selection: VMoBASelect
         from .token import token_backward_with_selection
         return token_backward_with_selection(q, k, v, out, grad_out, selection, scale, pooled_rest=pooled_rest)
     lay = selection.layout
-    B, H, N, D = q.shape
+    B, H, N, D = q.shape  # N: query rows (the keys are k.shape[2]: more with a KV cache)
+    NK = k.shape[2]
     dq, dk, dv = empty_attention_out(q), empty_attention_out(k), empty_attention_out(v)
     q, k, v, out, grad_out = unit_last(q, k, v, out.to(q.dtype), grad_out.to(q.dtype))
     dev = q.device
     dl = _device_layout(lay, dev)
     BH, C, G, HD = B * H, lay.num_blocks, lay.num_groups, _head_pad(D)
-    tb, nv, ta = lay.text_before, lay.n_video, lay.text_after
+    tb, nv, ta, nq = lay.text_before, lay.n_video, lay.text_after, lay.n_query_video
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     lse2 = torch.empty(BH, N, dtype=torch.float32, device=dev)
     delta = torch.empty(BH, N, dtype=torch.float32, device=dev)
@@ -439,18 +441,18 @@ def vmoba_backward_with_selection(q, k, v, out, grad_out, selection: VMoBASelect
         BM, BN, warps, stages = cfg
         tpg = triton.cdiv(gmax, BM)
         _vmoba_bwd_dq[(G * tpg * BH,)](
-            q, k, v, out, grad_out, dq, lse2, delta, *common, dl["block_len"],
+            q, k, v, out, grad_out, dq, lse2, delta, *common, dl["block_len"], dl["qperm"], dl["qblock_off"],
             order_q, kv_idx, kv_cnt, kbar, vbar, selm, log2n,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            H, G, C, D, tb, nv, N, qk_scale, scale,
+            H, G, C, D, tb, nv, NK, N, qk_scale, scale,
             HEAD_DIM=HD, BLOCK_M=BM, BLOCK_N=BN, TPG=tpg, DOT_PREC=prec, POOLED=pooled_rest,
             num_warps=warps, num_stages=stages)
 
     launch_dq(_config("dq", q, lay, pooled_rest, launch_dq))
-    bwd_dq_rows(q, k, v, out, grad_out, dq, lse2, delta, 0, tb, scale)
+    bwd_dq_rows(q, k, v, out, grad_out, dq, lse2, delta, 0, tb, scale)  # (no text with a KV cache)
     bwd_dq_rows(q, k, v, out, grad_out, dq, lse2, delta, tb + nv, ta, scale)
 
     # 2. the pooled keys' gradient sums, per block and already divided by its size
@@ -462,8 +464,9 @@ def vmoba_backward_with_selection(q, k, v, out, grad_out, selection: VMoBASelect
             split = _pooled_split(q, BH, ctiles, G)
             part_k = torch.empty(split, BH, C, HD, dtype=torch.float32, device=dev)
             part_v = torch.empty(split, BH, C, HD, dtype=torch.float32, device=dev)
-            _vmoba_bwd_pooled[(ctiles, BH, split)](
-                q, grad_out, lse2, delta, kbar, vbar, selm, log2n, part_k, part_v, *common,
+            _vmoba_bwd_pooled[(ctiles, BH, split)](  # (it reads queries only: their block order)
+                q, grad_out, lse2, delta, kbar, vbar, selm, log2n, part_k, part_v, dl["qperm"],
+                dl["group_block"], dl["group_start"], dl["group_len"], dl["qblock_off"],
                 q.stride(0), q.stride(1), q.stride(2),
                 grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
                 H, G, C, D, tb, N, triton.cdiv(G, split), BH, qk_scale,
@@ -484,13 +487,13 @@ def vmoba_backward_with_selection(q, k, v, out, grad_out, selection: VMoBASelect
         BM, BN, warps, stages = cfg
         tpb = triton.cdiv(lay.max_block_len, BN)
         _vmoba_bwd_dkdv[(C * tpb * BH,)](
-            q, k, v, grad_out, dk, dv, lse2, delta, *common, dl["block_len"],
+            q, k, v, grad_out, dk, dv, lse2, delta, *common, dl["block_len"], dl["qperm"], dl["qblock_off"],
             order_k, q_idx, q_cnt, dkbar, dvbar,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-            H, G, C, D, tb, nv, N, qk_scale, scale,
+            H, G, C, D, tb, nq, N, qk_scale, scale,
             HEAD_DIM=HD, BLOCK_M=BM, BLOCK_N=BN, TPB=tpb, DOT_PREC=prec, POOLED=pooled_rest,
             num_warps=warps, num_stages=stages)
 
@@ -505,12 +508,13 @@ def vmoba_attention_backward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.T
                                     text_before: int = 0, text_after: int = 0,
                                     partition: str = "3d", threshold: float = 0.25, topk: int = 0,
                                     scale: Optional[float] = None, pooled_rest: bool = False,
-                                    selection: str = "group", scope: Optional[str] = None):
+                                    selection: str = "group", scope: Optional[str] = None,
+                                    cached_frames: int = 0):
     """``(dq, dk, dv)`` of ``vmoba_attention_triton`` with the same arguments, given its output
     ``out`` and the output gradient; the selection is recomputed by the same kernels."""
     s, lay, threshold, topk = _check_args(q, k, v, grid, chunk, text_before, text_after,
                                           partition, threshold, topk, scale,
-                                          "vmoba_attention_backward_triton")
+                                          "vmoba_attention_backward_triton", cached_frames)
     selection, scope = check_rule(selection, scope, "vmoba_attention_backward_triton")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"vmoba_attention_backward_triton: dtype {q.dtype} unsupported; use "

@@ -215,7 +215,8 @@ def _kv_tile(kpb, vpb, desc_k, desc_v, b, h, pos, offs_n, offs_d, col_ok, d_ok, 
 # ----------------------------------------------------------------------------- attention kernel
 @triton.jit(do_not_specialize=["H", "G", "C", "D", "tb", "nv", "N", "TPB", "MAXT"])
 def _vmoba_fwd(Q, K, V, KP, VP, O, desc_k, desc_v,
-               perm, group_block, group_start, group_len, block_off, ORDER, KV_OFF, KV_LEN, KV_CNT,
+               perm, group_block, group_start, group_len, block_off, QPERM, QBOFF,
+               ORDER, KV_OFF, KV_LEN, KV_CNT,
                FULL, NFULL, TAIL, TLEN, NTAIL, KBAR, VBAR, SELM, LOG2N,
                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                spb, sph, spn,
@@ -238,8 +239,9 @@ def _vmoba_fwd(Q, K, V, KP, VP, O, desc_k, desc_v,
         offs_d = tl.arange(0, HEAD_DIM)
         d_ok = offs_d < D
         row_ok = r0 + offs_m < glen
-        qpos = tl.load(block_off + tl.load(group_block + g)) + tl.load(group_start + g) + r0
-        qtok = (tl.load(perm + qpos + offs_m, mask=row_ok, other=0) + tb).to(tl.int64)
+        # the queries' own block order (the keys' without a KV cache)
+        qpos = tl.load(QBOFF + tl.load(group_block + g)) + tl.load(group_start + g) + r0
+        qtok = (tl.load(QPERM + qpos + offs_m, mask=row_ok, other=0) + tb).to(tl.int64)
         b64 = b.to(tl.int64)
         h64 = h.to(tl.int64)
         q = tl.load(Q + b64 * sqb + h64 * sqh + qtok[:, None] * sqn + offs_d[None, :],
@@ -387,7 +389,7 @@ def vmoba_select_triton(q: torch.Tensor, k: torch.Tensor, *, layout: VMoBALayout
     reads contiguously; with ``pooled`` it also keeps the mean key and mean value of every
     block (``selection.block_means``, for the pooled rest)."""
     lay = layout
-    B, H, N, D = q.shape
+    B, H, _, D = q.shape
     C, G = lay.num_blocks, lay.num_groups
     dev = q.device
     dl = _device_layout(lay, dev)
@@ -414,7 +416,7 @@ def vmoba_select_triton(q: torch.Tensor, k: torch.Tensor, *, layout: VMoBALayout
                            num_warps=4)
     topk_target = float((min(topk, C) - 1) * G) if topk > 0 else 0.0
     def cut_launch(cfg):
-        _cut_search[(BH,)](key, wgt, own_w, cut, G, C, float(threshold), float(lay.n_video),
+        _cut_search[(BH,)](key, wgt, own_w, cut, G, C, float(threshold), float(lay.n_query_video),
                            topk_target, TOPK=topk > 0, BLOCK_E=cfg[0], BLOCK_G=256,
                            num_warps=cfg[1])
 
@@ -514,7 +516,8 @@ def _launch_sparse(cfg, q, k, v, out, sel: VMoBASelection, scale: float, kvp=Non
                    pooled=None):
     BM, BN, warps, stages, mode = cfg
     lay = sel.layout
-    B, H, N, D = q.shape
+    B, H, _, D = q.shape
+    N = k.shape[2]  # keys: the text key ranges (more than the queries with a KV cache)
     dl = _device_layout(lay, q.device)
     HD = _head_pad(D)
     tb, nv = lay.text_before, lay.n_video
@@ -537,7 +540,8 @@ def _launch_sparse(cfg, q, k, v, out, sel: VMoBASelection, scale: float, kvp=Non
     kbar, vbar, selm, log2n = pooled if pooled is not None else (q,) * 4  # placeholders
     _vmoba_fwd[grid](q, k, v, kp, vp, out, dk, dv,
                      dl["perm"], dl["group_block"], dl["group_start"], dl["group_len"],
-                     dl["block_off"], plan["order"], plan["kv_off"], plan["kv_len"], sel.kv_cnt,
+                     dl["block_off"], dl["qperm"], dl["qblock_off"], plan["order"], plan["kv_off"], plan["kv_len"],
+                     sel.kv_cnt,
                      plan["full"], plan["nfull"], plan["tail"], plan["tlen"], plan["ntail"],
                      kbar, vbar, selm, log2n,
                      q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -552,7 +556,7 @@ def _launch_sparse(cfg, q, k, v, out, sel: VMoBASelection, scale: float, kvp=Non
 
 def _config_key(q, lay, pooled: bool = False):
     return (q.device.index, q.dtype, q.shape[-1], lay.grid, lay.chunk, lay.text_before,
-            lay.text_after, _bucket(q.shape[0] * q.shape[1]), pooled)
+            lay.text_after, _bucket(q.shape[0] * q.shape[1]), pooled, lay.cached_frames)
 
 
 def _fixed_config(q) -> Optional[tuple]:
@@ -642,7 +646,7 @@ def vmoba_attention_with_selection(q, k, v, selection: VMoBASelection, scale: fl
     cfg = _pick_config(q, k, v, out, selection, scale, pooled)
     _launch_sparse(cfg, q, k, v, out, selection, scale, pooled=pooled)
     tb, nv = lay.text_before, lay.n_video
-    if (tb or lay.text_after) and sdpa_text_rows(q):
+    if (tb or lay.text_after) and sdpa_text_rows(q):  # (never with a KV cache: no text there)
         text_rows_sdpa_into(q, k, v, out, tb, nv, scale)
         return out
     if tb:
@@ -656,11 +660,13 @@ def vmoba_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                            text_before: int = 0, text_after: int = 0, partition: str = "3d",
                            threshold: float = 0.25, topk: int = 0,
                            scale: Optional[float] = None, pooled_rest: bool = False,
-                           selection: str = "group", scope: Optional[str] = None) -> torch.Tensor:
-    """VMoBA attention with the Triton kernels; same contract as ``vmoba_attention_reference``."""
+                           selection: str = "group", scope: Optional[str] = None,
+                           cached_frames: int = 0) -> torch.Tensor:
+    """VMoBA attention with the Triton kernels; same contract as ``vmoba_attention_reference``
+    (``cached_frames``: the KV-cache form, queries = the last frames of the key grid)."""
     s, lay, threshold, topk = _check_args(q, k, v, grid, chunk, text_before, text_after,
                                           partition, threshold, topk, scale,
-                                          "vmoba_attention_triton")
+                                          "vmoba_attention_triton", cached_frames)
     selection, scope = check_rule(selection, scope, "vmoba_attention_triton")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"vmoba_attention_triton: dtype {q.dtype} unsupported; use float16, "

@@ -261,13 +261,13 @@ def _order_key_torch(x: torch.Tensor, topk: bool) -> torch.Tensor:
 def _select_head_global(q, kbar, lay: VMoBALayout, dl: dict, threshold: float, topk: int, sel8: torch.Tensor,
                         bm: int, bc: int) -> None:
     B, H, _, D = q.shape
-    BH, C, nv = B * H, lay.num_blocks, lay.n_video
+    BH, C, nv = B * H, lay.num_blocks, lay.n_query_video
     dev = q.device
     f32 = dict(dtype=torch.float32, device=dev)
     n_tiles = triton.cdiv(nv, bm)
     gate = torch.empty(BH, nv, C, **f32)
     stats = torch.empty(BH, n_tiles, 4, **f32)
-    _tok_hg_gate[(n_tiles, BH)](q, kbar, gate, stats, dl["perm"], dl["pos_block"], q.stride(0), q.stride(1),
+    _tok_hg_gate[(n_tiles, BH)](q, kbar, gate, stats, dl["qperm"], dl["pos_block"], q.stride(0), q.stride(1),
                                 q.stride(2), H, nv, C, D, lay.text_before, n_tiles,
                                 HEAD_DIM=_head_pad(D), BLOCK_M=bm, BLOCK_C=bc, num_warps=4)
     lo, hi = stats[..., 0].amin(1), stats[..., 1].amax(1)
@@ -322,9 +322,12 @@ def _finish_hg(gate, norm, cut, sel8, dl, nv, C, topk, bm, bc):
 
 
 def _token_dl(lay: VMoBALayout, dev) -> dict:
+    """``_device_layout`` plus ``pos_block``: the own key block of every query position. Query rows
+    are addressed through ``qperm`` (the queries' block order; ``perm`` itself without a KV cache)
+    and counted by ``lay.n_query_video``; key rows through ``perm`` / ``block_off``."""
     dl = _device_layout(lay, dev)
     if "pos_block" not in dl:
-        dl["pos_block"] = torch.repeat_interleave(torch.arange(lay.num_blocks), lay.block_len).to(
+        dl["pos_block"] = torch.repeat_interleave(torch.arange(lay.num_blocks), lay.q_block_len).to(
             dtype=torch.int32, device=dev)
     return dl
 
@@ -337,7 +340,7 @@ def vmoba_select_token_triton(q: torch.Tensor, k: torch.Tensor, *, layout: VMoBA
     attention); with ``pooled`` it keeps every block's mean key and value."""
     lay = layout
     B, H, N, D = q.shape
-    C, nv = lay.num_blocks, lay.n_video
+    C, nv = lay.num_blocks, lay.n_query_video
     if C > MAX_TOKEN_BLOCKS:
         raise ValueError(f"the token rule's Triton selection ranks each token's key blocks in registers: at most "
                          f"{MAX_TOKEN_BLOCKS} blocks, this layout has {C}; use a larger chunk")
@@ -348,7 +351,8 @@ def vmoba_select_token_triton(q: torch.Tensor, k: torch.Tensor, *, layout: VMoBA
     need_means = not (topk == 0 and threshold >= 1.0) or pooled
     kbar = vbar = kp = vp = None
     if need_means or copy:
-        _, kbar, vbar, kp, vp = _group_pass(q, k, v if (copy or pooled) else None, lay, dl, copy, pooled and v is not None)
+        _, kbar, vbar, kp, vp = _group_pass(q, k, v if (copy or pooled) else None, lay, dl, copy, pooled and v is not None,
+                                            need_q=False)
     if topk == 0 and threshold >= 1.0:
         sel.fill_(True)
     else:
@@ -358,7 +362,7 @@ def vmoba_select_token_triton(q: torch.Tensor, k: torch.Tensor, *, layout: VMoBA
         qq = q if q.stride(-1) == 1 else q.contiguous()
         if scope == "query_head":
             _tok_select_qh[(triton.cdiv(nv, bm), B * H)](
-                qq, kbar, sel8, dl["perm"], dl["pos_block"], qq.stride(0), qq.stride(1), qq.stride(2), H, nv, C, D,
+                qq, kbar, sel8, dl["qperm"], dl["pos_block"], qq.stride(0), qq.stride(1), qq.stride(2), H, nv, C, D,
                 lay.text_before, float(threshold), int(min(topk, C) - 1) if topk else 0, EPS=TOKEN_EPS,
                 TOPK=bool(topk), HEAD_DIM=_head_pad(D), BLOCK_M=bm, BLOCK_C=bc, num_warps=4)
         else:
@@ -589,7 +593,7 @@ def _tok_pooled_bwd(Q, DO, LSE, DELTA, SEL, KBAR, VBAR, LOG2N, PART_K, PART_V, p
 
 
 @triton.jit(do_not_specialize=["H", "bh0", "nv", "C", "D", "tb", "N", "TPB"])
-def _tok_dkdv(Q, KP, VP, DO, DK, DV, LSE, DELTA, QLIST, QCNT, perm, block_off, block_len, DKBAR, DVBAR,
+def _tok_dkdv(Q, KP, VP, DO, DK, DV, LSE, DELTA, QLIST, QCNT, perm, QPERM, block_off, block_len, DKBAR, DVBAR,
               sqb, sqh, sqn, spb, sph, spn, sdb, sdh, sdn, skgb, skgh, skgn, svgb, svgh, svgn,
               H, bh0, nv, C, D, tb, N, TPB, qk_scale, sm_scale,
               POOLED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -626,7 +630,7 @@ def _tok_dkdv(Q, KP, VP, DO, DK, DV, LSE, DELTA, QLIST, QCNT, perm, block_off, b
             row_ok = i < cnt
             rm = row_ok[:, None] & d_ok[None, :]
             p = tl.load(lst + i, mask=row_ok, other=0).to(tl.int64)
-            qtok = (tl.load(perm + p, mask=row_ok, other=0) + tb).to(tl.int64)
+            qtok = (tl.load(QPERM + p, mask=row_ok, other=0) + tb).to(tl.int64)
             q = tl.load(qb + qtok[:, None] * sqn + offs_d[None, :], mask=rm, other=0.0)
             do = tl.load(dob + qtok[:, None] * sdn + offs_d[None, :], mask=rm, other=0.0)
             lse2 = tl.load(LSE + bh * N + qtok, mask=row_ok, other=0.0)
@@ -718,12 +722,12 @@ def _rows_launch(mode, q, k, v, o, do, outp, lse2, delta, op, lp, sel8, pooled_a
     kbar, vbar, log2n = pooled_args if pooled_args is not None else (q, q, q)
     o = q if o is None else o
     do = q if do is None else do
-    _tok_rows[(triton.cdiv(lay.n_video, BM), h1 - h0)](
-        q, k, v, o, do, outp, lse2, delta, op, lp, sel8, kbar, vbar, log2n, dl["perm"],
+    _tok_rows[(triton.cdiv(lay.n_query_video, BM), h1 - h0)](  # (text keys: none with a KV cache)
+        q, k, v, o, do, outp, lse2, delta, op, lp, sel8, kbar, vbar, log2n, dl["qperm"],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         outp.stride(0), outp.stride(1), outp.stride(2),
-        H, h0, lay.n_video, lay.num_blocks, D, lay.text_before, N, scale * _LOG2E, scale,
+        H, h0, lay.n_query_video, lay.num_blocks, D, lay.text_before, N, scale * _LOG2E, scale,
         MODE=mode, POOLED=pooled_args is not None, HEAD_DIM=_head_pad(D), BLOCK_M=BM, BLOCK_N=BN, DOT_PREC=prec,
         num_warps=warps, num_stages=stages)
 
@@ -731,11 +735,11 @@ def _rows_launch(mode, q, k, v, o, do, outp, lse2, delta, op, lp, sel8, pooled_a
 def _pairs_launch(mode, q, kp, vp, do, lse2, delta, op, lp, qlist, qcnt, dl, lay, h0, h1, scale, cfg, prec):
     B, H, N, D = q.shape
     BM, BN, warps, stages = cfg
-    hc, C, nv = h1 - h0, lay.num_blocks, lay.n_video
+    hc, C, nv = h1 - h0, lay.num_blocks, lay.n_query_video
     S = _slices(q, hc, C, nv, BM)
     do = q if do is None else do
     _tok_pairs[(S, C, hc)](
-        q, kp, vp, do, lse2, delta, op, lp, qlist, qcnt, dl["perm"], dl["block_off"], dl["block_len"],
+        q, kp, vp, do, lse2, delta, op, lp, qlist, qcnt, dl["qperm"], dl["block_off"], dl["block_len"],
         q.stride(0), q.stride(1), q.stride(2), kp.stride(0), kp.stride(1), kp.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         H, h0, nv, C, D, lay.text_before, N, S, scale * _LOG2E,
@@ -751,7 +755,7 @@ def token_attention_with_selection(q, k, v, selection: VMoBASelection, scale: fl
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     lay = selection.layout
     B, H, N, D = q.shape
-    BH, C, nv = B * H, lay.num_blocks, lay.n_video
+    BH, C, nv = B * H, lay.num_blocks, lay.n_query_video  # query rows (keys: k.shape[2])
     if out is None:
         out = empty_attention_out(q)
     dl = _token_dl(lay, q.device)
@@ -793,7 +797,7 @@ def token_backward_with_selection(q, k, v, out, grad_out, selection: VMoBASelect
     q, k, v, out, grad_out = unit_last(q, k, v, out.to(q.dtype), grad_out.to(q.dtype))
     dev = q.device
     dl = _token_dl(lay, dev)
-    BH, C, nv = B * H, lay.num_blocks, lay.n_video
+    BH, C, nv = B * H, lay.num_blocks, lay.n_query_video  # query rows (keys: k.shape[2])
     tb, ta = lay.text_before, lay.text_after
     kp, vp = _block_order(k, v, selection, dl)
     sel8 = selection.row_sel.reshape(BH, nv, C).view(torch.int8)
@@ -843,7 +847,7 @@ def token_backward_with_selection(q, k, v, out, grad_out, selection: VMoBASelect
             part_k = torch.empty(splits, hc, C, HD, dtype=torch.float32, device=dev)
             part_v = torch.empty(splits, hc, C, HD, dtype=torch.float32, device=dev)
             _tok_pooled_bwd[(ctiles, hc, splits)](
-                q, grad_out, lse2, delta, sel8, kbar, vbar, log2n, part_k, part_v, dl["perm"],
+                q, grad_out, lse2, delta, sel8, kbar, vbar, log2n, part_k, part_v, dl["qperm"],
                 q.stride(0), q.stride(1), q.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
                 H, h0, nv, C, D, tb, N, rps, hc, qk_scale,
                 HEAD_DIM=HD, BLOCK_M=BM, BLOCK_P=bp, DOT_PREC=prec, num_warps=warps, num_stages=1)
@@ -854,7 +858,8 @@ def token_backward_with_selection(q, k, v, out, grad_out, selection: VMoBASelect
             dvbar[h0:h1] = part_v.sum(0) * inv_n
         tpb = triton.cdiv(lay.max_block_len, BN)
         _tok_dkdv[(C * tpb, hc)](
-            q, kp, vp, grad_out, dk, dv, lse2, delta, qlist, qcnt, dl["perm"], dl["block_off"], dl["block_len"],
+            q, kp, vp, grad_out, dk, dv, lse2, delta, qlist, qcnt, dl["perm"], dl["qperm"], dl["block_off"],
+            dl["block_len"],
             dkbar, dvbar, q.stride(0), q.stride(1), q.stride(2), kp.stride(0), kp.stride(1), kp.stride(2),
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
