@@ -342,3 +342,20 @@ def test_skyreels_v2_block_causal_with_vmoba(monkeypatch):
     with torch.no_grad():
         assert rel_err(exact(**b)[0], ref) < 1e-4
     assert_kernels_ran(exact)
+
+
+@pytest.mark.parametrize("selection", ["token", "group"])
+def test_onnx_lowering_of_kv_and_block_causal_plans(selection):
+    """The ONNX decomposition (``lower``) takes the KV-cache form: the same function as the
+    reference, for a KV-cache plan and for a block-causal plan run through it chunk by chunk."""
+    from vmonarch_opt.methods import causal
+
+    grid = (5, 3, 4)
+    q, k, v = (torch.randn(2, 2, 60, 16, dtype=torch.float64) for _ in range(3))
+    scope = "query_head" if selection == "token" else "head_global"
+    for pooled in (False, True):
+        kv = _args(grid, (2, 2, 3), "3d", pooled=pooled, selection=selection, scope=scope, cached_frames=2)
+        assert rel_err(VMOBA.lower(q[:, :, 24:], k, v, kv, 0.25), VMOBA.run_cached(q[:, :, 24:], k, v, kv, 0.25)) \
+            < 1e-12
+        bc = _args(grid, (2, 2, 3), "3d", pooled=pooled, selection=selection, scope=scope, causal_chunk=2)
+        assert rel_err(causal.apply(VMOBA, q, k, v, bc, 0.25, lowering=True), VMOBA.apply(q, k, v, bc, 0.25)) < 1e-12

@@ -215,8 +215,9 @@ _TABLES: dict = {}
 
 
 def _vmoba_tables(lay):
-    """Constant gather tables of a VMoBA layout (video-token indices; ``Nv`` = the zero pad row)."""
-    key = (lay.grid, lay.chunk, lay.partition)
+    """Constant gather tables of a VMoBA layout (video-token indices; ``Nv`` = the zero pad row).
+    Query-side tables index the query video tokens (the last frames with a KV cache: ``q_perm``)."""
+    key = (lay.grid, lay.chunk, lay.partition, lay.cached_frames)
     if key not in _TABLES:
         if len(_TABLES) > 64:
             _TABLES.clear()
@@ -225,31 +226,31 @@ def _vmoba_tables(lay):
 
 
 def _build_vmoba_tables(lay):
-    nv = lay.n_video
+    nv, nq = lay.n_video, lay.n_query_video
     C, G = lay.num_blocks, lay.num_groups
     Lb = int(lay.block_len.max())
     Lg = int(lay.group_len.max())
     perm = lay.perm
-    pad = torch.tensor([nv])
-    permp = torch.cat([perm, pad])
+    permp = torch.cat([perm, torch.tensor([nv])])
     pos = torch.arange(Lb)[None, :]
     bvalid = pos < lay.block_len[:, None]                                     # [C, Lb]
     btok = permp[torch.where(bvalid, lay.block_off[:, None] + pos, torch.full_like(pos, nv))]
+    qpermp = torch.cat([lay.q_perm, torch.tensor([nq])])  # query side: the keys' own without a KV cache
     gpos = torch.arange(Lg)[None, :]
     gvalid = gpos < lay.group_len[:, None]                                    # [G, Lg]
-    gstart = lay.block_off[lay.group_block] + lay.group_start
-    gtok = permp[torch.where(gvalid, gstart[:, None] + gpos, torch.full_like(gpos, nv))]
-    # inverse: natural video token p sits at flat slot g * Lg + l of the group layout
-    inv = torch.empty(nv, dtype=torch.int64)
+    gstart = lay.q_block_off[lay.group_block] + lay.group_start
+    gtok = qpermp[torch.where(gvalid, gstart[:, None] + gpos, torch.full_like(gpos, nq))]
+    # inverse: natural video query token p sits at flat slot g * Lg + l of the group layout
+    inv = torch.empty(nq, dtype=torch.int64)
     slots = torch.arange(G * Lg).reshape(G, Lg)
     inv[gtok[gvalid]] = slots[gvalid]
     own = torch.zeros(G, C, dtype=torch.bool)
     own[torch.arange(G), lay.group_block] = True
     # token rule: block-order position of each group slot (nv: the padding row), own block per position
-    gposb = torch.where(gvalid, gstart[:, None] + gpos, torch.full_like(gpos, nv))
-    pos_own = F.one_hot(torch.repeat_interleave(torch.arange(C), lay.block_len), C).bool()
+    gposb = torch.where(gvalid, gstart[:, None] + gpos, torch.full_like(gpos, nq))
+    pos_own = F.one_hot(torch.repeat_interleave(torch.arange(C), lay.q_block_len), C).bool()
     return dict(C=C, G=G, Lb=Lb, Lg=Lg, btok=btok, bvalid=bvalid, gtok=gtok, gvalid=gvalid, inv=inv,
-                own=own, block_len=lay.block_len, group_len=lay.group_len, perm=perm, gposb=gposb,
+                own=own, block_len=lay.block_len, group_len=lay.group_len, perm=lay.q_perm, gposb=gposb,
                 pos_own=pos_own)
 
 
@@ -287,18 +288,19 @@ def vmoba_lowered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, ch
                   text_before: int = 0, text_after: int = 0, partition: str = "3d",
                   threshold: float = 0.25, topk: int = 0, scale: Optional[float] = None,
                   key_valid: Optional[torch.Tensor] = None, pooled_rest: bool = False,
-                  selection: str = "group", scope: Optional[str] = None) -> torch.Tensor:
+                  selection: str = "group", scope: Optional[str] = None, cached_frames: int = 0) -> torch.Tensor:
     """VMoBA attention (same function as ``vmoba_attention_reference``) in ONNX-friendly ops.
 
     ``key_valid`` ([batch, N] bool, True everywhere on the video tokens) drops text keys.
     ``pooled_rest``: the unselected blocks join the softmax as pooled keys (mean key, logit +
     log(block size), mean value), as in the reference. ``selection`` / ``scope``: the rule.
+    ``cached_frames``: the KV-cache form (q = the last frames of the key grid ``grid``).
     """
     from ..kernels.vmoba.layout import _check_args, check_rule
 
     with _real_tensors():
         scale, lay, threshold, topk = _check_args(q, k, v, grid, chunk, text_before, text_after, partition,
-                                                  threshold, topk, scale, "vmoba_lowered")
+                                                  threshold, topk, scale, "vmoba_lowered", cached_frames)
         selection, scope = check_rule(selection, scope, "vmoba_lowered")
         tables = _vmoba_tables(lay)
     if selection == "token":
@@ -306,11 +308,11 @@ def vmoba_lowered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, ch
     b, h, N, D = q.shape
     cdt, dev = _cdt(q), q.device
     t = {k_: (x.to(dev) if isinstance(x, torch.Tensor) else x) for k_, x in tables.items()}
-    tb, nv = lay.text_before, lay.n_video
+    tb, nv, nq = lay.text_before, lay.n_video, lay.n_query_video  # (nq < nv: KV cache, no text)
     C, G, Lb, Lg = t["C"], t["G"], t["Lb"], t["Lg"]
     qf, kf, vf = q.to(cdt), k.to(cdt), v.to(cdt)
     zrow = torch.zeros(b, h, 1, D, dtype=cdt, device=dev)
-    qv = torch.cat([qf[:, :, tb:tb + nv], zrow], dim=2)                      # video tokens + a zero row
+    qv = torch.cat([qf[:, :, tb:tb + nq], zrow], dim=2)                      # video tokens + a zero row
     kv = torch.cat([kf[:, :, tb:tb + nv], zrow], dim=2)
     vv = torch.cat([vf[:, :, tb:tb + nv], zrow], dim=2)
 
@@ -320,7 +322,7 @@ def vmoba_lowered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, ch
     vblk = vv[:, :, t["btok"]]
     qbar = qg.sum(-2) / t["group_len"].to(cdt)[:, None]
     kbar = kblk.sum(-2) / t["block_len"].to(cdt)[:, None]
-    sel = _vmoba_selection(qbar, kbar, t, threshold=threshold, topk=topk, scale=scale, nv=nv)
+    sel = _vmoba_selection(qbar, kbar, t, threshold=threshold, topk=topk, scale=scale, nv=nq)
 
     # selected block indices per group, ascending, unselected slots last (masked)
     cidx = torch.arange(C, device=dev).to(cdt)
@@ -345,7 +347,7 @@ def vmoba_lowered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, ch
         pbias = torch.where(sel, neg, torch.zeros((), dtype=cdt, device=dev)) + log_n   # [b, h, G, C]
         logits.append(torch.matmul(qg, kbar[:, :, None].transpose(-1, -2)) * scale + pbias[..., None, :])
         values.append(vbar[:, :, None])
-    tidx = _text_index(tb, nv, N, dev)
+    tidx = _text_index(tb, nq, N, dev)
     if tidx.numel():
         kt, vt = kf[:, :, tidx], vf[:, :, tidx]
         st = torch.matmul(qg, kt[:, :, None].transpose(-1, -2)) * scale       # [b, h, G, Lg, nt]
@@ -380,17 +382,17 @@ def _vmoba_token_lowered(q, k, v, lay, tables, threshold, topk, scope, scale, ke
     b, h, N, D = q.shape
     cdt, dev = _cdt(q), q.device
     t = {k_: (x.to(dev) if isinstance(x, torch.Tensor) else x) for k_, x in tables.items()}
-    tb, nv = lay.text_before, lay.n_video
+    tb, nv, nq = lay.text_before, lay.n_video, lay.n_query_video  # (nq < nv: KV cache, no text)
     C, G, Lb, Lg = t["C"], t["G"], t["Lb"], t["Lg"]
     qf, kf, vf = q.to(cdt), k.to(cdt), v.to(cdt)
     zrow = torch.zeros(b, h, 1, D, dtype=cdt, device=dev)
-    qv = torch.cat([qf[:, :, tb:tb + nv], zrow], dim=2)
+    qv = torch.cat([qf[:, :, tb:tb + nq], zrow], dim=2)
     kv = torch.cat([kf[:, :, tb:tb + nv], zrow], dim=2)
     vv = torch.cat([vf[:, :, tb:tb + nv], zrow], dim=2)
     kblk = kv[:, :, t["btok"]]                                                # [b, h, C, Lb, D]
     vblk = vv[:, :, t["btok"]]
     kbar = kblk.sum(-2) / t["block_len"].to(cdt)[:, None]                     # [b, h, C, D]
-    gate = torch.matmul(qv[:, :, t["perm"]], kbar.transpose(-1, -2))         # [b, h, Nv, C], block order
+    gate = torch.matmul(qv[:, :, t["perm"]], kbar.transpose(-1, -2))         # [b, h, Nq, C], block order
     keep = token_keep(gate, t["pos_own"], threshold, topk, scope)
     keep = torch.cat([keep, torch.zeros(b, h, 1, C, dtype=torch.bool, device=dev)], dim=2)
     keep_g = keep[:, :, t["gposb"]]                                           # [b, h, G, Lg, C]
@@ -407,7 +409,7 @@ def _vmoba_token_lowered(q, k, v, lay, tables, threshold, topk, scope, scale, ke
         pbias = torch.where(keep_g, neg, zero) + torch.log(t["block_len"].to(cdt))
         logits.append(torch.matmul(qg, kbar[:, :, None].transpose(-1, -2)) * scale + pbias)
         values.append(vbar[:, :, None])
-    tidx = _text_index(tb, nv, N, dev)
+    tidx = _text_index(tb, nq, N, dev)
     if tidx.numel():
         st = torch.matmul(qg, kf[:, :, tidx][:, :, None].transpose(-1, -2)) * scale
         tbias = _key_bias(key_valid, tidx, cdt)

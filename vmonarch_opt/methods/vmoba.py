@@ -371,6 +371,7 @@ class VMoBAMethod(Method):
     # chunk c's queries against the key blocks of its visible prefix grid (methods/causal.py), so a
     # query's selection ranges exactly over the key blocks of the frames it sees.
     causal_mode = "cached"
+    lowers_cached = True  # lower() takes cached_frames (deploy/lowering.py)
 
     def cached_unsupported(self, args: dict) -> Optional[str]:
         from ..kernels.vmoba.layout import MAX_TOKEN_BLOCKS, vmoba_layout
@@ -417,7 +418,8 @@ class VMoBAMethod(Method):
         return vmoba_lowered(q, k, v, grid=args["grid"], chunk=args["chunk"], text_before=args["text_before"],
                              text_after=args["text_after"], partition=args["partition"],
                              threshold=args["threshold"], topk=args["topk"], scale=scale, key_valid=key_valid,
-                             pooled_rest=args.get("pooled_rest", False), selection=sel, scope=scope)
+                             pooled_rest=args.get("pooled_rest", False), selection=sel, scope=scope,
+                             cached_frames=int(args.get("cached_frames") or 0))
 
 
 register(VMoBAMethod())
