@@ -112,12 +112,10 @@ def test_kv_cache_sites_detected_and_dense_streams_exactly(tiny):
 def test_monarch_rt_on_kv_cache_sites(tiny):
     """``methods=("monarch_rt",)`` on the streaming call: the KV-cache sites run MonarchRT's cached
     form (key grid 9×4×5, 6 cached frames) and stream with every call on our op, the first chunk's
-    too (no cache: plain MonarchRT), finite and close to the model's video. VMoBA, which has no
-    KV-cache form, leaves them the model's own attention and says so."""
+    too (no cache: plain MonarchRT), finite and close to the model's video."""
     model, noise, text, batch = tiny
     with _quiet():
         opt = vmonarch_opt.optimize(model, batch, methods=("monarch_rt",), budget=None, min_seq_len=0)
-        vm = vmonarch_opt.optimize(model, batch, methods=("vmoba",), budget=None, min_seq_len=0)
         ref, _, _ = stream_generate(model, noise, text, steps=2)
         out, _, _ = stream_generate(opt, noise, text, steps=2)
     rep = opt.report
@@ -125,13 +123,43 @@ def test_monarch_rt_on_kv_cache_sites(tiny):
         plan = rep.site(sid)["plan"]
         assert plan["method"] == "monarch_rt" and plan["args"]["cached_frames"] == 6
         assert list(plan["args"]["grid"]) == [9, 4, 5] and "KV cache: 6 cached frames" in rep.why(sid)
-        assert vm.report.site(sid)["plan"]["method"] == "original"
-        assert "vmoba has no KV-cache form" in vm.report.why(sid)
     assert torch.isfinite(out).all()
     assert_kernels_ran(opt)
     assert all(c["ran"] == 9 for c in vmonarch_opt.stats(opt).values())
     rel = ((out - ref).norm() / ref.norm()).item()
     assert 0 < rel < 0.5, rel
+
+
+def test_vmoba_on_kv_cache_and_block_causal_sites(tiny):
+    """``methods=("vmoba",)``: the KV-cache sites run VMoBA's cached form (key blocks over the key
+    grid 9×4×5, the new queries selecting among all of them) and stream with every call on our op;
+    on the training call (block-causal) the sites run chunk by chunk and are causal: the first two
+    chunks' outputs do not move when the last chunk's input does."""
+    model, noise, text, batch = tiny
+    with _quiet():
+        vm = vmonarch_opt.optimize(model, batch, methods=("vmoba",), budget=None, min_seq_len=0)
+        ref, _, _ = stream_generate(model, noise, text, steps=2)
+        out, _, _ = stream_generate(vm, noise, text, steps=2)
+    for sid in ATTN1:
+        plan = vm.report.site(sid)["plan"]
+        assert plan["method"] == "vmoba" and plan["args"]["cached_frames"] == 6
+        assert list(plan["args"]["grid"]) == [9, 4, 5]
+    assert torch.isfinite(out).all()
+    assert_kernels_ran(vm)
+    assert all(c["ran"] == 9 for c in vmonarch_opt.stats(vm).values())
+    assert 0 < ((out - ref).norm() / ref.norm()).item() < 0.5
+    ts = torch.tensor([[0.0] * 6 + [500.0] * 3])
+    batch = training_batch(noise, text, ts)
+    moved = training_batch(noise + torch.cat([torch.zeros_like(noise[:, :, :6]), torch.ones_like(noise[:, :, 6:])], 2),
+                           text, ts)
+    train = vmonarch_opt.optimize(model, batch, methods=("vmoba",), budget=None, min_seq_len=0)
+    assert all(train.report.site(sid)["plan"]["method"] == "vmoba"
+               and train.report.site(sid)["plan"]["args"]["causal_chunk"] == 3 for sid in ATTN1)
+    with torch.no_grad():
+        a, b = train(**batch)[0], train(**moved)[0]
+    assert_kernels_ran(train)
+    assert torch.isfinite(a).all() and (a - b)[:, :, 6:].abs().max() > 0
+    torch.testing.assert_close(b[:, :, :6], a[:, :, :6], rtol=0, atol=1e-5)
 
 
 def test_block_causal_sites_detected_and_run_causally(tiny):
@@ -205,12 +233,11 @@ def test_streaming_benchmark_smoke(tmp_path, monkeypatch):
     for r in rows.values():
         assert r["total_s"] > 0 and r["latent_fps"] > 0 and len(r["chunk_s"]) == len(r["chunk_err"]) == 2
         assert r["attention"]["op_ms"] > 0 and r["attention"]["kv"][2] == 2 * r["attention"]["q"][2]
-    assert rows["vmoba"]["plan"]["method"] == "original" and "no KV-cache form" in rows["vmoba"]["plan"]["reason"]
-    assert rows["vmoba"]["video_err"] == 0.0  # left dense: the model's own attention
-    rt = rows["monarch_rt"]
-    assert rt["plan"]["method"] == "monarch_rt" and rt["plan"]["args"]["cached_frames"] == 3
-    assert 0 < rt["video_err"] < 0.5 and all(c["ran"] == 4 and not c["fell_back"] for c in rt["stats"].values())
-    assert rt["attention"]["op_finite"] and 0 < rt["attention"]["op_err"] < 0.5
+    for name in ("monarch_rt", "vmoba"):
+        rt = rows[name]
+        assert rt["plan"]["method"] == name and rt["plan"]["args"]["cached_frames"] == 3
+        assert 0 < rt["video_err"] < 0.5 and all(c["ran"] == 4 and not c["fell_back"] for c in rt["stats"].values())
+        assert rt["attention"]["op_finite"] and 0 < rt["attention"]["op_err"] < 0.5
     assert {t["what"].split(":")[0] for t in res["targets"]} == {"monarch_rt", "vmoba"}
     section = (tmp_path / "out" / "streaming_section.md").read_text()
     assert section.index("Targets") > section.index("| method")
