@@ -209,7 +209,7 @@ def test_block_causal_selection_ranges_over_the_visible_blocks():
         expect[:, :, toks] = p @ v[:, :, :e * hw]
     assert (out - expect).abs().max() < 1e-12
     # each call's key blocks are exactly the blocks of the frames its queries see
-    for r0, r1, k1, ca in _calls(VMOBA, a, 30):
+    for r0, r1, k1, ca in _calls(VMOBA, a, 30, 30):
         lay = vmoba_layout(ca["grid"], ca["chunk"], ca["partition"], cached_frames=ca.get("cached_frames", 0))
         assert k1 == lay.n_tokens == ca["grid"][0] * hw and r1 - r0 == lay.n_query_tokens
         assert sorted(lay.perm.tolist()) == list(range(k1))

@@ -28,12 +28,12 @@ Under ``torch.compile`` the chunk loop unrolls (static shapes); every call is a 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 __all__ = ["is_causal_plan", "chunk_calls", "apply", "cost", "unsupported", "block_causal_visible",
-           "CAUSAL_KEYS", "dense_causal_flops", "structure_args"]
+           "CAUSAL_KEYS", "dense_causal_flops", "structure_args", "calls", "Call"]
 
 #: the plan arguments of the two structures
 CAUSAL_KEYS = ("causal_chunk", "cached_frames")
@@ -70,7 +70,7 @@ def unsupported(method, args: dict) -> Optional[str]:
             T, H, W = _grid(args)
             C = int(args["causal_chunk"])
             for s, e in chunk_calls(T, C)[1:]:
-                why = method.cached_unsupported(_cached_args(args, e, s))
+                why = method.cached_unsupported(_cached_args(method, args, e, s))
                 if why is not None:
                     return f"chunk of frames {s}..{e - 1} over its {e} visible frames: {why}"
         return why
@@ -92,18 +92,55 @@ def structure_args(method, args: dict, site) -> dict:
     return {**args, "grid": list(key_grid), "cached_frames": F}
 
 
-def _cached_args(args: dict, end: int, start: int) -> dict:
-    T, H, W = _grid(args)
-    out = {k: v for k, v in args.items() if k not in CAUSAL_KEYS}
-    return {**out, "grid": [end, H, W], "cached_frames": start}
+def _cached_args(method, args: dict, end: int, start: int) -> dict:
+    """A block-causal plan's arguments for chunk ``[start, end)`` as a KV-cache call: the plan
+    re-derived for the visible grid ``(end, H, W)`` (as a streaming plan is for that cache length),
+    the first ``start`` frames cached."""
+    return {**_prefix_args(method, args, end), "grid": [end, *_grid(args)[1:]], "cached_frames": start}
 
 
 def _prefix_args(method, args: dict, end: int) -> dict:
     T, H, W = _grid(args)
     out = {k: v for k, v in args.items() if k not in CAUSAL_KEYS}
-    if end == T:
-        return out
+    if end == T or not method.uses_grid:
+        return {**out, "grid": [end, H, W]} if "grid" in out else out
     return method.adapt_args(out, (T, H, W), (end, H, W))
+
+
+class Call(NamedTuple):
+    """One call ``apply`` makes: query rows ``[r0, r1)`` against keys ``[0, k1)``; ``rows`` keeps
+    rows ``[rows, ...)`` of a "prefix" call's output; ``cached``: a ``run_cached`` call."""
+
+    r0: int
+    r1: int
+    k1: int
+    args: dict
+    cached: bool
+    rows: int = 0
+
+
+def calls(method, args: dict, n_q: int, n_k: int) -> list[Call]:
+    """The method calls that run a plan with ``args`` on ``n_q`` queries and ``n_k`` keys: one
+    (``run``, or ``run_cached`` with a KV cache), or one per chunk of a block-causal plan in the
+    method's ``causal_mode``. ``apply``, ``cost`` and measured-FLOP methods share it."""
+    if args.get("cached_frames"):
+        return [Call(0, n_q, n_k, args, True)]
+    C = int(args.get("causal_chunk") or 0)
+    if not C:
+        return [Call(0, n_q, n_k, args, False)]
+    T, H, W = _grid(args)
+    hw = H * W
+    if n_q != T * hw or n_k != T * hw:
+        raise ValueError(f"block-causal plan for grid {(T, H, W)}: {n_q} queries and {n_k} keys, not {T * hw}")
+    out = []
+    for s, e in chunk_calls(T, C):
+        if method.causal_mode == "cached" and s:
+            out.append(Call(s * hw, e * hw, e * hw, _cached_args(method, args, e, s), True))
+        elif method.causal_mode == "cached":
+            out.append(Call(0, e * hw, e * hw, _prefix_args(method, args, e), False))
+        else:
+            out.append(Call(0, e * hw, e * hw, _prefix_args(method, args, e), False, rows=s * hw))
+    return out
 
 
 def apply(method, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: dict, scale: float,
@@ -112,53 +149,30 @@ def apply(method, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: dict,
     ``run_cached`` with a KV cache, chunk by chunk under a block-causal mask. ``lowering``: the
     same calls through the method's ONNX decomposition (``lower``; a KV-cache call only for methods
     with ``lowers_cached``)."""
+    plan = calls(method, args, q.shape[-2], k.shape[-2])
     if lowering:
         run_cached = run = method.lower
-        if (args.get("cached_frames") or method.causal_mode == "cached") and not method.lowers_cached:
+        if any(c.cached for c in plan) and not method.lowers_cached:
             raise NotImplementedError(f"{method.name} has no ONNX lowering of its KV-cache form")
     else:
         run, run_cached = method.run, method.run_cached
-    if args.get("cached_frames"):
-        return run_cached(q, k, v, args, scale)
-    C = int(args.get("causal_chunk") or 0)
-    if not C:
-        return run(q, k, v, args, scale)
-    T, H, W = _grid(args)
-    hw = H * W
-    if q.shape[-2] != T * hw or k.shape[-2] != T * hw:
-        raise ValueError(f"block-causal plan for grid {(T, H, W)}: q has {q.shape[-2]} and k {k.shape[-2]} tokens, "
-                         f"not {T * hw}")
+    if len(plan) == 1 and plan[0].r0 == 0 and plan[0].r1 == q.shape[-2] and plan[0].k1 == k.shape[-2]:
+        return (run_cached if plan[0].cached else run)(q, k, v, args, scale)
     parts = []
-    for s, e in chunk_calls(T, C):
-        ks, vs = k[..., :e * hw, :], v[..., :e * hw, :]
-        if method.causal_mode == "cached":
-            a = _cached_args(args, e, s) if s else _prefix_args(method, args, e)
-            part = (run_cached(q[..., s * hw:e * hw, :], ks, vs, a, scale) if s
-                    else run(q[..., :e * hw, :], ks, vs, a, scale))
-        else:
-            part = run(q[..., :e * hw, :], ks, vs, _prefix_args(method, args, e), scale)[..., s * hw:, :]
-        parts.append(part)
+    for c in plan:
+        ks, vs = k[..., :c.k1, :], v[..., :c.k1, :]
+        out = (run_cached if c.cached else run)(q[..., c.r0:c.r1, :], ks, vs, c.args, scale)
+        parts.append(out[..., c.rows:, :] if c.rows else out)
     return torch.cat(parts, dim=-2)
 
 
 def cost(method, shape, args: dict, density: Optional[float] = None) -> Optional[int]:
     """Attention FLOPs of a plan (``Method.cost``): ``flops`` without causal arguments, else the
     sum over the calls ``apply`` makes (None when one of them is not known)."""
-    if args.get("cached_frames"):
-        return method.cached_flops(shape, args, density)
-    C = int(args.get("causal_chunk") or 0)
-    if not C:
-        return method.flops(shape, args, density)
-    T, H, W = _grid(args)
-    hw = H * W
     total = 0
-    for s, e in chunk_calls(T, C):
-        if method.causal_mode == "cached" and s:
-            f = method.cached_flops(dataclasses.replace(shape, seq_q=(e - s) * hw, seq_k=e * hw),
-                                    _cached_args(args, e, s), density)
-        else:
-            f = method.flops(dataclasses.replace(shape, seq_q=e * hw, seq_k=e * hw),
-                             _prefix_args(method, args, e), density)
+    for c in calls(method, args, shape.seq_q, shape.seq_k):
+        sub = dataclasses.replace(shape, seq_q=c.r1 - c.r0, seq_k=c.k1)
+        f = (method.cached_flops if c.cached else method.flops)(sub, c.args, density)
         if f is None:
             return None
         total += int(f)

@@ -189,23 +189,12 @@ def _select(q, k, args: dict, scale: float):
                                  scope=args.get("scope") or None, cached_frames=int(args.get("cached_frames") or 0))
 
 
-def _calls(method, args: dict, n_q: int) -> list:
+def _calls(method, args: dict, n_q: int, n_k: int) -> list:
     """``[(query rows [r0, r1), keys [0, k1), op args)]``: the op calls ``Method.apply`` makes for a
-    plan (one without causal arguments or with a KV cache; one per chunk of a block-causal plan,
-    as ``methods/causal.py`` runs them in "cached" mode: chunk 0 the full form on its prefix grid,
-    chunk c its queries against the visible prefix as a KV-cache call)."""
+    plan (``methods/causal.calls``; VMoBA's block-causal mode is "cached": no prefix rows)."""
     from . import causal
 
-    if args.get("cached_frames"):
-        T, H, W = (int(x) for x in args["grid"])
-        return [(0, n_q, T * H * W, args)]
-    C = int(args.get("causal_chunk") or 0)
-    if not C:
-        return [(0, n_q, n_q, args)]
-    T, H, W = (int(x) for x in args["grid"])
-    hw = H * W
-    return [(s * hw, e * hw, e * hw, causal._cached_args(args, e, s) if s else causal._prefix_args(method, args, e))
-            for s, e in causal.chunk_calls(T, C)]
+    return [(c.r0, c.r1, c.k1, c.args) for c in causal.calls(method, args, n_q, n_k)]
 
 
 def _rule(args: dict) -> tuple:
@@ -333,7 +322,7 @@ class VMoBAMethod(Method):
 
         pooled = args.get("pooled_rest", False)
         outs, flops, pairs, seen = [], 0, 0, 0
-        for r0, r1, k1, a in _calls(self, args, q.shape[-2]):
+        for r0, r1, k1, a in _calls(self, args, q.shape[-2], k.shape[-2]):
             qq, kk, vv = q[..., r0:r1, :], k[..., :k1, :], v[..., :k1, :]
             sel = _select(qq, kk, a, scale)
             if want_out:
