@@ -103,21 +103,12 @@ def check(label, name, cfg, site, device, dtype, backward=True) -> dict:
     return row
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args(argv)
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-        os.environ.setdefault("VMONARCH_INTERPRET_KERNELS", "1")
-        device, dtypes = "cpu", (torch.float32,)
-    else:
-        if not torch.cuda.is_available():
-            print("cuda_check: no CUDA device")
-            return 1
-        device, dtypes = "cuda", (torch.bfloat16, torch.float16)
+_SMOKE_ENV = {"TRITON_INTERPRET": "1", "VMONARCH_INTERPRET_KERNELS": "1"}
+
+
+def _run_all(smoke: bool, device, dtypes) -> list:
     rows = []
-    for label, name, cfg, site in cases(args.smoke):
+    for label, name, cfg, site in cases(smoke):
         for dt in dtypes:
             try:
                 r = check(label, name, cfg, site, device, dt)
@@ -125,6 +116,31 @@ def main(argv=None) -> int:
                 r = {"case": label, "dtype": str(dt), "error": f"{type(e).__name__}: {str(e)[:300]}"}
             rows.append(r)
             print(json.dumps(r), flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        device, dtypes = "cpu", (torch.float32,)
+    else:
+        if not torch.cuda.is_available():
+            print("cuda_check: no CUDA device")
+            return 1
+        device, dtypes = "cuda", (torch.bfloat16, torch.float16)
+    saved = {k: os.environ.get(k) for k in _SMOKE_ENV}
+    if args.smoke:  # the kernels on CPU tensors, in Triton's interpreter (restored afterwards)
+        os.environ.update(_SMOKE_ENV)
+    try:
+        rows = _run_all(args.smoke, device, dtypes)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     out = out_dir()
     if out:
         (out / "cuda_check.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))

@@ -14,6 +14,25 @@ def _seed():
     yield
 
 
+_ROUTING_ENV = ("VMONARCH_INTERPRET_KERNELS", "VMONARCH_FORCE_REFERENCE", "VMONARCH_DENSE_KERNEL", "TRITON_INTERPRET")
+
+
+@pytest.fixture(autouse=True)
+def _routing_env_unchanged():
+    """A test that leaves a kernel-routing variable changed (set outside monkeypatch) would make every
+    later test run other code paths (all ops in Triton's interpreter: a suite many times slower)."""
+    before = {k: os.environ.get(k) for k in _ROUTING_ENV}
+    yield
+    after = {k: os.environ.get(k) for k in _ROUTING_ENV}
+    if after != before:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        pytest.fail(f"the test left kernel-routing environment variables changed: {before} -> {after}")
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     e = ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
