@@ -39,8 +39,26 @@ def _triple(name: str, x) -> Tuple[int, int, int]:
     return t
 
 
+class GridTokens:
+    """Token counts of a layout with ``grid = (T, H, W)`` video tokens between ``text_before`` and
+    ``text_after`` text tokens (Monarch's and MonarchRT's layouts)."""
+
+    @property
+    def Nv(self) -> int:
+        T, H, W = self.grid
+        return T * H * W
+
+    @property
+    def N(self) -> int:
+        return self.text_before + self.Nv + self.text_after
+
+    @property
+    def n_text(self) -> int:
+        return self.text_before + self.text_after
+
+
 @dataclass(frozen=True)
-class MonarchLayout:
+class MonarchLayout(GridTokens):
     grid: Tuple[int, int, int]
     block: Tuple[int, int, int]
     text_before: int
@@ -61,19 +79,6 @@ class MonarchLayout:
         """Block size (positions per block, padding included)."""
         bt, bh, bw = self.block
         return bt * bh * bw
-
-    @property
-    def Nv(self) -> int:
-        T, H, W = self.grid
-        return T * H * W
-
-    @property
-    def N(self) -> int:
-        return self.text_before + self.Nv + self.text_after
-
-    @property
-    def n_text(self) -> int:
-        return self.text_before + self.text_after
 
     @property
     def contiguous(self) -> bool:

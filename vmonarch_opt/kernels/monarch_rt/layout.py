@@ -34,6 +34,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from ..monarch.layout import GridTokens
 from ..monarch.layout import check_qkv as _check_qkv
 from ..monarch.layout import resolve_scale  # noqa: F401  (re-exported: one scale rule)
 
@@ -42,7 +43,7 @@ __all__ = ["RTLayout", "make_rt_layout", "tiling_problem", "cached_problem", "re
 
 
 @dataclass(frozen=True)
-class RTLayout:
+class RTLayout(GridTokens):
     grid: Tuple[int, int, int]
     tiling: Tuple[int, int, int]   # (f_tied, h_reduce, w_reduce)
     text_before: int
@@ -69,19 +70,6 @@ class RTLayout:
         T = self.grid[0]
         f, hr, wr = self.tiling
         return (T // f) * hr * wr
-
-    @property
-    def Nv(self) -> int:
-        T, H, W = self.grid
-        return T * H * W
-
-    @property
-    def N(self) -> int:
-        return self.text_before + self.Nv + self.text_after
-
-    @property
-    def n_text(self) -> int:
-        return self.text_before + self.text_after
 
     @property
     def n_cached_tiles(self) -> int:
