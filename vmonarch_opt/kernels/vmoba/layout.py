@@ -329,7 +329,8 @@ class VMoBASelection:
         lay = self.layout
         if self.row_sel is not None:
             per_block = self.row_sel.sum(2, dtype=torch.int64)  # [B, H, C] tokens selecting each block
-            return per_block @ lay.block_len.to(per_block.device)
+            # (a product and a sum, not `@`: CUDA has no int64 matmul)
+            return (per_block * lay.block_len.to(per_block.device)).sum(-1)
         m = self.mask().to(torch.float64)
         bl = lay.block_len.to(m.device, torch.float64)
         gl = lay.group_len.to(m.device, torch.float64)
