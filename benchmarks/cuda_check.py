@@ -106,9 +106,11 @@ def check(label, name, cfg, site, device, dtype, backward=True) -> dict:
 _SMOKE_ENV = {"TRITON_INTERPRET": "1", "VMONARCH_INTERPRET_KERNELS": "1"}
 
 
-def _run_all(smoke: bool, device, dtypes) -> list:
+def _run_all(smoke: bool, device, dtypes, only=()) -> list:
     rows = []
     for label, name, cfg, site in cases(smoke):
+        if only and not any(o in label for o in only):
+            continue
         for dt in dtypes:
             try:
                 r = check(label, name, cfg, site, device, dt)
@@ -122,6 +124,7 @@ def _run_all(smoke: bool, device, dtypes) -> list:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--cases", default="", help="only the cases whose label contains one of these (comma-separated)")
     args = ap.parse_args(argv)
     if args.smoke:
         device, dtypes = "cpu", (torch.float32,)
@@ -134,7 +137,7 @@ def main(argv=None) -> int:
     if args.smoke:  # the kernels on CPU tensors, in Triton's interpreter (restored afterwards)
         os.environ.update(_SMOKE_ENV)
     try:
-        rows = _run_all(args.smoke, device, dtypes)
+        rows = _run_all(args.smoke, device, dtypes, [c for c in args.cases.split(",") if c])
     finally:
         for k, v in saved.items():
             if v is None:
