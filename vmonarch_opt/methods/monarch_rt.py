@@ -17,9 +17,12 @@ against the keys of chunks <= c with ``cached_frames = c * chunk``, no recompute
 
 Opt-in: ``monarch_rt`` is calibrated and planned only when ``methods=`` names it (``opt_in``).
 Added to the defaults, every calibration would measure its candidates too (a slower calibration
-of every existing model, and choices that could change under the same budget) before it has been
-measured on a GPU (issue 20, item 5). When named, it ranks after Monarch and ties with VMoBA in the
-choice without calibration (``default_rank = 1``: the order of ``methods=`` decides the tie).
+of every existing model, and choices that could change under the same budget). On an H200
+(BENCHMARKS.md, 2026-12-05) its forward runs 2.3-4.3x cuDNN where frame-block Monarch runs 10-16x
+at a similar FLOP cut, with a lower error on structured inputs: worth naming for its accuracy and
+for KV-cache streaming (which Monarch cannot do), not yet a default. When named, it ranks after
+Monarch and ties with VMoBA in the choice without calibration (``default_rank = 1``: the order of
+``methods=`` decides the tie).
 """
 from __future__ import annotations
 
