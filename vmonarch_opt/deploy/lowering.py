@@ -309,7 +309,7 @@ def vmoba_lowered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, ch
     cdt, dev = _cdt(q), q.device
     t = {k_: (x.to(dev) if isinstance(x, torch.Tensor) else x) for k_, x in tables.items()}
     tb, nv, nq = lay.text_before, lay.n_video, lay.n_query_video  # (nq < nv: KV cache, no text)
-    C, G, Lb, Lg = t["C"], t["G"], t["Lb"], t["Lg"]
+    C, G, Lb = t["C"], t["G"], t["Lb"]
     qf, kf, vf = q.to(cdt), k.to(cdt), v.to(cdt)
     zrow = torch.zeros(b, h, 1, D, dtype=cdt, device=dev)
     qv = torch.cat([qf[:, :, tb:tb + nq], zrow], dim=2)                      # video tokens + a zero row
@@ -356,8 +356,16 @@ def vmoba_lowered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, ch
             st = st + tbias[:, :, None]
         logits.append(st)
         values.append(vt[:, :, None])
+    return _vmoba_groups_out(logits, values, t["inv"], qf, kf, vf, tidx, tb, scale, key_valid, q.dtype)
+
+
+def _vmoba_groups_out(logits: list, values: list, inv, qf, kf, vf, tidx, tb: int, scale: float, key_valid,
+                      dtype) -> torch.Tensor:
+    """VMoBA's lowered output: one softmax over the query groups' logit parts (``[b, h, G, Lg, *]``
+    each, with their values), the video rows put back in token order (``inv``), and the text rows
+    ``tidx`` attended densely, in sequence order."""
     if len(logits) == 1:
-        og = torch.matmul(torch.softmax(s, dim=-1), vg)                      # [b, h, G, Lg, D]
+        og = torch.matmul(torch.softmax(logits[0], dim=-1), values[0])          # [b, h, G, Lg, D]
     else:
         p = torch.softmax(torch.cat(logits, dim=-1), dim=-1)
         og, at = 0, 0
@@ -365,12 +373,15 @@ def vmoba_lowered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, ch
             n_ = lg.shape[-1]
             og = og + torch.matmul(p[..., at:at + n_], val)
             at += n_
-    video_out = og.reshape(b, h, G * Lg, D)[:, :, t["inv"]]
+    b, h, G, Lg, D = og.shape
+    video_out = og.reshape(b, h, G * Lg, D)[:, :, inv]
     if not tidx.numel():
-        return video_out.to(q.dtype)
-    text_out = _dense_rows(qf[:, :, tidx], kf, vf, scale, _key_bias(key_valid, torch.arange(N, device=dev), cdt))
+        return video_out.to(dtype)
+    N = kf.shape[2]
+    text_out = _dense_rows(qf[:, :, tidx], kf, vf, scale, _key_bias(key_valid, torch.arange(N, device=kf.device),
+                                                                    kf.dtype))
     parts = [text_out[:, :, :tb], video_out, text_out[:, :, tb:]]
-    return torch.cat([p for p in parts if p.shape[2]], dim=2).to(q.dtype)
+    return torch.cat([p_ for p_ in parts if p_.shape[2]], dim=2).to(dtype)
 
 
 def _vmoba_token_lowered(q, k, v, lay, tables, threshold, topk, scope, scale, key_valid, pooled_rest):
@@ -417,18 +428,7 @@ def _vmoba_token_lowered(q, k, v, lay, tables, threshold, topk, scope, scale, ke
             st = st + tbias[:, :, None]
         logits.append(st)
         values.append(vf[:, :, tidx][:, :, None])
-    p = torch.softmax(torch.cat(logits, dim=-1), dim=-1)
-    og, at = 0, 0
-    for lg, val in zip(logits, values):
-        n_ = lg.shape[-1]
-        og = og + torch.matmul(p[..., at:at + n_], val)
-        at += n_
-    video_out = og.reshape(b, h, G * Lg, D)[:, :, t["inv"]]
-    if not tidx.numel():
-        return video_out.to(q.dtype)
-    text_out = _dense_rows(qf[:, :, tidx], kf, vf, scale, _key_bias(key_valid, torch.arange(N, device=dev), cdt))
-    parts = [text_out[:, :, :tb], video_out, text_out[:, :, tb:]]
-    return torch.cat([p_ for p_ in parts if p_.shape[2]], dim=2).to(q.dtype)
+    return _vmoba_groups_out(logits, values, t["inv"], qf, kf, vf, tidx, tb, scale, key_valid, q.dtype)
 
 
 # ------------------------------------------------------------------------------------ MonarchRT
